@@ -1,0 +1,35 @@
+"""Every binding of vllm-sink to vLLM internals, one module per vLLM component.
+
+Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing else:
+
+* ``engine_args``:   EngineArgs (CLI flags, config folding, refusals), LLM.__init__ kwargs
+* ``kv_cache_spec``: our KV-cache spec + manager, through KVCacheSpecRegistry
+* ``model_runner``:  V1 GPUModelRunner (compacted rows, frame positions, rotations)
+* ``worker``:        Worker.get_kv_cache_spec (refuses the V2 runner)
+
+``install()`` runs in every vLLM process through the ``vllm.general_plugins`` entry point
+and is idempotent. The wraps pass through untouched unless the engine's
+``additional_config`` carries the sink policy.
+"""
+
+from __future__ import annotations
+
+VLLM_VERSION = "0.26.0"
+
+
+def install() -> None:
+    import vllm
+    from vllm.logger import init_logger
+
+    if not vllm.__version__.startswith(VLLM_VERSION):
+        init_logger(__name__).warning(
+            "vllm-sink is pinned to vLLM %s; found %s. Its patches may not fit.",
+            VLLM_VERSION,
+            vllm.__version__,
+        )
+    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, worker
+
+    engine_args.install()
+    kv_cache_spec.register()
+    model_runner.install()
+    worker.install()

@@ -1,0 +1,305 @@
+"""User-facing settings: CLI flags, ``LLM(...)`` keywords, config folding and refusals.
+
+Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``):
+  EngineArgs.add_cli_args(parser)         wrapped: adds --kv-policy, --sink-pages,
+                                          --kv-window, --max-stream-len
+  EngineArgs.from_cli_args(args)          wrapped: stock code keeps only dataclass fields and
+                                          would drop our flags; we fold them into
+                                          additional_config
+  EngineArgs.create_engine_config(...)    wrapped: validates, refuses what the policy cannot
+                                          serve, sets prefix caching off and max_model_len to
+                                          the stream cap, resolves the window, stores the
+                                          resolved settings in additional_config["vllm_sink"]
+  LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
+                                          max_stream_len into additional_config
+
+Every wrap passes through untouched when no sink setting is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from vllm.logger import init_logger
+
+from vllm_sink.config import CONFIG_KEY, USER_KEYS, SinkConfig, SinkConfigError
+from vllm_sink.policy import max_step_tokens
+
+# Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
+logger = init_logger("vllm." + __name__)
+
+# rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "dynamic", "ntk"}
+
+CLI_FLAGS = {
+    "kv_policy": dict(
+        choices=["full", "sink"],
+        help="KV-cache policy. 'full' (default): vanilla vLLM. 'sink': StreamingLLM "
+        "(attention sinks): keep the first --sink-pages pages and the last --kv-window "
+        "tokens of every sequence, with cache-relative positions, so a request can stream "
+        "far past the model's context in constant KV memory.",
+    ),
+    "sink_pages": dict(
+        type=int,
+        help="[--kv-policy sink] KV pages (blocks) pinned at the start of every sequence "
+        "as the attention sink. Default 1.",
+    ),
+    "kv_window": dict(
+        type=int,
+        help="[--kv-policy sink] Recent tokens kept per sequence, a multiple of the block "
+        "size. Default: half the model's rotary positions, at most 4096.",
+    ),
+    "max_stream_len": dict(
+        type=int,
+        help="[--kv-policy sink] Cap on one request's prompt + output tokens (default "
+        "1048576). Costs about 5 bytes of host memory per token per running sequence.",
+    ),
+}
+
+
+def _split_user_settings(additional_config: dict | None) -> tuple[dict, dict]:
+    """(our user-facing keys, the rest) of an ``additional_config``."""
+    ours, rest = {}, {}
+    for key, value in (additional_config or {}).items():
+        (ours if key in USER_KEYS else rest)[key] = value
+    return ours, rest
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rope_limit_of(hf_text_config) -> int:
+    """Rows of the rotary table vLLM builds for this config (checked again on the worker)."""
+    limit = int(hf_text_config.max_position_embeddings)
+    params = getattr(hf_text_config, "rope_parameters", None) or getattr(
+        hf_text_config, "rope_scaling", None
+    ) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("linear", "yarn"):
+        limit = int(limit * float(params.get("factor", 1.0)))
+    return limit
+
+
+def check_model(model_config) -> None:
+    """Refuse, before any process starts, models the policy cannot serve exactly."""
+    name = model_config.model
+    if model_config.runner_type != "generate":
+        raise SinkConfigError(
+            f"{name} runs as a {model_config.runner_type} model; the sink KV policy is for "
+            "text generation. Use --kv-policy full"
+        )
+    checks = [
+        (model_config.is_encoder_decoder, "is an encoder-decoder model"),
+        (model_config.use_mla, "uses multi-head latent attention (MLA)"),
+        (model_config.is_hybrid, "is a hybrid (Mamba/linear-attention) model"),
+        (model_config.is_attention_free, "has no attention layers"),
+        (model_config.uses_mrope, "uses M-RoPE"),
+        (model_config.uses_alibi, "uses ALiBi positions, not RoPE"),
+        (model_config.is_multimodal_model, "is multimodal"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise SinkConfigError(
+                f"{name} {what}; the sink KV policy supports decoder-only text models with "
+                "RoPE and full attention (Llama, Mistral without sliding window, Qwen2, "
+                "SmolLM2, ...). Use --kv-policy full for this model"
+            )
+    hf = model_config.hf_text_config
+    if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
+        t != "full_attention" for t in hf.layer_types
+    ):
+        raise SinkConfigError(
+            f"{name} has sliding-window or local attention layers of its own; the sink KV "
+            "policy cannot combine them with its window. Use --kv-policy full, or a config "
+            "with sliding_window: null if the model was trained without it"
+        )
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    if not params and getattr(hf, "rope_theta", None) is None:
+        raise SinkConfigError(
+            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE); the sink KV "
+            "policy re-positions keys by rotation. Use --kv-policy full for this model"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise SinkConfigError(
+            f"{name} uses rope_type={rope_type!r}, whose rotation depends on more than the "
+            f"position; the sink KV policy supports {sorted(SUPPORTED_ROPE_TYPES)}. Use "
+            "--kv-policy full for this model"
+        )
+    if getattr(hf, "max_position_embeddings", None) is None:
+        raise SinkConfigError(f"{name} has no max_position_embeddings; use --kv-policy full")
+
+
+def _pre_checks(args) -> None:
+    if args.enable_prefix_caching:
+        raise SinkConfigError(
+            "prefix caching cannot be combined with the sink KV policy (evicted, re-rotated "
+            "pages cannot be shared by hash); drop --enable-prefix-caching"
+        )
+    if args.speculative_config:
+        raise SinkConfigError(
+            "speculative decoding is not supported with the sink KV policy; drop "
+            "--speculative-config"
+        )
+    if args.kv_transfer_config:
+        raise SinkConfigError(
+            "KV connectors are not supported with the sink KV policy (they would save and "
+            "load whole prefixes); drop --kv-transfer-config"
+        )
+    if str(args.kv_cache_dtype) not in ("auto", "bfloat16", "float16", "float32", "half", "float"):
+        raise SinkConfigError(
+            f"kv_cache_dtype={args.kv_cache_dtype!r}: the sink KV policy re-rotates cached "
+            "keys and needs an unquantised KV cache; use --kv-cache-dtype auto"
+        )
+    if args.decode_context_parallel_size > 1 or getattr(args, "prefill_context_parallel_size", 1) > 1:
+        raise SinkConfigError(
+            "context parallelism is not supported with the sink KV policy; use tensor "
+            "parallelism"
+        )
+    if args.pipeline_parallel_size > 1:
+        raise SinkConfigError(
+            "pipeline parallelism is not supported with the sink KV policy yet; use "
+            "--tensor-parallel-size"
+        )
+
+
+def sink_engine_config(args, orig_create, *a, **kw):
+    """``create_engine_config`` for an engine configured with the sink policy."""
+    ours, rest = _split_user_settings(args.additional_config)
+    cfg = SinkConfig.from_user(ours)
+    if not cfg.enabled:
+        extra = {k: v for k, v in ours.items() if k != "kv_policy" and v is not None}
+        if extra:
+            raise SinkConfigError(
+                f"{sorted(extra)} only apply with kv_policy='sink' (kv_policy is "
+                f"{cfg.policy!r}); add kv_policy='sink' (--kv-policy sink) or drop them"
+            )
+        args.additional_config = rest
+        return orig_create(args, *a, **kw)
+
+    _pre_checks(args)
+    user_max_model_len = args.max_model_len
+    if isinstance(user_max_model_len, str):
+        from vllm.utils.argparse_utils import human_readable_int
+
+        user_max_model_len = human_readable_int(user_max_model_len)
+    if user_max_model_len is not None and user_max_model_len <= 0:
+        user_max_model_len = None
+    args.enable_prefix_caching = False
+    args.disable_cascade_attn = True
+    args.max_model_len = cfg.max_stream_len
+    args.additional_config = rest
+    with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
+        vllm_config = orig_create(args, *a, **kw)
+
+    check_model(vllm_config.model_config)
+    block_size = vllm_config.cache_config.block_size
+    rope_limit = rope_limit_of(vllm_config.model_config.hf_text_config)
+    resolved = cfg.resolve(
+        block_size=block_size, rope_limit=rope_limit, user_max_model_len=user_max_model_len
+    )
+    sched = vllm_config.scheduler_config
+    step_cap = max_step_tokens(resolved.sink_pages, resolved.window, block_size, rope_limit)
+    step = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
+    if min(step, sched.max_num_batched_tokens) > step_cap:
+        sched.long_prefill_token_threshold = step_cap
+        logger.info(
+            "vllm-sink: one sequence computes at most %d tokens per step (long prefill "
+            "threshold), so that sink + window + step fit the model's %d rotary positions",
+            step_cap,
+            rope_limit,
+        )
+    vllm_config.additional_config[CONFIG_KEY] = resolved.to_dict()
+    host_mb = 5 * resolved.max_stream_len * sched.max_num_seqs / 2**20
+    logger.info(
+        "vllm-sink: kv_policy=sink, sink %d page(s) = %d tokens, window %d tokens, block "
+        "size %d, stream cap %d tokens per request (worker host memory for token buffers "
+        "about %.0f MiB = 5 B x cap x max_num_seqs %d)",
+        resolved.sink_pages,
+        resolved.sink_pages * block_size,
+        resolved.window,
+        block_size,
+        resolved.max_stream_len,
+        host_mb,
+        sched.max_num_seqs,
+    )
+    return vllm_config
+
+
+def _pop_user_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in USER_KEYS}
+
+
+def install() -> None:
+    """Install the wraps (idempotent)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.llm import LLM
+
+    if getattr(EngineArgs.create_engine_config, "_vllm_sink", False):
+        return
+
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+    orig_llm_init = LLM.__init__
+
+    def add_cli_args(parser):
+        parser = orig_add(parser)
+        existing = {a.dest for a in parser._actions}
+        group = parser.add_argument_group(
+            title="vllm-sink", description="StreamingLLM attention-sink KV policy."
+        )
+        for dest, spec in CLI_FLAGS.items():
+            if dest not in existing:
+                group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **spec)
+        return parser
+
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = orig_from(cls, args)
+        ours = {k: getattr(args, k) for k in USER_KEYS if getattr(args, k, None) is not None}
+        if ours:
+            merged = dict(engine_args.additional_config or {})
+            merged.update(ours)
+            engine_args.additional_config = merged
+        return engine_args
+
+    def create_engine_config(self, *a, **kw):
+        ours, _ = _split_user_settings(self.additional_config)
+        if not ours:
+            return orig_create(self, *a, **kw)
+        return sink_engine_config(self, orig_create, *a, **kw)
+
+    def llm_init(self, model, *a, **kwargs):
+        ours = _pop_user_kwargs(kwargs)
+        if ours:
+            merged = dict(kwargs.get("additional_config") or {})
+            merged.update(ours)
+            kwargs["additional_config"] = merged
+        return orig_llm_init(self, model, *a, **kwargs)
+
+    for fn, orig in (
+        (add_cli_args, orig_add),
+        (create_engine_config, orig_create),
+        (llm_init, orig_llm_init),
+    ):
+        fn._vllm_sink = True
+        fn.__wrapped__ = orig
+        fn.__doc__ = orig.__doc__
+    from_cli_args._vllm_sink = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    LLM.__init__ = llm_init
+

@@ -1,0 +1,170 @@
+"""Our KV-cache spec and its manager, registered through vLLM's spec registry.
+
+Binds to vLLM 0.26.0:
+  vllm.v1.kv_cache_interface.FullAttentionSpec           (subclassed)
+  vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager (subclassed)
+  vllm.v1.core.single_type_kv_cache_manager.register_all_kvcache_specs
+  vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
+  SingleTypeKVCacheManager: req_to_blocks, _null_block, block_pool.free_blocks,
+  _max_admission_blocks_per_request, remove_skipped_blocks, allocate_new_blocks, free
+
+The spec is what makes a layer "sink-managed": workers hand it out instead of
+``FullAttentionSpec`` (see ``patches.worker``), and the engine core picks
+:class:`StreamingSinkManager` for it through the registry. Importing this module registers
+the pair, so unpickling the spec in the engine core is enough to make it resolvable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.logger import init_logger
+from vllm.v1.core.single_type_kv_cache_manager import (
+    FullAttentionManager,
+    register_all_kvcache_specs,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_sink.metrics import SINK_STATS
+from vllm_sink.policy import cdiv, window_start
+
+# Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
+logger = init_logger("vllm." + __name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkWindowSpec(FullAttentionSpec):
+    """Full attention whose sequences keep only ``sink_pages`` + the last ``window`` tokens.
+
+    ``in_flight_tokens``: the most tokens of one sequence that are scheduled but not yet
+    settled (one step's worth, two with async scheduling); pages are freed on the
+    settled-token basis, so this is slack the pool must hold.
+    """
+
+    sink_pages: int
+    window: int
+    in_flight_tokens: int
+
+    @property
+    def max_live_pages(self) -> int:
+        """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1``."""
+        return self.sink_pages + cdiv(self.window - 1 + self.in_flight_tokens, self.block_size) + 1
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # A sequence never holds more pages than its whole length (the stream cap) needs.
+        cap = cdiv(vllm_config.model_config.max_model_len, self.block_size)
+        return min(self.max_live_pages, cap) * self.page_size_bytes
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        # The worker's compacted row, before it is compacted again in a step, also holds
+        # the pages allocated for the step in flight.
+        return min(
+            cdiv(max_len, self.block_size),
+            self.max_live_pages + cdiv(self.in_flight_tokens, self.block_size) + 1,
+        )
+
+    @classmethod
+    def merge(cls, specs):
+        assert all(isinstance(s, SinkWindowSpec) for s in specs), (
+            "every layer of a sink-managed KV cache group must be SinkWindowSpec"
+        )
+        extra = {(s.sink_pages, s.window, s.in_flight_tokens) for s in specs}
+        assert len(extra) == 1, f"layers disagree on sink/window settings: {extra}"
+        base = FullAttentionSpec.merge(specs)
+        sink_pages, window, in_flight = extra.pop()
+        return cls(
+            block_size=base.block_size,
+            num_kv_heads=base.num_kv_heads,
+            head_size=base.head_size,
+            head_size_v=base.head_size_v,
+            dtype=base.dtype,
+            kv_quant_mode=base.kv_quant_mode,
+            page_size_padded=base.page_size_padded,
+            indexes_kv_by_block_stride=base.indexes_kv_by_block_stride,
+            sliding_window=base.sliding_window,
+            attention_chunk_size=base.attention_chunk_size,
+            non_causal=base.non_causal,
+            sink_pages=sink_pages,
+            window=window,
+            in_flight_tokens=in_flight,
+        )
+
+
+class StreamingSinkManager(FullAttentionManager):
+    """Pins each sequence's first ``sink_pages`` pages and frees every page that has
+    left the window, at once.
+
+    Invariants:
+      * ``req_to_blocks[r][i]`` is the page of logical block ``i``; evicted blocks hold the
+        null block (so the list is indexed by absolute block number, as vLLM expects).
+      * after ``remove_skipped_blocks(r, p)``, blocks ``[s, w0(p) / B)`` are null, where
+        ``w0`` is ``vllm_sink.policy.window_start``.
+      * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
+        ``spec.max_live_pages``.
+      * no block is shared between requests (prefix caching is off), so
+        ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
+    """
+
+    def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
+        kwargs["max_admission_blocks_per_request"] = kv_cache_spec.max_live_pages
+        super().__init__(kv_cache_spec, **kwargs)
+        if self.dcp_world_size > 1 or self.pcp_world_size > 1:
+            raise ValueError("the sink KV policy does not support context parallelism")
+        self.sink_pages = kv_cache_spec.sink_pages
+        self.window = kv_cache_spec.window
+        self.live: dict[str, int] = {}
+        self.first_live_block: dict[str, int] = {}
+        SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
+        SINK_STATS.max_live_pages_allowed = kv_cache_spec.max_live_pages
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
+        new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        live = self.live.get(request_id, 0) + len(new_blocks)
+        self.live[request_id] = live
+        SINK_STATS.observe_live(request_id, live)
+        return new_blocks
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
+        del num_prompt_tokens
+        blocks = self.req_to_blocks.get(request_id)
+        if not blocks:
+            return
+        B, s = self.block_size, self.sink_pages
+        w0 = window_start(processed_computed_tokens, s * B, self.window, B)
+        first = self.first_live_block.get(request_id, s)
+        last = min(w0 // B, len(blocks))
+        if last <= first:
+            return
+        freed = [blk for blk in blocks[first:last] if not blk.is_null]
+        for i in range(first, last):
+            blocks[i] = self._null_block
+        self.first_live_block[request_id] = last
+        if freed:
+            # Tail-first, like vLLM's own frees, so the oldest pages are reused last.
+            self.block_pool.free_blocks(reversed(freed))
+            self.live[request_id] = self.live.get(request_id, 0) - len(freed)
+            SINK_STATS.observe_live(request_id, self.live[request_id])
+            SINK_STATS.pages_evicted += len(freed)
+            SINK_STATS.tokens_evicted += len(freed) * B
+
+    def pop_blocks_for_free(self, request_id):
+        self.live.pop(request_id, None)
+        self.first_live_block.pop(request_id, None)
+        SINK_STATS.forget(request_id)
+        return super().pop_blocks_for_free(request_id)
+
+    def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
+        return 0
+
+
+def register() -> None:
+    """Register the spec/manager pair (idempotent). The built-ins go first: registering
+    into an empty registry would stop ``FullAttentionSpec`` from resolving."""
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(
+        SinkWindowSpec, StreamingSinkManager, uniform_type_base_spec=FullAttentionSpec
+    )
+
+
+register()

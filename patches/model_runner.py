@@ -1,0 +1,387 @@
+"""The sink policy inside vLLM's V1 model runner: compacted rows, frame positions, rotations.
+
+Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+  GPUModelRunner._update_states(scheduler_output)           wrapped per instance
+  GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
+  GPUModelRunner: input_batch (req_ids, num_reqs, num_computed_tokens_cpu, block_table),
+    requests[req_id].block_ids, positions, seq_lens, optimistic_seq_lens_cpu,
+    req_indices, query_start_loc, kv_caches, get_model()
+  vllm.v1.worker.block_table.BlockTable: block_table.np, num_blocks_per_row,
+    blocks_per_kv_block; MultiGroupBlockTable.compute_slot_mapping
+  vllm.model_executor.layers.rotary_embedding.base.RotaryEmbeddingBase
+
+Only runners of engines configured with the sink policy are touched: ``attach`` wraps the
+two methods on the runner *instance*.
+
+Per step and per sequence (``vllm_sink.policy.plan_step``):
+  1. after ``_update_states``: drop the evicted pages from the request's block ids and its
+     block-table row, so the row is ``[sink pages] + pages from w0 / B`` (ordered, no ring);
+     then, before the forward, rotate the window keys once if an epoch starts and re-anchor
+     the sink keys from their pristine copy;
+  2. after ``_prepare_inputs``: recompute the slot mapping in compacted coordinates
+     (``t - (w0 - S)``), shrink ``seq_lens`` by the same offset and turn positions into frame
+     positions (``t - base``). All three are the runner's persistent buffers, changed in
+     place, so CUDA graphs and every attention backend see an ordinary short sequence.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from vllm.logger import init_logger
+
+from vllm_sink.config import SinkConfig, SinkConfigError
+from vllm_sink.metrics import SINK_STATS
+from vllm_sink.policy import FrameState, StepPlan, apply_plan, plan_step
+from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_
+
+# Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
+logger = init_logger("vllm." + __name__)
+
+
+@dataclass
+class _Stream:
+    """Worker-side state of one sequence."""
+
+    frame: FrameState = field(default_factory=FrameState)
+    first_live_block: int = 0  # logical block held at row position `sink_pages`
+    pristine: list[torch.Tensor] | None = None  # sink keys as first written, per layer
+
+
+def find_rotary(model: torch.nn.Module) -> RotationTable:
+    """The model's one rotary embedding as a pure rotation table; refuses what is not a
+    plain RoPE (M-RoPE, dual-chunk, several distinct embeddings, none at all)."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    found = {}
+    for module in model.modules():
+        if isinstance(module, RotaryEmbeddingBase):
+            found[id(module)] = module
+    if not found:
+        raise SinkConfigError(
+            "the sink KV policy needs a model with rotary position embeddings (RoPE); "
+            f"{type(model).__name__} has none. Use --kv-policy full for this model"
+        )
+    modules = list(found.values())
+    kinds = {type(m).__name__ for m in modules}
+    unsupported = kinds & {
+        "MRotaryEmbedding",
+        "DualChunkRotaryEmbedding",
+        "Phi3LongRoPEScaledRotaryEmbedding",
+        "XDRotaryEmbedding",
+    }
+    if unsupported:
+        raise SinkConfigError(
+            f"the sink KV policy cannot re-position keys under {sorted(unsupported)}; "
+            "use --kv-policy full for this model"
+        )
+    shapes = {(m.rotary_dim, m.is_neox_style, tuple(m.cos_sin_cache.shape)) for m in modules}
+    if len(shapes) != 1:
+        raise SinkConfigError(
+            "the sink KV policy needs one rotary embedding shared by all layers; this "
+            f"model has {len(shapes)} different ones. Use --kv-policy full"
+        )
+    m = modules[0]
+    with torch.no_grad():
+        cache = m._compute_cos_sin_cache().to("cpu", torch.float32)
+    return RotationTable(cache, m.rotary_dim, m.is_neox_style)
+
+
+def kv_layout(runner) -> str:
+    """The key layout of the runner's attention backend (see ``vllm_sink.rotary``)."""
+    backends = set()
+    for groups in getattr(runner, "attn_groups", []):
+        for group in groups:
+            backends.add(group.backend.get_name())
+    if not backends:
+        raise SinkConfigError("no attention backend found for the sink KV policy")
+    if len(backends) != 1:
+        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {backends}")
+    name = backends.pop()
+    if name == "CPU_ATTN":
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cfg = runner.vllm_config
+        isa = _get_attn_isa(
+            cfg.model_config.dtype,
+            cfg.cache_config.block_size,
+            cfg.model_config.get_head_size(),
+            cfg.cache_config.cache_dtype,
+        )
+        if isa not in ("vec", "vec16"):
+            raise SinkConfigError(
+                f"the sink KV policy supports the CPU attention kernels 'vec' and 'vec16', "
+                f"not {isa!r} (chosen for this dtype and block size); use dtype float32 "
+                "or a block_size that is not a multiple of 32"
+            )
+        return "cpu"
+    if name in ("FLASH_ATTN", "TRITON_ATTN"):
+        from vllm.v1.attention.backends.utils import get_kv_cache_layout
+
+        return "hnd" if get_kv_cache_layout() == "HND" else "nhd"
+    raise SinkConfigError(
+        f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
+        f"backends, not {name}; pick one with --attention-backend"
+    )
+
+
+class SinkRunnerHook:
+    """Per-runner state and the two wraps. One instance per model runner."""
+
+    def __init__(self, runner, cfg: SinkConfig, block_size: int):
+        self.runner = runner
+        self.cfg = cfg
+        self.B = block_size
+        self.s = cfg.sink_pages
+        self.S = cfg.sink_pages * block_size
+        self.W = cfg.window
+        self.streams: dict[str, _Stream] = {}
+        self.table = find_rotary(runner.get_model())
+        self.rope_limit = self.table.limit
+        self._layout: str | None = None
+        self._keys: list[torch.Tensor] | None = None
+        mc = runner.vllm_config.model_config
+        self.num_kv_heads = mc.get_num_kv_heads(runner.vllm_config.parallel_config)
+        self.head_size = mc.get_head_size()
+        n = runner.input_batch.max_num_reqs if hasattr(runner, "input_batch") else 1024
+        self.slot_off = np.zeros(n, dtype=np.int64)
+        self.rope_off = np.zeros(n, dtype=np.int64)
+        self.any_offset = False
+        logger.info(
+            "vllm-sink worker: sink %d tokens, window %d tokens, %d rotary positions",
+            self.S,
+            self.W,
+            self.rope_limit,
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def keys(self) -> list[torch.Tensor]:
+        """Logical key views of every layer's cache, built once the cache exists."""
+        if self._keys is None:
+            self._layout = kv_layout(self.runner)
+            self._keys = [
+                key_view(kv, self._layout, self.num_kv_heads, self.head_size)
+                for kv in self.runner.kv_caches
+            ]
+        return self._keys
+
+    def _block_table(self):
+        tables = self.runner.input_batch.block_table.block_tables
+        if len(tables) != 1:
+            raise SinkConfigError("the sink KV policy needs exactly one KV cache group")
+        return tables[0]
+
+    # ------------------------------------------------------------------ step 1
+    def after_update_states(self, scheduler_output) -> None:
+        for rid in scheduler_output.finished_req_ids:
+            self.streams.pop(rid, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.streams[new.req_id] = _Stream(first_live_block=self.s)
+        for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            # Preempted: vLLM recomputes it from token 0 into fresh pages.
+            self.streams[rid] = _Stream(first_live_block=self.s)
+
+        ib = self.runner.input_batch
+        num_reqs = ib.num_reqs
+        bt = self._block_table()
+        bpk = bt.blocks_per_kv_block
+        self.any_offset = False
+        for row in range(num_reqs):
+            rid = ib.req_ids[row]
+            n = scheduler_output.num_scheduled_tokens.get(rid, 0)
+            stream = self.streams.setdefault(rid, _Stream(first_live_block=self.s))
+            if n == 0:
+                self.slot_off[row] = self.rope_off[row] = 0
+                continue
+            a = int(ib.num_computed_tokens_cpu[row])
+            plan = plan_step(
+                a,
+                a + n,
+                stream.frame,
+                sink_pages=self.s,
+                window=self.W,
+                block_size=self.B,
+                rope_limit=self.rope_limit,
+            )
+            drop = plan.w0 // self.B - stream.first_live_block
+            if drop > 0:
+                block_ids = self.runner.requests[rid].block_ids[0]
+                del block_ids[self.s : self.s + drop]
+                lo, d = self.s * bpk, drop * bpk
+                count = int(bt.num_blocks_per_row[row])
+                table = bt.block_table.np
+                table[row, lo : count - d] = table[row, lo + d : count]
+                table[row, count - d : count] = 0
+                bt.num_blocks_per_row[row] = count - d
+                stream.first_live_block += drop
+            self._rotate(row, stream, plan)
+            self.slot_off[row] = plan.slot_offset
+            self.rope_off[row] = plan.base
+            if plan.slot_offset or plan.base:
+                self.any_offset = True
+
+    def _rotate(self, row: int, stream: _Stream, plan: StepPlan) -> None:
+        """Epoch re-rotation of the window, then re-anchoring of the sink."""
+        if not plan.window_shift and plan.sink_angle == stream.frame.sink_angle:
+            return
+        bt = self._block_table()
+        bpk = bt.blocks_per_kv_block
+        count = int(bt.num_blocks_per_row[row])
+        row_ids = torch.from_numpy(bt.block_table.np[row, :count].astype(np.int64))
+        keys = self.keys()
+        device = keys[0].device
+        sink_ids = row_ids[: self.s * bpk].to(device)
+        window_ids = row_ids[self.s * bpk :].to(device)
+        rd, neox = self.table.rotary_dim, self.table.is_neox_style
+        if plan.window_shift:
+            cos, sin = self.table.angles(plan.window_shift, device)
+            for k in keys:
+                rotate_blocks_(k, window_ids, cos, sin, rd, neox)
+            SINK_STATS.epochs += 1
+        if self.s and plan.sink_angle != stream.frame.sink_angle:
+            if stream.pristine is None:
+                # The sink pages still hold the keys as written at positions 0..S-1.
+                assert stream.frame.sink_angle == 0
+                stream.pristine = [k[sink_ids].clone() for k in keys]
+            cos, sin = self.table.angles(plan.sink_angle, device)
+            for k, pristine in zip(keys, stream.pristine):
+                k[sink_ids] = rotate(pristine, cos, sin, rd, neox)
+            SINK_STATS.sink_rotations += 1
+        apply_plan(stream.frame, plan)
+
+    # ------------------------------------------------------------------ step 2
+    def after_prepare_inputs(self, scheduler_output) -> None:
+        if not self.any_offset:
+            return
+        r = self.runner
+        num_reqs = r.input_batch.num_reqs
+        T = scheduler_output.total_num_scheduled_tokens
+        device = r.positions.device
+        slot_off_np = self.slot_off[:num_reqs]
+        slot_off = torch.from_numpy(slot_off_np).to(device)
+        rope_off = torch.from_numpy(self.rope_off[:num_reqs]).to(device)
+        req_idx = r.req_indices.gpu[:T].long()
+        positions = r.positions[:T]
+        r.input_batch.block_table.compute_slot_mapping(
+            num_reqs, r.query_start_loc.gpu[: num_reqs + 1], positions - slot_off[req_idx]
+        )
+        positions.sub_(rope_off[req_idx])
+        r.seq_lens[:num_reqs].sub_(slot_off.to(r.seq_lens.dtype))
+        r.optimistic_seq_lens_cpu[:num_reqs].sub_(
+            torch.from_numpy(slot_off_np).to(r.optimistic_seq_lens_cpu.dtype)
+        )
+
+
+def attach(runner, cfg: SinkConfig, block_size: int) -> SinkRunnerHook:
+    """Wrap ``_update_states`` and ``_prepare_inputs`` of this runner instance (idempotent)."""
+    hook = getattr(runner, "_vllm_sink_hook", None)
+    if hook is not None:
+        return hook
+    hook = SinkRunnerHook(runner, cfg, block_size)
+    orig_update = runner._update_states
+    orig_prepare = runner._prepare_inputs
+
+    def _update_states(self, scheduler_output, *args, **kwargs):
+        result = orig_update(scheduler_output, *args, **kwargs)
+        hook.after_update_states(scheduler_output)
+        return result
+
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        result = orig_prepare(scheduler_output, *args, **kwargs)
+        hook.after_prepare_inputs(scheduler_output)
+        return result
+
+    runner._update_states = types.MethodType(_update_states, runner)
+    runner._prepare_inputs = types.MethodType(_prepare_inputs, runner)
+    runner._vllm_sink_hook = hook
+    return hook
+
+
+# ---------------------------------------------------------------------- KV-cache specs
+def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
+    """Turn every layer's ``FullAttentionSpec`` into a ``SinkWindowSpec``, refusing what
+    the policy cannot serve exactly, and attach the runner hook."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
+
+    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec
+
+    vc = runner.vllm_config
+    sched = vc.scheduler_config
+    step = sched.max_num_batched_tokens
+    if 0 < sched.long_prefill_token_threshold < step:
+        step = sched.long_prefill_token_threshold
+    in_flight = vc.max_concurrent_batches * step
+    out = {}
+    for name, spec in specs.items():
+        if isinstance(spec, SinkWindowSpec):
+            out[name] = spec
+            continue
+        if type(spec) is not FullAttentionSpec:
+            raise SinkConfigError(
+                f"layer {name} uses {type(spec).__name__}; the sink KV policy serves only "
+                "plain full-attention layers (no MLA, Mamba/hybrid, cross-attention or "
+                "learned attention sinks). Use --kv-policy full for this model"
+            )
+        if spec.sliding_window is not None or spec.attention_chunk_size is not None:
+            raise SinkConfigError(
+                f"layer {name} has its own sliding window / chunked local attention; the "
+                "sink KV policy would measure it in compacted cache space. Use "
+                "--kv-policy full for this model"
+            )
+        if spec.non_causal:
+            raise SinkConfigError(f"layer {name} is non-causal; use --kv-policy full")
+        if spec.kv_quant_mode != KVQuantMode.NONE:
+            raise SinkConfigError(
+                "the sink KV policy re-rotates cached keys and needs an unquantised KV "
+                "cache; use --kv-cache-dtype auto"
+            )
+        out[name] = SinkWindowSpec(
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+            kv_quant_mode=spec.kv_quant_mode,
+            page_size_padded=spec.page_size_padded,
+            indexes_kv_by_block_stride=spec.indexes_kv_by_block_stride,
+            sliding_window=None,
+            attention_chunk_size=None,
+            non_causal=False,
+            sink_pages=cfg.sink_pages,
+            window=cfg.window,
+            in_flight_tokens=in_flight,
+        )
+    if out:
+        block_size = next(iter(out.values())).block_size
+        hook = attach(runner, cfg, block_size)
+        if hook.rope_limit < cfg.sink_pages * block_size + cfg.window + block_size + step:
+            raise SinkConfigError(
+                f"sink + window + one page + one step ({step} tokens) exceed the model's "
+                f"{hook.rope_limit} rotary positions; lower kv_window or "
+                "max_num_batched_tokens"
+            )
+    return out
+
+
+def install() -> None:
+    """Wrap ``GPUModelRunner.get_kv_cache_spec`` (idempotent). The wrap returns vLLM's own
+    specs untouched unless the engine is configured with the sink policy."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    orig = GPUModelRunner.get_kv_cache_spec
+    if getattr(orig, "_vllm_sink", False):
+        return
+
+    def get_kv_cache_spec(self):
+        specs = orig(self)
+        cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
+        if cfg is None or not cfg.enabled:
+            return specs
+        return sink_specs(self, specs, cfg)
+
+    get_kv_cache_spec._vllm_sink = True
+    get_kv_cache_spec.__wrapped__ = orig
+    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec

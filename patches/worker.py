@@ -1,0 +1,36 @@
+"""Guard on the worker: the sink policy runs on vLLM's V1 model runner only (phase 1).
+
+Binds to vLLM 0.26.0: ``vllm.v1.worker.gpu_worker.Worker.get_kv_cache_spec`` (inherited by
+``vllm.v1.worker.cpu_worker.CPUWorker``), and ``Worker.model_runner``.
+
+On the GPU, vLLM 0.26 picks its V2 model runner by default for dense models; the plugin
+sets ``VLLM_USE_V2_MODEL_RUNNER=0`` for sink engines (see ``patches.engine_args``). If a
+worker still ends up on V2 (the variable set to 1 by hand), it refuses to start rather than
+serve without the policy.
+"""
+
+from __future__ import annotations
+
+from vllm_sink.config import SinkConfig, SinkConfigError
+
+
+def install() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    orig = Worker.get_kv_cache_spec
+    if getattr(orig, "_vllm_sink", False):
+        return
+
+    def get_kv_cache_spec(self):
+        cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
+        if cfg is not None and cfg.enabled and not isinstance(self.model_runner, GPUModelRunner):
+            raise SinkConfigError(
+                f"the sink KV policy runs on vLLM's V1 model runner, not "
+                f"{type(self.model_runner).__module__}; set VLLM_USE_V2_MODEL_RUNNER=0"
+            )
+        return orig(self)
+
+    get_kv_cache_spec._vllm_sink = True
+    get_kv_cache_spec.__wrapped__ = orig
+    Worker.get_kv_cache_spec = get_kv_cache_spec

@@ -1,0 +1,47 @@
+"""Settings and their validation (no engine)."""
+
+import pytest
+
+from vllm_sink.config import SinkConfig, SinkConfigError
+
+
+def test_defaults_are_vanilla():
+    cfg = SinkConfig.from_user({})
+    assert cfg.policy == "full" and not cfg.enabled
+
+
+def test_default_window_fits_context():
+    cfg = SinkConfig.from_user({"kv_policy": "sink"}).resolve(block_size=16, rope_limit=8192)
+    assert cfg.window == 4096 and cfg.sink_pages == 1
+    small = SinkConfig.from_user({"kv_policy": "sink"}).resolve(block_size=16, rope_limit=512)
+    assert small.window == 256
+
+
+@pytest.mark.parametrize(
+    "settings,resolve,message",
+    [
+        ({"kv_policy": "bogus"}, None, "is not a KV policy"),
+        ({"kv_policy": "sink", "sink_pages": -1}, None, "negative"),
+        ({"kv_policy": "sink", "kv_window": 0}, None, "must be positive"),
+        ({"kv_policy": "sink", "kv_window": "big"}, None, "must be an integer"),
+        ({"kv_policy": "sink", "sink_size": 4}, None, "unknown vllm-sink setting"),
+        ({"kv_policy": "sink", "kv_window": 8}, dict(block_size=16, rope_limit=8192), "smaller than one page"),
+        ({"kv_policy": "sink", "kv_window": 100}, dict(block_size=16, rope_limit=8192), "not a multiple"),
+        ({"kv_policy": "sink", "sink_pages": 5, "kv_window": 64}, dict(block_size=16, rope_limit=8192), "larger than the window"),
+        ({"kv_policy": "sink", "kv_window": 8192}, dict(block_size=16, rope_limit=8192), "rotary positions"),
+        ({"kv_policy": "sink", "max_stream_len": 100}, dict(block_size=16, rope_limit=8192), "max_stream_len"),
+        ({"kv_policy": "sink", "kv_window": 1024}, dict(block_size=16, rope_limit=8192, user_max_model_len=512), "max-model-len"),
+    ],
+)
+def test_invalid_settings_name_the_fix(settings, resolve, message):
+    with pytest.raises(SinkConfigError, match=message):
+        cfg = SinkConfig.from_user(settings)
+        if resolve is not None:
+            cfg.resolve(**resolve)
+
+
+def test_roundtrip_through_additional_config():
+    cfg = SinkConfig.from_user({"kv_policy": "sink", "kv_window": 512}).resolve(block_size=16, rope_limit=8192)
+    again = SinkConfig.from_additional_config({"vllm_sink": cfg.to_dict()})
+    assert again == cfg
+    assert SinkConfig.from_additional_config({}) is None

@@ -1,0 +1,141 @@
+"""The pure policy: window start, page bound, frame positions and epochs (no engine)."""
+
+import random
+
+import pytest
+
+from vllm_sink.policy import (
+    FrameState,
+    apply_plan,
+    cdiv,
+    contract_positions,
+    live_pages,
+    max_step_tokens,
+    page_bound,
+    plan_step,
+    window_start,
+)
+
+
+@pytest.mark.parametrize(
+    "a,S,W,B,expected",
+    [
+        (0, 16, 256, 16, 16),  # nothing evicted yet: w0 = S
+        (255, 16, 256, 16, 16),
+        (256 + 16 + 15, 16, 256, 16, 32),  # first eviction: floor((287-255)/16)*16 = 32
+        (1000, 16, 256, 16, 736),  # floor(745/16)*16 = 736
+        (1000, 0, 256, 16, 736),
+        (10, 0, 256, 16, 0),  # window only, before the window fills
+        (5000, 64, 256, 32, 4736),
+    ],
+)
+def test_window_start_matches_contract(a, S, W, B, expected):
+    assert window_start(a, S, W, B) == expected
+
+
+def test_window_start_properties():
+    rng = random.Random(0)
+    for _ in range(2000):
+        B = rng.choice([1, 8, 16, 32, 128])
+        s = rng.randint(0, 3)
+        W = B * rng.randint(max(s, 1), 20)
+        a = rng.randint(0, 50_000)
+        w0 = window_start(a, s * B, W, B)
+        assert w0 % B == 0 and w0 >= s * B
+        # The window [w0, a] holds at least W tokens once it can (no token of the last
+        # W is evicted) and fewer than W + B.
+        if w0 > s * B:
+            assert a - w0 + 1 >= W
+            assert a - w0 + 1 < W + B
+
+
+def test_page_bound_holds_for_every_step():
+    """Live pages of a step never exceed the contract's s + ceil((W + C) / B) + 1."""
+    rng = random.Random(1)
+    for _ in range(500):
+        B = rng.choice([16, 32])
+        s = rng.randint(0, 2)
+        W = B * rng.randint(max(s, 1), 16)
+        C = rng.randint(1, 200)
+        a = 0
+        while a < 3000:
+            n = rng.randint(1, C)
+            assert live_pages(a, a + n, s, W, B) <= page_bound(s, W, B, n)
+            a += n
+
+
+def test_contract_positions_example():
+    keys, key_pos, q_pos = contract_positions(1000, 1001, 16, 256, 16)
+    w0 = 736
+    assert keys[:16] == list(range(16)) and keys[16] == w0 and keys[-1] == 1000
+    assert key_pos[:16] == list(range(16)) and key_pos[16] == 16
+    assert q_pos == [16 + 1000 - w0] and key_pos[-1] == q_pos[-1]
+
+
+def _simulate(S_pages, W, B, P, steps, seed=0, max_step=None):
+    """Run plan_step over a random stream; yield (a, b, plan, state) after each step."""
+    rng = random.Random(seed)
+    state = FrameState()
+    a = 0
+    max_step = max_step or max_step_tokens(S_pages, W, B, P)
+    for _ in range(steps):
+        n = rng.randint(1, max_step)
+        plan = plan_step(a, a + n, state, sink_pages=S_pages, window=W, block_size=B, rope_limit=P)
+        prev_base = state.base
+        apply_plan(state, plan)
+        yield a, a + n, plan, prev_base, state
+        a += n
+
+
+@pytest.mark.parametrize("s,B,W,P", [(1, 16, 256, 512), (2, 32, 256, 512), (0, 16, 128, 300), (1, 16, 4096, 8192)])
+def test_frame_positions_realise_contract_distances(s, B, W, P):
+    S = s * B
+    for a, b, plan, prev_base, state in _simulate(s, W, B, P, 400):
+        w0 = plan.w0
+        # Frame positions stay inside the rotary table.
+        assert 0 <= a - plan.base and b - 1 - plan.base < P
+        assert 0 <= plan.sink_angle < P
+        # Query-to-key distances equal the contract's, for window and sink keys.
+        for t in (a, b - 1):
+            q_frame = t - plan.base
+            q_contract = S + (t - w0)
+            for p in (w0, (w0 + t) // 2, t):
+                if p >= S:
+                    assert q_frame - (p - plan.base) == q_contract - (S + p - w0)
+            for j in range(0, S, max(1, S // 3)):
+                sink_frame = j + plan.sink_angle  # pristine position j, rotated
+                assert q_frame - sink_frame == q_contract - j
+        # An epoch moves every cached window key by -(new base - old base).
+        assert plan.window_shift == prev_base - plan.base
+        # Compacted index of token t: t - slot_offset = S + t - w0.
+        assert plan.slot_offset == w0 - S
+
+
+def test_before_first_eviction_positions_are_vanilla():
+    for a, b, plan, _, _ in _simulate(1, 256, 16, 8192, 30, seed=3):
+        if window_start(a, 16, 256, 16) == 16:
+            assert plan.base == 0 and plan.slot_offset == 0 and plan.sink_angle == 0
+
+
+def test_epochs_are_rare_and_keys_rotated_at_most_once():
+    """With P well above S + W + 2C every key is re-rotated at most once in its life."""
+    s, B, W, P = 1, 16, 256, 2048
+    last_epoch_at = None
+    epochs = 0
+    for a, b, plan, _, _ in _simulate(s, W, B, P, 2000, seed=5, max_step=64):
+        if plan.window_shift:
+            epochs += 1
+            if last_epoch_at is not None:
+                # Keys cached at the last epoch ([w0, a) then) have left the window.
+                assert plan.w0 >= last_epoch_at
+            last_epoch_at = a
+    assert epochs > 3
+
+
+def test_plan_refuses_step_larger_than_positions():
+    with pytest.raises(ValueError, match="rotary positions"):
+        plan_step(0, 600, FrameState(), sink_pages=1, window=256, block_size=16, rope_limit=512)
+
+
+def test_cdiv():
+    assert cdiv(0, 16) == 0 and cdiv(1, 16) == 1 and cdiv(16, 16) == 1 and cdiv(17, 16) == 2

@@ -1,0 +1,160 @@
+"""Settings of the KV policy, and their validation.
+
+The settings travel inside vLLM's ``VllmConfig.additional_config["vllm_sink"]`` (pickled to
+the engine core and every worker). Users give them as ``LLM(kv_policy="sink", ...)`` after
+``import vllm_sink``, as ``vllm serve --kv-policy sink ...``, or through stock
+``additional_config={"kv_policy": "sink", ...}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+from vllm_sink.policy import cdiv, max_step_tokens
+
+CONFIG_KEY = "vllm_sink"
+POLICIES = ("full", "sink")
+DEFAULT_MAX_STREAM_LEN = 1 << 20  # 1,048,576 tokens
+DEFAULT_WINDOW_CAP = 4096
+
+# User-facing names (LLM kwargs, additional_config keys, CLI flags without "--").
+USER_KEYS = {
+    "kv_policy": "policy",
+    "sink_pages": "sink_pages",
+    "kv_window": "window",
+    "max_stream_len": "max_stream_len",
+}
+
+
+class SinkConfigError(ValueError):
+    """A setting the sink policy cannot serve; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """``policy``: "full" (vanilla vLLM) or "sink". ``sink_pages``: pages pinned at the
+    start of every sequence. ``window``: recent tokens kept (None: chosen from the model's
+    context at start-up). ``max_stream_len``: the per-request length cap (prompt + output).
+    """
+
+    policy: str = "full"
+    sink_pages: int = 1
+    window: int | None = None
+    max_stream_len: int = DEFAULT_MAX_STREAM_LEN
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy == "sink"
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_user(cls, values: Mapping[str, Any]) -> "SinkConfig":
+        """From user-facing keys (``kv_policy``, ``sink_pages``, ``kv_window``,
+        ``max_stream_len``); unknown keys are an error, never ignored."""
+        kwargs = {}
+        for key, value in values.items():
+            if key not in USER_KEYS:
+                raise SinkConfigError(
+                    f"unknown vllm-sink setting {key!r}; valid settings are "
+                    f"{sorted(USER_KEYS)}"
+                )
+            if value is not None:
+                kwargs[USER_KEYS[key]] = value
+        return cls(**kwargs).checked()
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None):
+        """The resolved settings stored by the plugin, or ``None`` if absent."""
+        if not additional_config or CONFIG_KEY not in additional_config:
+            return None
+        raw = dict(additional_config[CONFIG_KEY])
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ----------------------------------------------------------------- validation
+    def checked(self) -> "SinkConfig":
+        """Checks that need no model: types and ranges."""
+        if self.policy not in POLICIES:
+            raise SinkConfigError(
+                f"kv_policy={self.policy!r} is not a KV policy; use one of {POLICIES}"
+            )
+        for name in ("sink_pages", "max_stream_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SinkConfigError(f"{name} must be an integer, got {value!r}")
+        if self.window is not None and (
+            not isinstance(self.window, int) or isinstance(self.window, bool)
+        ):
+            raise SinkConfigError(f"kv_window must be an integer, got {self.window!r}")
+        if self.sink_pages < 0:
+            raise SinkConfigError(
+                f"sink_pages={self.sink_pages} is negative; use 0 (window only) or more"
+            )
+        if self.window is not None and self.window <= 0:
+            raise SinkConfigError(f"kv_window={self.window} must be positive")
+        if self.max_stream_len <= 0:
+            raise SinkConfigError(f"max_stream_len={self.max_stream_len} must be positive")
+        return self
+
+    def resolve(
+        self,
+        *,
+        block_size: int,
+        rope_limit: int,
+        user_max_model_len: int | None = None,
+    ) -> "SinkConfig":
+        """Fill the default window and check the settings against the model.
+
+        ``rope_limit``: rows of the model's rotary table (``max_position_embeddings``
+        times a linear factor). The per-sequence step size is clamped by the caller to
+        ``policy.max_step_tokens`` (see ``vllm_sink.patches.engine_args``).
+        """
+        B, s = block_size, self.sink_pages
+        S = s * B
+        window = self.window
+        if window is None:
+            window = min(DEFAULT_WINDOW_CAP, (rope_limit // 2) // B * B)
+            if user_max_model_len is not None:
+                window = min(window, (user_max_model_len - S) // B * B)
+        if window < B:
+            raise SinkConfigError(
+                f"kv_window={window} is smaller than one page (block_size={B}); use "
+                f"kv_window >= {B} or a smaller block_size"
+            )
+        if window % B:
+            raise SinkConfigError(
+                f"kv_window={window} is not a multiple of block_size={B}; use "
+                f"kv_window={window // B * B} or {cdiv(window, B) * B}"
+            )
+        if S > window:
+            raise SinkConfigError(
+                f"the sink ({s} pages = {S} tokens) is larger than the window "
+                f"({window} tokens); use fewer sink_pages or a larger kv_window"
+            )
+        if max_step_tokens(s, window, B, rope_limit) < 1:
+            raise SinkConfigError(
+                f"sink + window + one page = {S + window + B} tokens do not fit in the "
+                f"model's {rope_limit} rotary positions; use kv_window <= "
+                f"{(rope_limit - S - 2 * B) // B * B}"
+            )
+        if user_max_model_len is not None and S + window > user_max_model_len:
+            raise SinkConfigError(
+                f"sink + window = {S + window} tokens exceed --max-model-len="
+                f"{user_max_model_len}; with the sink policy max_model_len bounds the "
+                f"attended context: raise it or lower kv_window"
+            )
+        if self.max_stream_len < S + window:
+            raise SinkConfigError(
+                f"max_stream_len={self.max_stream_len} is shorter than sink + window "
+                f"({S + window}); raise max_stream_len"
+            )
+        return SinkConfig(
+            policy=self.policy,
+            sink_pages=s,
+            window=window,
+            max_stream_len=self.max_stream_len,
+        )

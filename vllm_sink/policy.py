@@ -1,0 +1,168 @@
+"""The StreamingLLM eviction rule and position arithmetic, as pure functions.
+
+Notation (MISSION.md, "the contract"): page (vLLM block) size ``B``, sink pages ``s``,
+sink tokens ``S = s * B``, window ``W`` tokens, and a step that computes tokens ``[a, b)``
+of one sequence.
+
+* **Window start.** ``w0 = max(S, floor((a - W + 1) / B) * B)``. Query ``t`` in ``[a, b)``
+  sees the sink ``[0, S)`` and the window ``[w0, t]``. Pages ``[s, w0 / B)`` are evicted.
+* **Contract positions.** Sink token ``j`` sits at ``j``, window token ``p`` at
+  ``S + (p - w0)``, query ``t`` at ``S + (t - w0)``.
+* **Frame positions** (how the plugin realises them on a post-RoPE paged cache). Every
+  token ``t`` the model computes is given position ``t - base``; ``base`` is constant over
+  an *epoch*. Window keys are written once and never touched while the epoch lasts, since
+  only position differences matter to RoPE: ``(t - base) - (p - base) = t - p``. The sink
+  keys are re-anchored from a pristine copy (written at positions ``0 .. S-1``) by the
+  angle ``w0 - S - base`` so that the query-to-sink distance is the contract's
+  ``S + t - w0 - j``.
+* **Epochs.** The model's rotary table has ``P`` rows (``max_position_embeddings``, times the
+  linear factor), so every frame position must stay ``< P``. When a step would reach ``P``,
+  a new epoch starts at ``base' = w0 - S`` (frame position of window token ``w0`` becomes
+  ``S``, the contract's value) and the cached window keys are rotated once by
+  ``-(base' - base)``.
+
+Invariants (checked by ``tests/unit``): before the first eviction ``w0 == S`` and
+``base == 0``, so positions equal vanilla vLLM's; every frame position of a step is in
+``[0, P)`` when ``S + W + B + C <= P`` (``C`` = the step's token count); the sink angle is
+in ``[0, P)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def window_start(a: int, sink_tokens: int, window: int, block_size: int) -> int:
+    """``w0``: first token of the window for a step that starts at token ``a``.
+
+    Always a multiple of ``block_size`` and ``>= sink_tokens``; never above ``a``.
+    """
+    return max(sink_tokens, ((a - window + 1) // block_size) * block_size)
+
+
+def evicted_pages(a: int, sink_pages: int, window: int, block_size: int) -> range:
+    """Logical page indices that no step starting at ``>= a`` can see."""
+    w0 = window_start(a, sink_pages * block_size, window, block_size)
+    return range(sink_pages, w0 // block_size)
+
+
+def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
+    """The contract's bound on the pages one running sequence holds.
+
+    ``s + ceil((W + C) / B) + 1`` with ``C`` the tokens of the sequence in flight.
+    """
+    return sink_pages + cdiv(window + in_flight, block_size) + 1
+
+
+def live_pages(a: int, b: int, sink_pages: int, window: int, block_size: int) -> int:
+    """Pages a sequence holds while a step computes ``[a, b)`` (sink pages included)."""
+    S = sink_pages * block_size
+    w0 = window_start(a, S, window, block_size)
+    sink_held = min(sink_pages, cdiv(b, block_size))
+    return sink_held + max(0, cdiv(b, block_size) - w0 // block_size)
+
+
+def contract_positions(
+    a: int, b: int, sink_tokens: int, window: int, block_size: int
+) -> tuple[list[int], list[int], list[int]]:
+    """(visible key tokens of the last query, their positions, query positions) per the
+    contract, for a step ``[a, b)``. Used by tests and the reference; O(W)."""
+    S = sink_tokens
+    w0 = window_start(a, S, window, block_size)
+    t_last = b - 1
+    keys = list(range(min(S, b))) + list(range(max(w0, S), t_last + 1))
+    key_pos = [j if j < S else S + (j - w0) for j in keys]
+    q_pos = [t if t < S else S + (t - w0) for t in range(a, b)]
+    return keys, key_pos, q_pos
+
+
+@dataclass
+class FrameState:
+    """Position state of one sequence, kept by the worker between steps.
+
+    ``base``: the epoch base (frame position = absolute token index - base).
+    ``sink_angle``: the rotation, in positions, currently applied to the sink keys relative
+    to their pristine copy. ``epochs``: how many epochs have started after the first.
+    """
+
+    base: int = 0
+    sink_angle: int = 0
+    epochs: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the worker must do before the forward of step ``[a, b)`` of one sequence.
+
+    * ``w0``: window start; the compacted block-table row is ``[sink pages] + pages from
+      w0 / B``.
+    * ``slot_offset = w0 - S``: subtract from absolute token indices to get the index in the
+      compacted sequence (for slot mapping and ``seq_lens``).
+    * ``base``: subtract from absolute token indices to get frame (RoPE) positions.
+    * ``window_shift``: if not 0, rotate the cached window keys ``[w0, a)`` by this many
+      positions (always negative) because a new epoch starts.
+    * ``sink_angle``: target rotation of the sink keys from pristine; rotate if it differs
+      from ``FrameState.sink_angle``.
+    """
+
+    w0: int
+    slot_offset: int
+    base: int
+    window_shift: int
+    sink_angle: int
+
+
+def plan_step(
+    a: int,
+    b: int,
+    state: FrameState,
+    *,
+    sink_pages: int,
+    window: int,
+    block_size: int,
+    rope_limit: int,
+) -> StepPlan:
+    """Plan one step ``[a, b)`` from the sequence's ``state`` (not mutated).
+
+    Raises ``ValueError`` if the step cannot be served within ``rope_limit`` frame
+    positions, which config validation rules out in advance (``S + W + B + C <= P``).
+    """
+    if b <= a:
+        raise ValueError(f"empty step [{a}, {b})")
+    S = sink_pages * block_size
+    w0 = window_start(a, S, window, block_size)
+    base = state.base
+    window_shift = 0
+    if b - 1 - base >= rope_limit:
+        new_base = w0 - S
+        if b - 1 - new_base >= rope_limit:
+            raise ValueError(
+                f"step [{a}, {b}) spans {b - w0} window tokens + {S} sink tokens, more "
+                f"than the model's {rope_limit} rotary positions"
+            )
+        window_shift = base - new_base
+        base = new_base
+    return StepPlan(
+        w0=w0,
+        slot_offset=w0 - S,
+        base=base,
+        window_shift=window_shift,
+        sink_angle=w0 - S - base,
+    )
+
+
+def apply_plan(state: FrameState, plan: StepPlan) -> None:
+    """Record in ``state`` that ``plan``'s rotations have been carried out."""
+    if plan.window_shift:
+        state.epochs += 1
+    state.base = plan.base
+    state.sink_angle = plan.sink_angle
+
+
+def max_step_tokens(sink_pages: int, window: int, block_size: int, rope_limit: int) -> int:
+    """The largest per-sequence step ``C`` with ``S + W + B + C <= P``."""
+    return rope_limit - sink_pages * block_size - window - block_size
