@@ -41,3 +41,19 @@ def test_same_greedy_tokens_as_vanilla_before_eviction(llm, memo, hamlet_ids):
         assert s_ids == v_ids
         # Same kernels, same positions and slots: the log-probs agree to rounding.
         assert max(abs(a - b) for a, b in zip(v_lp, s_lp)) < 1e-5
+
+
+@pytest.mark.engine("vanilla16")
+def test_full_policy_leaves_vllm_untouched(llm):
+    """kv_policy "full" (the default) keeps vLLM's own spec, manager and config."""
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from conftest import scheduler_of
+
+    scheduler = scheduler_of(llm)
+    group = scheduler.kv_cache_config.kv_cache_groups[0]
+    assert type(group.kv_cache_spec) is FullAttentionSpec
+    assert type(scheduler.kv_cache_manager.coordinator.single_type_managers[0]) is FullAttentionManager
+    assert "vllm_sink" not in llm.llm_engine.vllm_config.additional_config
+    assert llm.llm_engine.vllm_config.model_config.max_model_len == 4096

@@ -1,0 +1,88 @@
+"""The bindings themselves: idempotent install, flags that reach the engine config, and the
+spec/manager registration (no engine)."""
+
+import pytest
+
+
+def test_install_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.llm import LLM
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from vllm_sink import patches
+
+    patches.install()
+    before = (EngineArgs.create_engine_config, LLM.__init__, GPUModelRunner.get_kv_cache_spec, Worker.get_kv_cache_spec)
+    patches.install()
+    after = (EngineArgs.create_engine_config, LLM.__init__, GPUModelRunner.get_kv_cache_spec, Worker.get_kv_cache_spec)
+    assert before == after
+    for fn in after:
+        assert fn._vllm_sink and not getattr(fn.__wrapped__, "_vllm_sink", False)
+
+
+def test_cli_flags_reach_additional_config():
+    """Stock from_cli_args keeps only dataclass fields; ours must fold the flags in."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    help_text = parser.format_help()
+    for flag in ("--kv-policy", "--sink-pages", "--kv-window", "--max-stream-len"):
+        assert flag in help_text
+    args = parser.parse_args(["--model", "m", "--kv-policy", "sink", "--sink-pages", "2", "--kv-window", "512", "--additional-config", '{"other": 1}'])
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config == {"other": 1, "kv_policy": "sink", "sink_pages": 2, "kv_window": 512}
+    plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    assert "kv_policy" not in (plain.additional_config or {})
+
+
+def test_spec_registered_with_its_manager():
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+
+    spec = SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, sink_pages=1, window=256, in_flight_tokens=64)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is StreamingSinkManager
+    assert KVCacheSpecRegistry.get_uniform_type_base_spec(spec) is FullAttentionSpec
+    # Built-ins still resolve (registering into an empty registry would break them).
+    full = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    assert KVCacheSpecRegistry.get_manager_class(full).__name__ == "FullAttentionManager"
+    # The contract's page bound, and a merge that keeps our fields.
+    assert spec.max_live_pages == 1 + (255 + 64 + 15) // 16 + 1
+    merged = SinkWindowSpec.merge([spec, spec])
+    assert merged == spec
+    with pytest.raises(AssertionError):
+        SinkWindowSpec.merge([spec, SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, sink_pages=2, window=256, in_flight_tokens=64)])
+
+
+def test_manager_frees_pages_leaving_the_window():
+    """StreamingSinkManager on vLLM's real BlockPool: sink pinned, pages [s, w0/B) freed."""
+    import torch
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.policy import window_start
+
+    B, s, W = 16, 1, 64
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=s, window=W, in_flight_tokens=16)
+    pool = BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=B)
+    mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
+    free0 = pool.get_num_free_blocks()
+    a = 0
+    while a < 600:
+        mgr.remove_skipped_blocks("r", a)
+        mgr.allocate_new_blocks("r", a + 16, a + 16)
+        blocks = mgr.req_to_blocks["r"]
+        w0 = window_start(a, s * B, W, B)
+        assert not blocks[0].is_null  # the sink stays
+        assert all(b.is_null for b in blocks[s : w0 // B])
+        assert all(not b.is_null for b in blocks[w0 // B :])
+        assert sum(not b.is_null for b in blocks) <= spec.max_live_pages
+        a += 16
+    mgr.free("r")
+    assert pool.get_num_free_blocks() == free0
+    assert mgr.get_num_common_prefix_blocks("r") == 0
