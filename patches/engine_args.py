@@ -19,11 +19,15 @@ Every wrap passes through untouched when no sink setting is given.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
+import shutil
+import tempfile
 from vllm.logger import init_logger
 
 from vllm_sink.config import CONFIG_KEY, USER_KEYS, SinkConfig, SinkConfigError
+from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
 from vllm_sink.policy import max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -222,6 +226,8 @@ def sink_engine_config(args, orig_create, *a, **kw):
             rope_limit,
         )
     vllm_config.additional_config[CONFIG_KEY] = resolved.to_dict()
+    served = vllm_config.model_config.served_model_name
+    export_metrics(served if isinstance(served, str) else served[0])
     host_mb = 5 * resolved.max_stream_len * sched.max_num_seqs / 2**20
     logger.info(
         "vllm-sink: kv_policy=sink, sink %d page(s) = %d tokens, window %d tokens, block "
@@ -236,6 +242,27 @@ def sink_engine_config(args, orig_create, *a, **kw):
         sched.max_num_seqs,
     )
     return vllm_config
+
+
+_collector: SinkCollector | None = None
+
+
+def export_metrics(model_name: str) -> str:
+    """Make the directory the engine processes publish their counters into (inherited
+    through ``VLLM_SINK_METRICS_DIR``) and serve them on this process's ``/metrics``."""
+    global _collector
+    from prometheus_client import REGISTRY
+
+    directory = tempfile.mkdtemp(prefix="vllm-sink-metrics-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ[METRICS_DIR_ENV] = directory
+    if _collector is None:
+        _collector = SinkCollector(directory, {"model_name": model_name})
+        REGISTRY.register(_collector)
+    else:
+        _collector.directory = directory
+        _collector.labels = {"model_name": model_name}
+    return directory
 
 
 def _pop_user_kwargs(kwargs: dict) -> dict:

@@ -104,6 +104,11 @@ class StreamingSinkManager(FullAttentionManager):
         ``spec.max_live_pages``.
       * no block is shared between requests (prefix caching is off), so
         ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
+      * admission reserves each sequence's whole bounded footprint: a request is admitted
+        only if the free pages cover ``max_live_pages`` for it plus what every admitted
+        sequence may still grow by (``max_live_pages - live``). Admitted sequences can then
+        always grow, so vLLM never preempts one (a preempted stream would be recomputed
+        from token 0).
     """
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
@@ -114,9 +119,36 @@ class StreamingSinkManager(FullAttentionManager):
         self.sink_pages = kv_cache_spec.sink_pages
         self.window = kv_cache_spec.window
         self.live: dict[str, int] = {}
+        self.max_live_pages = kv_cache_spec.max_live_pages
         self.first_live_block: dict[str, int] = {}
+        SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
         SINK_STATS.max_live_pages_allowed = kv_cache_spec.max_live_pages
+        self._publish(force=True)
+
+    def _publish(self, force: bool) -> None:
+        SINK_STATS.free_pages = self.block_pool.get_num_free_blocks()
+        SINK_STATS.publish(force)
+
+    def new_step_starts(self) -> None:
+        super().new_step_starts()
+        self._publish(force=False)
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        self._publish(force=True)
+
+    def outstanding_pages(self) -> int:
+        """Pages admitted sequences may still claim, up to their bounded footprint."""
+        return sum(max(0, self.max_live_pages - live) for live in self.live.values())
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs):
+        needed = super().get_num_blocks_to_allocate(
+            request_id, num_tokens, new_computed_blocks, *args, **kwargs
+        )
+        if request_id in self.live:  # admitted and running: its reservation covers it
+            return needed
+        return max(needed, self.max_live_pages) + self.outstanding_pages()
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)

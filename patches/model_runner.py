@@ -150,6 +150,8 @@ class SinkRunnerHook:
         self.slot_off = np.zeros(n, dtype=np.int64)
         self.rope_off = np.zeros(n, dtype=np.int64)
         self.any_offset = False
+        if SINK_STATS.role == "process":
+            SINK_STATS.role = "worker"
         logger.info(
             "vllm-sink worker: sink %d tokens, window %d tokens, %d rotary positions",
             self.S,
@@ -178,6 +180,7 @@ class SinkRunnerHook:
     def after_update_states(self, scheduler_output) -> None:
         for rid in scheduler_output.finished_req_ids:
             self.streams.pop(rid, None)
+        SINK_STATS.publish(force=bool(scheduler_output.finished_req_ids))
         for new in scheduler_output.scheduled_new_reqs:
             self.streams[new.req_id] = _Stream(first_live_block=self.s)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:

@@ -1,28 +1,57 @@
-"""Counters of the sink policy, kept in the process that does the work.
+"""Counters of the sink policy, and their export to Prometheus.
 
-The engine core's manager counts evicted pages and the live pages of each sequence; the
-worker counts epochs and sink re-anchorings. ``SINK_STATS`` is a process-local singleton:
-with an in-process engine core (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) a script can read
-the engine-side numbers directly; workers report theirs through ``collective_rpc``.
+Each vLLM process counts what it does: the engine core's manager counts evicted pages and
+the pages each sequence holds; the worker counts epochs and sink re-anchorings.
+``SINK_STATS`` is the process-local singleton (with an in-process engine core,
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, a script reads the engine-side numbers directly).
+
+For ``/metrics``, each process publishes a JSON snapshot of its counters into a directory
+named by ``VLLM_SINK_METRICS_DIR`` (made by the front end when the sink policy is
+configured, inherited by the processes it spawns), and the API server's
+:class:`SinkCollector` adds them up at every scrape. This needs no change to vLLM's own
+metrics and no Prometheus multiprocess mode.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+METRICS_DIR_ENV = "VLLM_SINK_METRICS_DIR"
+PUBLISH_INTERVAL_S = 0.25
+
+COUNTERS = {
+    "pages_evicted": "KV pages freed because they left the window.",
+    "tokens_evicted": "Tokens whose KV was freed because they left the window.",
+    "epochs": "Epochs started: the window's cached keys re-rotated once to a new position base.",
+    "sink_rotations": "Sink re-anchorings: sink keys rewritten from their pristine copy.",
+}
+GAUGES = {
+    "running_kv_pages": "KV pages held by running sequences (sink policy).",
+    "free_kv_pages": "Free pages in the KV pool.",
+    "kv_pool_pages": "Pages in the KV pool.",
+    "max_pages_per_sequence": "The bound on pages one sequence holds (s + ceil((W+C)/B) + 1).",
+}
 
 
 @dataclass
 class SinkStats:
+    role: str = "process"
     pages_evicted: int = 0
     tokens_evicted: int = 0
     epochs: int = 0
     sink_rotations: int = 0
     pool_pages: int = 0
+    free_pages: int | None = None
     max_live_pages_allowed: int = 0
     # Live pages per running request, and the peak seen per request over its life.
     live_pages: dict[str, int] = field(default_factory=dict)
     peak_live_pages: dict[str, int] = field(default_factory=dict)
     finished_peaks: dict[str, int] = field(default_factory=dict)
+    _last_publish: float = 0.0
 
     def observe_live(self, request_id: str, live: int) -> None:
         self.live_pages[request_id] = live
@@ -38,15 +67,73 @@ class SinkStats:
                 self.finished_peaks.pop(next(iter(self.finished_peaks)))
 
     def snapshot(self) -> dict:
-        return {
+        snap = {
             "pages_evicted": self.pages_evicted,
             "tokens_evicted": self.tokens_evicted,
             "epochs": self.epochs,
             "sink_rotations": self.sink_rotations,
-            "pool_pages": self.pool_pages,
-            "max_live_pages_allowed": self.max_live_pages_allowed,
-            "running_live_pages": sum(self.live_pages.values()),
+            "running_kv_pages": sum(self.live_pages.values()),
         }
+        if self.role == "engine":
+            snap.update(
+                kv_pool_pages=self.pool_pages,
+                free_kv_pages=self.free_pages,
+                max_pages_per_sequence=self.max_live_pages_allowed,
+            )
+        return snap
+
+    def publish(self, force: bool = False) -> None:
+        """Write the snapshot for the API server (throttled unless ``force``)."""
+        directory = os.environ.get(METRICS_DIR_ENV)
+        now = time.monotonic()
+        if not directory or (not force and now - self._last_publish < PUBLISH_INTERVAL_S):
+            return
+        self._last_publish = now
+        path = Path(directory) / f"{self.role}-{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(self.snapshot()))
+            tmp.replace(path)
+        except OSError:  # the directory went away with the server; nothing to report to
+            pass
 
 
 SINK_STATS = SinkStats()
+
+
+def read_published(directory: str | os.PathLike) -> dict:
+    """Sum the snapshots of every process (gauges of the engine processes included)."""
+    total: dict[str, float] = {}
+    for path in Path(directory).glob("*.json"):
+        try:
+            snap = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for key, value in snap.items():
+            if value is not None:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+class SinkCollector:
+    """Prometheus collector for the API server: ``vllm_sink:*`` series from the published
+    snapshots."""
+
+    def __init__(self, directory: str | os.PathLike, labels: dict[str, str] | None = None):
+        self.directory = directory
+        self.labels = labels or {}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        values = read_published(self.directory)
+        names, label_values = list(self.labels), list(self.labels.values())
+        for key, doc in COUNTERS.items():
+            family = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+            family.add_metric(label_values, values.get(key, 0))
+            yield family
+        for key, doc in GAUGES.items():
+            if key in values:
+                family = GaugeMetricFamily(f"vllm_sink:{key}", doc, labels=names)
+                family.add_metric(label_values, values[key])
+                yield family

@@ -86,3 +86,37 @@ def test_manager_frees_pages_leaving_the_window():
     mgr.free("r")
     assert pool.get_num_free_blocks() == free0
     assert mgr.get_num_common_prefix_blocks("r") == 0
+
+
+def test_admission_reserves_the_bounded_footprint():
+    """Requests are admitted only while every admitted stream can still grow to its
+    footprint, so growing streams never run out of pages (never preempted)."""
+    import torch
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+
+    B = 16
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=1, window=64, in_flight_tokens=16)
+    footprint = spec.max_live_pages  # 1 + ceil(79/16) + 1 = 7
+    pool = BlockPool(num_gpu_blocks=31, enable_caching=False, hash_block_size=B)  # 30 usable
+    mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
+    admitted, pos = [], {}
+    for i in range(10):
+        rid = f"r{i}"
+        if mgr.get_num_blocks_to_allocate(rid, 16, [], 0, 0, 16) <= pool.get_num_free_blocks():
+            mgr.allocate_new_blocks(rid, 16, 16)
+            admitted.append(rid)
+            pos[rid] = 16
+    assert len(admitted) == 30 // footprint == 4
+    # Every admitted stream now grows far past its window: allocation always fits.
+    for _ in range(60):
+        for rid in admitted:
+            mgr.remove_skipped_blocks(rid, pos[rid])
+            need = mgr.get_num_blocks_to_allocate(rid, pos[rid] + 16, [], pos[rid], pos[rid], pos[rid] + 16)
+            assert need <= pool.get_num_free_blocks()
+            mgr.allocate_new_blocks(rid, pos[rid] + 16, pos[rid] + 16)
+            pos[rid] += 16
+    for rid in admitted:
+        mgr.free(rid)
+    assert pool.get_num_free_blocks() == 30
