@@ -1,0 +1,18 @@
+"""One real ``vllm serve`` per test module (``SERVER_EXTRA_ARGS`` adds flags)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from serverlib import Server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    extra = getattr(request.module, "SERVER_EXTRA_ARGS", [])
+    srv = Server(extra, tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    srv.stop()

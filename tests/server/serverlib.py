@@ -1,0 +1,110 @@
+"""A real ``vllm serve`` (the stock executable, multiprocess) on localhost."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+MODEL_NAME = "smol"
+
+# The policy as a user would serve SmolLM2 on the CPU, with the model shrunk to 512
+# positions so that streams go 10x past them quickly: each sequence computes at most 32
+# tokens a step and the step budget (512) fits 16 of them, so a stream's schedule does not
+# depend on what else runs.
+BASE_ARGS = [
+    "--dtype", "float32", "--enforce-eager", "--block-size", "16",
+    "--max-num-seqs", "16", "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "32",
+    "--max-model-len", "512", "--hf-overrides", '{"max_position_embeddings": 512}',
+    "--kv-policy", "sink", "--sink-pages", "1", "--kv-window", "256", "--max-stream-len", "8192",
+    "--served-model-name", MODEL_NAME, "--disable-uvicorn-access-log",
+    "--kv-cache-memory-bytes", str(256 << 20),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, extra_args: list[str], log_path: Path):
+        from vllm_sink import assets
+
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = dict(os.environ)
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the stock multiprocess server
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--host", "127.0.0.1",
+             "--port", str(self.port), *BASE_ARGS, *extra_args],
+            stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+        )
+        self._wait()
+
+    def _wait(self, timeout: float = 600):
+        import requests
+
+        start = time.time()
+        while time.time() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"vllm serve did not start:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def healthy(self) -> bool:
+        import requests
+
+        return self.proc.poll() is None and requests.get(self.url + "/health", timeout=5).status_code == 200
+
+    def metrics(self) -> dict[str, float]:
+        """``name{labels} value`` lines of /metrics, summed over label sets per name."""
+        import requests
+
+        text = requests.get(self.url + "/metrics", timeout=10).text
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
+            if m:
+                values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
+        return values
+
+    def wait_idle(self, timeout: float = 120) -> dict[str, float]:
+        """Wait until no sequence holds pages; return the metrics then."""
+        start = time.time()
+        while True:
+            m = self.metrics()
+            if m.get("vllm_sink:running_kv_pages", 1) == 0 and m.get("vllm:num_requests_running", 1) == 0:
+                return m
+            if time.time() - start > timeout:
+                raise TimeoutError(f"server still busy: {m}")
+            time.sleep(1)
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kwargs)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+

@@ -1,0 +1,167 @@
+"""``vllm serve --kv-policy sink``: the stock OpenAI server, driven by the openai client.
+
+The server runs SmolLM2 with ``--max-model-len 512`` and the model shrunk to 512 rotary
+positions; with the sink policy (W=256) requests run far past both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+
+import pytest
+import requests
+
+from serverlib import MODEL_NAME
+
+
+def _hamlet(chars: int) -> str:
+    from vllm_sink import assets
+
+    return assets.play_text("hamlet")[:chars]
+
+
+def test_flags_reach_the_engine(server):
+    """Stock from_cli_args would drop --kv-policy & co.; the startup log and the metrics
+    show they arrived."""
+    log = server.log()
+    assert "vllm-sink: kv_policy=sink, sink 1 page(s) = 16 tokens, window 256 tokens" in log
+    assert "stream cap 8192 tokens" in log
+    m = server.metrics()
+    assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
+
+
+def _reference_ppl(prompt_ids, output_ids):
+    """Perplexity of the generated tokens under the model, scored by the plain-PyTorch
+    reference with the same sink policy (S=16, W=256, B=16), decode steps of one token."""
+    import torch
+
+    from reference import ReferenceLlama, chunked_steps
+    from vllm_sink import assets
+
+    ref = ReferenceLlama(assets.model_dir())
+    tokens = list(prompt_ids) + list(output_ids)
+    lps = ref.stream_logprobs(tokens, chunked_steps(len(prompt_ids), 32, len(tokens) + 1), sink_tokens=16, window=256, block_size=16)
+    gen = lps[len(prompt_ids) - 1 :]
+    gen = gen[~torch.isnan(gen)]
+    return math.exp(-gen.mean().item())
+
+
+def test_completion_far_past_context(server):
+    """A completion of prompt + output = 1,300 tokens (2.5x --max-model-len and the model's
+    positions) succeeds, and the text stays coherent: its perplexity under the model stays
+    bounded."""
+    from transformers import AutoTokenizer
+
+    from vllm_sink import assets
+
+    tok = AutoTokenizer.from_pretrained(assets.model_dir())
+    prompt = tok(_hamlet(3000))["input_ids"][:700]
+    before = server.metrics()
+    out = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=600, temperature=0)
+    assert out.usage.prompt_tokens == 700 and out.usage.completion_tokens == 600
+    assert out.choices[0].finish_reason == "length"
+    after = server.metrics()
+    assert after["vllm_sink:pages_evicted_total"] > before["vllm_sink:pages_evicted_total"]
+    assert after["vllm_sink:epochs_total"] > before["vllm_sink:epochs_total"]
+    out_ids = tok(out.choices[0].text, add_special_tokens=False)["input_ids"]
+    ppl = _reference_ppl(prompt, out_ids)
+    print(f"\ngenerated 600 tokens past 512 positions; reference PPL of the output {ppl:.2f}")
+    assert ppl < 20
+
+
+def test_streamed_chat_far_past_context(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "Retell the first scene of Hamlet.\n" + _hamlet(1500)}]
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=500, temperature=0, stream=True, stream_options={"include_usage": True})
+    text, usage = "", None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.usage:
+            usage = chunk.usage
+    assert usage is not None and usage.completion_tokens == 500
+    assert usage.prompt_tokens + usage.completion_tokens > 512
+    # The conversation keeps growing and keeps being answered.
+    messages += [{"role": "assistant", "content": text}, {"role": "user", "content": "Go on."}]
+    again = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=64, temperature=0)
+    assert again.usage.prompt_tokens > 700 and again.usage.completion_tokens == 64
+
+
+async def _stream(client, i, disconnect):
+    stream = await client.completions.create(
+        model=MODEL_NAME, prompt=_hamlet(200 + 40 * i), max_tokens=96, temperature=0, stream=True
+    )
+    n = 0
+    async for _ in stream:
+        n += 1
+        if disconnect and n == 8:
+            await stream.close()  # the client goes away mid-stream
+            return "disconnected"
+    return n
+
+
+def test_32_concurrent_streams_a_third_disconnecting(server):
+    import openai
+
+    free0 = server.wait_idle()["vllm_sink:free_kv_pages"]
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        tasks = [_stream(client, i, disconnect=(i % 3 == 0)) for i in range(32)]
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert results.count("disconnected") == 11
+    assert all(r == 96 for r in results if r != "disconnected")
+    m = server.wait_idle()
+    assert m["vllm_sink:free_kv_pages"] == free0
+    assert server.healthy()
+    ok = server.client().completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
+    assert ok.usage.completion_tokens == 4
+
+
+BAD_REQUESTS = [
+    # (name, path, body (dict or raw str), expected status)
+    ("malformed JSON", "/v1/completions", '{"model": "smol", "prompt": ', 400),
+    ("negative max_tokens", "/v1/completions", {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": -5}, 400),
+    ("absurd max_tokens", "/v1/completions", {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 10**12}, 400),
+    ("max_tokens past the stream cap", "/v1/completions", {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 9000}, 400),
+    ("prompt past the stream cap", "/v1/completions", {"model": MODEL_NAME, "prompt": [17] * 9000, "max_tokens": 4}, 400),
+    ("invalid token ids", "/v1/completions", {"model": MODEL_NAME, "prompt": [1, 999999999], "max_tokens": 4}, 400),
+    ("negative token id", "/v1/completions", {"model": MODEL_NAME, "prompt": [-3], "max_tokens": 4}, 400),
+    ("empty prompt", "/v1/completions", {"model": MODEL_NAME, "prompt": "", "max_tokens": 4}, 400),
+    ("empty chat", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [], "max_tokens": 4}, 400),
+    ("unknown model", "/v1/completions", {"model": "nope", "prompt": "Hi", "max_tokens": 4}, 404),
+    ("wrong type", "/v1/completions", {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": "many"}, 400),
+]
+
+
+def bad_request_table(server) -> list[tuple[str, int, str]]:
+    rows = []
+    for name, path, body, _ in BAD_REQUESTS:
+        data = body if isinstance(body, str) else json.dumps(body)
+        r = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=120)
+        try:
+            message = r.json().get("error", {}).get("message", r.text)
+        except ValueError:
+            message = r.text
+        rows.append((name, r.status_code, " ".join(str(message).split())[:220]))
+    return rows
+
+
+def test_bad_requests_get_clear_errors_and_the_engine_survives(server):
+    free0 = server.wait_idle()["vllm_sink:free_kv_pages"]
+    rows = bad_request_table(server)
+    print("\n| request | status | message |\n|---|---|---|")
+    for name, status, message in rows:
+        print(f"| {name} | {status} | {message} |")
+    for (name, status, message), (_, _, _, expected) in zip(rows, BAD_REQUESTS):
+        assert status == expected, (name, status, message)
+        assert message
+    assert server.healthy()
+    assert server.wait_idle()["vllm_sink:free_kv_pages"] == free0
+    ok = server.client().completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
+    assert ok.usage.completion_tokens == 4
