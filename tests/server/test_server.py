@@ -63,9 +63,14 @@ def test_completion_far_past_context(server):
     out = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=600, temperature=0)
     assert out.usage.prompt_tokens == 700 and out.usage.completion_tokens == 600
     assert out.choices[0].finish_reason == "length"
-    after = server.metrics()
-    assert after["vllm_sink:pages_evicted_total"] > before["vllm_sink:pages_evicted_total"]
-    assert after["vllm_sink:epochs_total"] > before["vllm_sink:epochs_total"]
+    after = server.wait_idle()
+    evicted = after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"]
+    # 1,300 tokens through a 16 + 256 token cache: about (1300 - 272) / 16 pages evicted.
+    assert 60 <= evicted <= 70, evicted
+    assert after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"] == 16 * evicted
+    assert after["vllm_sink:epochs_total"] - before["vllm_sink:epochs_total"] >= 3
+    # One re-anchoring per step that moves the window (a 32-token prefill step moves it 2 pages).
+    assert after["vllm_sink:sink_rotations_total"] - before["vllm_sink:sink_rotations_total"] >= evicted // 2
     out_ids = tok(out.choices[0].text, add_special_tokens=False)["input_ids"]
     ppl = _reference_ppl(prompt, out_ids)
     print(f"\ngenerated 600 tokens past 512 positions; reference PPL of the output {ppl:.2f}")
@@ -165,3 +170,48 @@ def test_bad_requests_get_clear_errors_and_the_engine_survives(server):
     assert server.wait_idle()["vllm_sink:free_kv_pages"] == free0
     ok = server.client().completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
     assert ok.usage.completion_tokens == 4
+
+
+def test_vllm_bench_serve_zero_failures(server):
+    """vLLM's own load client, random dataset, input + output (700) past --max-model-len."""
+    import re
+    import subprocess
+
+    from serverlib import VENV_BIN
+    from vllm_sink import assets
+
+    cmd = [str(VENV_BIN / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", server.url,
+           "--model", MODEL_NAME, "--tokenizer", str(assets.model_dir()), "--dataset-name", "random",
+           "--random-input-len", "600", "--random-output-len", "100", "--num-prompts", "8", "--ignore-eos"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    out = proc.stdout
+    table = out[out.find("============ Serving Benchmark Result"):]
+    print("\n" + table)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"Successful requests:\s+8\b", out)
+    assert re.search(r"Failed requests:\s+0\b", out)
+    assert re.search(r"Total input tokens:\s+4800\b", out)
+    assert server.healthy()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--kv-policy", "sink", "--kv-window", "100"], "not a multiple of block_size"),
+        (["--kv-policy", "sink", "--enable-prefix-caching"], "drop --enable-prefix-caching"),
+        (["--sink-pages", "2"], "only apply with kv_policy='sink'"),
+    ],
+)
+def test_invalid_flags_fail_at_startup(flags, message):
+    """Bad flag combinations stop `vllm serve` before any engine starts, naming the fix."""
+    import subprocess
+
+    from serverlib import VENV_BIN
+    from vllm_sink import assets
+
+    proc = subprocess.run(
+        [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--dtype", "float32", "--block-size", "16", *flags],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
