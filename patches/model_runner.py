@@ -119,9 +119,7 @@ def kv_layout(runner) -> str:
             )
         return "cpu"
     if name in ("FLASH_ATTN", "TRITON_ATTN"):
-        from vllm.v1.attention.backends.utils import get_kv_cache_layout
-
-        return "hnd" if get_kv_cache_layout() == "HND" else "nhd"
+        return "paged"
     raise SinkConfigError(
         f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
         f"backends, not {name}; pick one with --attention-backend"

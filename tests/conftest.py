@@ -8,7 +8,6 @@ another one; test modules are grouped by configuration.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from pathlib import Path
@@ -18,49 +17,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Engine configurations used across the suite (all float32: the CPU runs it ~4x faster
-# than bfloat16, and the reference comparison is then at float32 precision).
-COMMON = dict(dtype="float32", enforce_eager=True, max_num_seqs=16, kv_cache_memory_bytes=256 << 20)
-ENGINES = {
-    # B=16, one sink page, W=256, the model's own 8192 positions. Each sequence computes
-    # at most 64 tokens a step (long_prefill_token_threshold) and the step budget (512)
-    # fits 8 such chunks, so a request is chunked the same way alone and in a batch.
-    "sink16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384),
-    # Same policy with the model shrunk to 512 positions: epochs every few hundred tokens.
-    "sink16_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # Window only (no sink), same shapes, shrunk positions.
-    "window16_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_pages=0, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # Two sink pages of 32 tokens, 48-token chunks, 512 positions.
-    "sink32x2_p512": dict(block_size=32, max_num_batched_tokens=48, kv_policy="sink", sink_pages=2, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # Vanilla vLLM, same block size and chunking as "sink16".
-    "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
-}
-
-
-class EngineCache:
-    def __init__(self):
-        self.name = None
-        self.llm = None
-
-    def get(self, name: str):
-        if self.name == name:
-            return self.llm
-        self.close()
-        import vllm_sink  # noqa: F401  (LLM(kv_policy=...) keywords)
-        from vllm import LLM
-
-        from vllm_sink import assets
-
-        self.llm = LLM(str(assets.model_dir()), **COMMON, **ENGINES[name])
-        self.name = name
-        return self.llm
-
-    def close(self):
-        if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
-            self.name = None
-            gc.collect()
+from engine_helpers import ENGINES, EngineCache, Memo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -90,11 +47,6 @@ def reference():
     return ReferenceLlama(assets.model_dir())
 
 
-def scheduler_of(llm):
-    """The engine core's scheduler (engine core runs in this process)."""
-    return llm.llm_engine.engine_core.engine_core.scheduler
-
-
 ENGINE_ORDER = list(ENGINES)
 
 
@@ -115,33 +67,8 @@ def llm(request, engines):
     return engines.get(request.node.get_closest_marker("engine").args[0])
 
 
-class Memo:
-    """Results computed once per session, on whichever engine they need (built on demand,
-    so a test that compares two engines also runs on its own)."""
-
-    def __init__(self, engines):
-        self.engines = engines
-        self.values = {}
-
-    def get(self, engine: str, key: str, fn):
-        if (engine, key) not in self.values:
-            self.values[(engine, key)] = fn(self.engines.get(engine))
-        return self.values[(engine, key)]
-
-
 @pytest.fixture(scope="session")
 def memo(engines):
     return Memo(engines)
 
 
-def run_scored(llm, prompt_ids, max_tokens):
-    """Greedy run with prompt logprobs and sampled-token logprobs. Returns
-    (prompt logprobs [len-1], generated ids, generated logprobs, output)."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=0, logprobs=0, ignore_eos=True)
-    out = llm.generate([{"prompt_token_ids": list(prompt_ids)}], params, use_tqdm=False)[0]
-    prompt_lp = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
-    gen = list(out.outputs[0].token_ids)
-    gen_lp = [lp[g].logprob for lp, g in zip(out.outputs[0].logprobs, gen)]
-    return prompt_lp, gen, gen_lp, out

@@ -8,7 +8,7 @@ Pages are counted straight from vLLM's own KV-cache manager (non-null entries of
 import pytest
 from vllm import SamplingParams
 
-from conftest import scheduler_of
+from engine_helpers import scheduler_of
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import page_bound
 

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from conftest import run_scored
+from engine_helpers import run_scored
 
 N = 1000
 SCRIPT = textwrap.dedent(

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import run_scored
+from engine_helpers import run_scored
 from vllm_sink.metrics import SINK_STATS
 
 N_PROMPT, N_GEN = 5200, 64

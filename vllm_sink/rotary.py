@@ -13,15 +13,17 @@ head_size]`` over the backend's cache tensor (no copy, so in-place writes reach 
 * ``cpu``: vLLM's CPU backend (ISA ``vec``/``vec16``): tensor ``[N, H, B, 2*D]`` read as
   ``[N, H, 2B, D]``; the first ``B*D`` elements of each (block, head) are K stored
   transposed (``[D, B]``), the next ``B*D`` are V, plain.
-* ``nhd``: GPU FlashAttention / Triton default: physical ``[N, B, H, 2*D]``, K = ``[..., :D]``.
-* ``hnd``: the same with ``VLLM_KV_CACHE_LAYOUT=HND``: physical ``[N, H, B, 2*D]``.
+* ``paged``: GPU FlashAttention (FA2/FA3) and Triton: vLLM hands the runner a *logical*
+  ``[N, H, B, 2*D]`` view of each layer's cache, K = ``[..., :D]``, V = ``[..., D:]``,
+  whatever the physical order: NHD (the default, memory ``[N, B, H, 2*D]``, seen through a
+  permuted view) or HND (``VLLM_KV_CACHE_LAYOUT=HND``, memory as written).
 """
 
 from __future__ import annotations
 
 import torch
 
-KV_LAYOUTS = ("cpu", "nhd", "hnd")
+KV_LAYOUTS = ("cpu", "paged")
 
 
 class RotationTable:
@@ -100,15 +102,10 @@ def key_view(kv_cache: torch.Tensor, layout: str, num_kv_heads: int, head_size: 
             raise ValueError(f"unexpected CPU KV cache shape {tuple(kv_cache.shape)}")
         flat = kv_cache.view(n, h, 2, b * head_size)[:, :, 0, :]
         return flat.unflatten(-1, (head_size, b)).transpose(-1, -2)
-    if layout == "nhd":
-        n, b, h, two_d = kv_cache.shape
-        if h != num_kv_heads or two_d != 2 * head_size:
-            raise ValueError(f"unexpected NHD KV cache shape {tuple(kv_cache.shape)}")
-        return kv_cache[..., :head_size].permute(0, 2, 1, 3)
-    if layout == "hnd":
+    if layout == "paged":
         n, h, b, two_d = kv_cache.shape
         if h != num_kv_heads or two_d != 2 * head_size:
-            raise ValueError(f"unexpected HND KV cache shape {tuple(kv_cache.shape)}")
+            raise ValueError(f"unexpected paged KV cache shape {tuple(kv_cache.shape)}")
         return kv_cache[..., :head_size]
     raise ValueError(f"unknown KV layout {layout!r}; expected one of {KV_LAYOUTS}")
 

@@ -13,6 +13,7 @@ from serverlib import Server  # noqa: E402
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
     extra = getattr(request.module, "SERVER_EXTRA_ARGS", [])
-    srv = Server(extra, tmp_path_factory.mktemp("server") / "server.log")
+    api_key = getattr(request.module, "SERVER_API_KEY", None)
+    srv = Server(extra, tmp_path_factory.mktemp("server") / "server.log", api_key=api_key)
     yield srv
     srv.stop()

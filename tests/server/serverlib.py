@@ -17,11 +17,13 @@ MODEL_NAME = "smol"
 # positions so that streams go 10x past them quickly: each sequence computes at most 32
 # tokens a step and the step budget (512) fits 16 of them, so a stream's schedule does not
 # depend on what else runs.
+SINK_FLAGS = ["--kv-policy", "sink", "--sink-pages", "1", "--kv-window", "256", "--max-stream-len", "8192"]
+# The same settings through stock --additional-config.
+SINK_ADDITIONAL_CONFIG = ["--additional-config", '{"kv_policy": "sink", "sink_pages": 1, "kv_window": 256, "max_stream_len": 8192}']
 BASE_ARGS = [
     "--dtype", "float32", "--enforce-eager", "--block-size", "16",
     "--max-num-seqs", "16", "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "32",
     "--max-model-len", "512", "--hf-overrides", '{"max_position_embeddings": 512}',
-    "--kv-policy", "sink", "--sink-pages", "1", "--kv-window", "256", "--max-stream-len", "8192",
     "--served-model-name", MODEL_NAME, "--disable-uvicorn-access-log",
     "--kv-cache-memory-bytes", str(256 << 20),
 ]
@@ -34,9 +36,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, extra_args: list[str], log_path: Path):
+    def __init__(self, extra_args: list[str], log_path: Path, sink_args: list[str] = SINK_FLAGS, api_key: str | None = None):
         from vllm_sink import assets
 
+        self.api_key = api_key
+        auth = ["--api-key", api_key] if api_key else []
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -44,7 +48,7 @@ class Server:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the stock multiprocess server
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--host", "127.0.0.1",
-             "--port", str(self.port), *BASE_ARGS, *extra_args],
+             "--port", str(self.port), *BASE_ARGS, *sink_args, *auth, *extra_args],
             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
         )
         self._wait()
@@ -98,7 +102,10 @@ class Server:
     def client(self, **kwargs):
         import openai
 
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, **kwargs)
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def stop(self):
         self.proc.terminate()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serverlib import MODEL_NAME, Server
+from serverlib import MODEL_NAME, SINK_ADDITIONAL_CONFIG, Server
 
 PAGE_BYTES = 2 * 16 * 3 * 64 * 4 * 30  # B=16, 3 KV heads, head 64, float32, 30 layers
 FOOTPRINT = 1 + -(-(256 - 1 + 32) // 16) + 1  # s + ceil((W - 1 + C)/B) + 1 = 20 pages
@@ -61,7 +61,9 @@ def unpressured(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pressured(tmp_path_factory, unpressured):
-    srv = Server(["--kv-cache-memory-bytes", str(POOL_PAGES * PAGE_BYTES)], tmp_path_factory.mktemp("pressured") / "server.log")
+    # Configured through stock --additional-config (the unpressured one through the flags):
+    # equal outputs also show both routes give the same settings.
+    srv = Server(["--kv-cache-memory-bytes", str(POOL_PAGES * PAGE_BYTES)], tmp_path_factory.mktemp("pressured") / "server.log", sink_args=SINK_ADDITIONAL_CONFIG)
     yield srv
     srv.stop()
 

@@ -9,18 +9,25 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import threading
+import os
 
 import pytest
 import requests
 
 from serverlib import MODEL_NAME
 
+SERVER_API_KEY = "vllm-sink-test-key"  # stock --api-key keeps working beside our flags
+
 
 def _hamlet(chars: int) -> str:
     from vllm_sink import assets
 
     return assets.play_text("hamlet")[:chars]
+
+
+def test_api_key_still_enforced(server):
+    r = requests.post(server.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 401
 
 
 def test_flags_reach_the_engine(server):
@@ -114,7 +121,7 @@ def test_32_concurrent_streams_a_third_disconnecting(server):
     free0 = server.wait_idle()["vllm_sink:free_kv_pages"]
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0)
         tasks = [_stream(client, i, disconnect=(i % 3 == 0)) for i in range(32)]
         return await asyncio.gather(*tasks)
 
@@ -148,7 +155,8 @@ def bad_request_table(server) -> list[tuple[str, int, str]]:
     rows = []
     for name, path, body, _ in BAD_REQUESTS:
         data = body if isinstance(body, str) else json.dumps(body)
-        r = requests.post(server.url + path, data=data, headers={"Content-Type": "application/json"}, timeout=120)
+        headers = {"Content-Type": "application/json", **server.headers()}
+        r = requests.post(server.url + path, data=data, headers=headers, timeout=120)
         try:
             message = r.json().get("error", {}).get("message", r.text)
         except ValueError:
@@ -183,7 +191,8 @@ def test_vllm_bench_serve_zero_failures(server):
     cmd = [str(VENV_BIN / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", server.url,
            "--model", MODEL_NAME, "--tokenizer", str(assets.model_dir()), "--dataset-name", "random",
            "--random-input-len", "600", "--random-output-len", "100", "--num-prompts", "8", "--ignore-eos"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    env = dict(os.environ, OPENAI_API_KEY=server.api_key)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     out = proc.stdout
     table = out[out.find("============ Serving Benchmark Result"):]
     print("\n" + table)

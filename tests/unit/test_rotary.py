@@ -69,40 +69,42 @@ def _logical_keys(n_blocks, H, B):
     return torch.randn(n_blocks, H, B, HEAD)
 
 
-def _physical(layout, keys, values):
-    """Build a cache tensor of the given layout holding keys/values (logical [N,H,B,D])."""
-    if layout == "nhd":
-        return torch.cat([keys, values], -1).permute(0, 2, 1, 3).contiguous()
-    if layout == "hnd":
-        return torch.cat([keys, values], -1).contiguous()
-    raise AssertionError(layout)
+def _gpu_cache(layout, keys, values):
+    """A cache the way vLLM builds it for FLASH_ATTN/TRITON_ATTN: memory in the physical
+    order, handed to the runner as a logical [N, H, B, 2D] (permuted) view."""
+    logical = torch.cat([keys, values], -1)
+    if layout == "NHD":  # memory [N, B, H, 2D]
+        memory = logical.permute(0, 2, 1, 3).contiguous()
+        return memory, memory.permute(0, 2, 1, 3)
+    memory = logical.contiguous()  # HND: memory as the logical order
+    return memory, memory
 
 
-@pytest.mark.parametrize("layout", ["nhd", "hnd"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_gpu_layouts_view_and_rotate_in_place(layout):
     torch.manual_seed(1)
     N, H, B = 6, 3, 16
     keys, values = _logical_keys(N, H, B), _logical_keys(N, H, B)
-    cache = _physical(layout, keys, values)
-    view = key_view(cache, layout, H, HEAD)
+    memory, cache = _gpu_cache(layout, keys, values)
+    view = key_view(cache, "paged", H, HEAD)
     assert torch.equal(view, keys)
     inv_freq = 1.0 / (1e4 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
     table = RotationTable.from_freqs(inv_freq, 512, HEAD, True)
     cos, sin = table.angles(-77)
     blocks = torch.tensor([1, 4])
     rotate_blocks_(view, blocks, cos, sin, HEAD, True)
-    phys_view = key_view(cache, layout, H, HEAD)
-    assert torch.allclose(phys_view[blocks], rotate(keys[blocks], cos, sin, HEAD, True))
+    # Read back through the physical memory: the writes landed in the cache itself.
+    _, reread = (memory, memory.permute(0, 2, 1, 3)) if layout == "NHD" else (memory, memory)
+    phys_keys = reread[..., :HEAD]
+    assert torch.allclose(phys_keys[blocks], rotate(keys[blocks], cos, sin, HEAD, True))
     untouched = torch.tensor([0, 2, 3, 5])
-    assert torch.equal(phys_view[untouched], keys[untouched])
-    # Values never change.
-    v_view = (cache[..., HEAD:].permute(0, 2, 1, 3) if layout == "nhd" else cache[..., HEAD:])
-    assert torch.equal(v_view, values)
+    assert torch.equal(phys_keys[untouched], keys[untouched])
+    assert torch.equal(reread[..., HEAD:], values)  # values never change
     # Writing R . pristine is one rotation from the original (no accumulation).
     pristine = keys[blocks].clone()
     c2, s2 = table.angles(300)
     write_rotated_(view, blocks, pristine, c2, s2, HEAD, True)
-    assert torch.allclose(key_view(cache, layout, H, HEAD)[blocks], rotate(pristine, c2, s2, HEAD, True))
+    assert torch.allclose(reread[..., :HEAD][blocks], rotate(pristine, c2, s2, HEAD, True))
 
 
 @pytest.mark.parametrize("B", [16, 32])
