@@ -3,7 +3,8 @@
 Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing else:
 
 * ``engine_args``:   EngineArgs (CLI flags, config folding, refusals), LLM.__init__ kwargs
-* ``kv_cache_spec``: our KV-cache spec + manager, through KVCacheSpecRegistry
+* ``kv_cache_spec``: our KV-cache spec + manager, through KVCacheSpecRegistry; the
+  admission hook on KVCacheManager.allocate_slots
 * ``model_runner``:  V1 GPUModelRunner (compacted rows, frame positions, rotations)
 * ``worker``:        Worker.get_kv_cache_spec (refuses the V2 runner)
 
@@ -31,5 +32,6 @@ def install() -> None:
 
     engine_args.install()
     kv_cache_spec.register()
+    kv_cache_spec.install_admission_hook()
     model_runner.install()
     worker.install()

@@ -249,7 +249,7 @@ _collector: SinkCollector | None = None
 
 def export_metrics(model_name: str) -> str:
     """Make the directory the engine processes publish their counters into (inherited
-    through ``VLLM_SINK_METRICS_DIR``) and serve them on this process's ``/metrics``."""
+    through ``VLLMSINK_METRICS_DIR``) and serve them on this process's ``/metrics``."""
     global _collector
     from prometheus_client import REGISTRY
 

@@ -5,6 +5,8 @@ Binds to vLLM 0.26.0:
   vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager (subclassed)
   vllm.v1.core.single_type_kv_cache_manager.register_all_kvcache_specs
   vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
+  vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots (wrapped: tells our manager each
+    request's prompt length, max length and progress, for admission)
   SingleTypeKVCacheManager: req_to_blocks, _null_block, block_pool.free_blocks,
   _max_admission_blocks_per_request, remove_skipped_blocks, allocate_new_blocks, free
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vllm.logger import init_logger
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
     register_all_kvcache_specs,
@@ -29,9 +30,6 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import cdiv, window_start
 
-# Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
-logger = init_logger("vllm." + __name__)
-
 
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(FullAttentionSpec):
@@ -39,17 +37,23 @@ class SinkWindowSpec(FullAttentionSpec):
 
     ``in_flight_tokens``: the most tokens of one sequence that are scheduled but not yet
     settled (one step's worth, two with async scheduling); pages are freed on the
-    settled-token basis, so this is slack the pool must hold.
+    settled-token basis, so this is slack the pool must hold. ``decode_in_flight_tokens``:
+    the same once the sequence decodes (one token a step).
     """
 
     sink_pages: int
     window: int
     in_flight_tokens: int
+    decode_in_flight_tokens: int = 1
+
+    def live_page_bound(self, in_flight: int) -> int:
+        """``s + ceil((W - 1 + C) / B) + 1`` for ``C`` tokens in flight."""
+        return self.sink_pages + cdiv(self.window - 1 + in_flight, self.block_size) + 1
 
     @property
     def max_live_pages(self) -> int:
         """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1``."""
-        return self.sink_pages + cdiv(self.window - 1 + self.in_flight_tokens, self.block_size) + 1
+        return self.live_page_bound(self.in_flight_tokens)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # A sequence never holds more pages than its whole length (the stream cap) needs.
@@ -69,10 +73,10 @@ class SinkWindowSpec(FullAttentionSpec):
         assert all(isinstance(s, SinkWindowSpec) for s in specs), (
             "every layer of a sink-managed KV cache group must be SinkWindowSpec"
         )
-        extra = {(s.sink_pages, s.window, s.in_flight_tokens) for s in specs}
+        extra = {(s.sink_pages, s.window, s.in_flight_tokens, s.decode_in_flight_tokens) for s in specs}
         assert len(extra) == 1, f"layers disagree on sink/window settings: {extra}"
         base = FullAttentionSpec.merge(specs)
-        sink_pages, window, in_flight = extra.pop()
+        sink_pages, window, in_flight, decode_in_flight = extra.pop()
         return cls(
             block_size=base.block_size,
             num_kv_heads=base.num_kv_heads,
@@ -88,6 +92,7 @@ class SinkWindowSpec(FullAttentionSpec):
             sink_pages=sink_pages,
             window=window,
             in_flight_tokens=in_flight,
+            decode_in_flight_tokens=decode_in_flight,
         )
 
 
@@ -104,11 +109,13 @@ class StreamingSinkManager(FullAttentionManager):
         ``spec.max_live_pages``.
       * no block is shared between requests (prefix caching is off), so
         ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
-      * admission reserves each sequence's whole bounded footprint: a request is admitted
-        only if the free pages cover ``max_live_pages`` for it plus what every admitted
-        sequence may still grow by (``max_live_pages - live``). Admitted sequences can then
-        always grow, so vLLM never preempts one (a preempted stream would be recomputed
-        from token 0).
+      * admission reserves each sequence's whole footprint: a request is admitted only if
+        the free pages cover its footprint plus what every admitted sequence may still grow
+        by (``footprint - live``). Admitted sequences can then always grow, so vLLM never
+        preempts one (a preempted stream would be recomputed from token 0). A footprint is
+        the contract's bound for the sequence's phase (prefill chunks in flight, or decode
+        tokens), and never more than its whole length (prompt + max_tokens) needs; it only
+        shrinks over a sequence's life, so reservations stay valid.
     """
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
@@ -120,6 +127,10 @@ class StreamingSinkManager(FullAttentionManager):
         self.window = kv_cache_spec.window
         self.live: dict[str, int] = {}
         self.max_live_pages = kv_cache_spec.max_live_pages
+        self.decode_in_flight = kv_cache_spec.decode_in_flight_tokens
+        self.decode_live_pages = kv_cache_spec.live_page_bound(self.decode_in_flight)
+        # request id -> footprint in pages (see the class invariants); unknown: the maximum.
+        self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
@@ -138,9 +149,20 @@ class StreamingSinkManager(FullAttentionManager):
         super().free(request_id)
         self._publish(force=True)
 
+    def note_request(self, request) -> None:
+        """Record the footprint of ``request`` (called before each of its allocations)."""
+        # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
+        decoding = request.num_computed_tokens >= request.num_prompt_tokens + self.decode_in_flight
+        bound = self.decode_live_pages if decoding else self.max_live_pages
+        whole = cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
+        self.footprints[request.request_id] = min(bound, whole)
+
     def outstanding_pages(self) -> int:
-        """Pages admitted sequences may still claim, up to their bounded footprint."""
-        return sum(max(0, self.max_live_pages - live) for live in self.live.values())
+        """Pages admitted sequences may still claim, up to their footprints."""
+        return sum(
+            max(0, self.footprints.get(rid, self.max_live_pages) - live)
+            for rid, live in self.live.items()
+        )
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs):
         needed = super().get_num_blocks_to_allocate(
@@ -148,7 +170,8 @@ class StreamingSinkManager(FullAttentionManager):
         )
         if request_id in self.live:  # admitted and running: its reservation covers it
             return needed
-        return max(needed, self.max_live_pages) + self.outstanding_pages()
+        footprint = self.footprints.get(request_id, self.max_live_pages)
+        return max(needed, footprint) + self.outstanding_pages()
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
@@ -182,12 +205,34 @@ class StreamingSinkManager(FullAttentionManager):
 
     def pop_blocks_for_free(self, request_id):
         self.live.pop(request_id, None)
+        self.footprints.pop(request_id, None)
         self.first_live_block.pop(request_id, None)
         SINK_STATS.forget(request_id)
         return super().pop_blocks_for_free(request_id)
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
         return 0
+
+
+def install_admission_hook() -> None:
+    """Wrap ``KVCacheManager.allocate_slots`` (idempotent): before each allocation, our
+    manager (if the engine has one) learns the request's footprint. Engines without the
+    sink policy have no ``StreamingSinkManager`` and pass straight through."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    orig = KVCacheManager.allocate_slots
+    if getattr(orig, "_vllm_sink", False):
+        return
+
+    def allocate_slots(self, request, *args, **kwargs):
+        for manager in self.coordinator.single_type_managers:
+            if isinstance(manager, StreamingSinkManager):
+                manager.note_request(request)
+        return orig(self, request, *args, **kwargs)
+
+    allocate_slots._vllm_sink = True
+    allocate_slots.__wrapped__ = orig
+    KVCacheManager.allocate_slots = allocate_slots
 
 
 def register() -> None:

@@ -354,6 +354,7 @@ def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
             sink_pages=cfg.sink_pages,
             window=cfg.window,
             in_flight_tokens=in_flight,
+            decode_in_flight_tokens=vc.max_concurrent_batches,
         )
     if out:
         block_size = next(iter(out.values())).block_size

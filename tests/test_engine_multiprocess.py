@@ -37,7 +37,13 @@ SCRIPT = textwrap.dedent(
                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
                            use_tqdm=False)[0]
         lps = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
-        print("RESULT " + json.dumps(lps))
+        llm.llm_engine.engine_core.shutdown()
+        print("RESULT " + json.dumps(lps), flush=True)
+        # vLLM's multiprocess teardown at interpreter exit can abort ("terminate called
+        # without an active exception") after the engine is already shut down; the result
+        # is in hand, so leave without running it.
+        import os
+        os._exit(0)
     """
 )
 

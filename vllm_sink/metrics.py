@@ -6,7 +6,8 @@ the pages each sequence holds; the worker counts epochs and sink re-anchorings.
 ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, a script reads the engine-side numbers directly).
 
 For ``/metrics``, each process publishes a JSON snapshot of its counters into a directory
-named by ``VLLM_SINK_METRICS_DIR`` (made by the front end when the sink policy is
+named by ``VLLMSINK_METRICS_DIR`` (not ``VLLM_*``, which vLLM warns about as unknown;
+made by the front end when the sink policy is
 configured, inherited by the processes it spawns), and the API server's
 :class:`SinkCollector` adds them up at every scrape. This needs no change to vLLM's own
 metrics and no Prometheus multiprocess mode.
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-METRICS_DIR_ENV = "VLLM_SINK_METRICS_DIR"
+METRICS_DIR_ENV = "VLLMSINK_METRICS_DIR"
 PUBLISH_INTERVAL_S = 0.25
 
 COUNTERS = {

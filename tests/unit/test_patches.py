@@ -120,3 +120,38 @@ def test_admission_reserves_the_bounded_footprint():
     for rid in admitted:
         mgr.free(rid)
     assert pool.get_num_free_blocks() == 30
+
+
+def test_footprint_follows_request_length_and_phase():
+    """Short requests reserve only what their whole length needs; a decoding stream only
+    the decode bound; so many short requests run at once (no throughput lost to admission)."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+
+    B = 16
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=1, window=256, in_flight_tokens=1024, decode_in_flight_tokens=2)
+    pool = BlockPool(num_gpu_blocks=401, enable_caching=False, hash_block_size=B)
+    mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
+    assert spec.max_live_pages == 1 + -(-(255 + 1024) // 16) + 1  # 82
+    short = SimpleNamespace(request_id="short", num_prompt_tokens=40, max_tokens=24, num_computed_tokens=0)
+    mgr.note_request(short)
+    assert mgr.footprints["short"] == 4  # ceil(64 / 16), not 82
+    long_ = SimpleNamespace(request_id="long", num_prompt_tokens=5000, max_tokens=10_000, num_computed_tokens=0)
+    mgr.note_request(long_)
+    assert mgr.footprints["long"] == 82  # prefilling with 1024-token chunks in flight
+    long_.num_computed_tokens = 5002
+    mgr.note_request(long_)
+    assert mgr.footprints["long"] == 1 + -(-(255 + 2) // 16) + 1  # 19 once decoding
+    # 100 short requests fit in a 400-page pool at once.
+    admitted = 0
+    for i in range(100):
+        r = SimpleNamespace(request_id=f"s{i}", num_prompt_tokens=40, max_tokens=24, num_computed_tokens=0)
+        mgr.note_request(r)
+        if mgr.get_num_blocks_to_allocate(r.request_id, 40, [], 0, 0, 40) <= pool.get_num_free_blocks():
+            mgr.allocate_new_blocks(r.request_id, 40, 40)
+            admitted += 1
+    assert admitted == 100
