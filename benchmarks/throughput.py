@@ -163,8 +163,12 @@ def main() -> None:
     p.add_argument("--parts", default="overhead,latency,recompute")
     p.add_argument("--positions", default="4096,16384,65536,262144,1048576")
     p.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    p.add_argument("--report", metavar="JSON", help="only rebuild the table and plot from a results file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text())["results"], Path(args.out))
+        return
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -230,6 +234,7 @@ def report(results: list[dict], out: Path) -> None:
                 xs = [r["position"] for r in lat[policy]["rows"]]
                 ax.plot(xs, [r["decode_ms_median"] for r in lat[policy]["rows"]], "o-", label=label)
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("stream position (tokens)")
         ax.set_ylabel("decode latency (ms/token, median)")
         ax.set_title(f"Decode latency vs position, {doc['device']}")
