@@ -18,7 +18,7 @@ the pair, so unpickling the spec in the engine core is enough to make it resolva
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
@@ -77,23 +77,19 @@ class SinkWindowSpec(FullAttentionSpec):
         assert len(extra) == 1, f"layers disagree on sink/window settings: {extra}"
         base = FullAttentionSpec.merge(specs)
         sink_pages, window, in_flight, decode_in_flight = extra.pop()
-        return cls(
-            block_size=base.block_size,
-            num_kv_heads=base.num_kv_heads,
-            head_size=base.head_size,
-            head_size_v=base.head_size_v,
-            dtype=base.dtype,
-            kv_quant_mode=base.kv_quant_mode,
-            page_size_padded=base.page_size_padded,
-            indexes_kv_by_block_stride=base.indexes_kv_by_block_stride,
-            sliding_window=base.sliding_window,
-            attention_chunk_size=base.attention_chunk_size,
-            non_causal=base.non_causal,
+        return cls.from_full(
+            base,
             sink_pages=sink_pages,
             window=window,
             in_flight_tokens=in_flight,
             decode_in_flight_tokens=decode_in_flight,
         )
+
+    @classmethod
+    def from_full(cls, spec: FullAttentionSpec, **sink_fields) -> "SinkWindowSpec":
+        """This spec with every ``FullAttentionSpec`` field of ``spec`` and our own fields."""
+        base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+        return cls(**base, **sink_fields)
 
 
 class StreamingSinkManager(FullAttentionManager):

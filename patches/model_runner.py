@@ -339,18 +339,8 @@ def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
                 "the sink KV policy re-rotates cached keys and needs an unquantised KV "
                 "cache; use --kv-cache-dtype auto"
             )
-        out[name] = SinkWindowSpec(
-            block_size=spec.block_size,
-            num_kv_heads=spec.num_kv_heads,
-            head_size=spec.head_size,
-            head_size_v=spec.head_size_v,
-            dtype=spec.dtype,
-            kv_quant_mode=spec.kv_quant_mode,
-            page_size_padded=spec.page_size_padded,
-            indexes_kv_by_block_stride=spec.indexes_kv_by_block_stride,
-            sliding_window=None,
-            attention_chunk_size=None,
-            non_causal=False,
+        out[name] = SinkWindowSpec.from_full(
+            spec,
             sink_pages=cfg.sink_pages,
             window=cfg.window,
             in_flight_tokens=in_flight,
