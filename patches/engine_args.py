@@ -1,7 +1,7 @@
 """User-facing settings: CLI flags, ``LLM(...)`` keywords, config folding and refusals.
 
 Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``):
-  EngineArgs.add_cli_args(parser)         wrapped: adds --kv-policy, --sink-pages,
+  EngineArgs.add_cli_args(parser)         wrapped: adds --kv-policy, --sink-pages, --sink-tokens,
                                           --kv-window, --max-stream-len
   EngineArgs.from_cli_args(args)          wrapped: stock code keeps only dataclass fields and
                                           would drop our flags; we fold them into
@@ -48,6 +48,11 @@ CLI_FLAGS = {
         type=int,
         help="[--kv-policy sink] KV pages (blocks) pinned at the start of every sequence "
         "as the attention sink. Default 1.",
+    ),
+    "sink_tokens": dict(
+        type=int,
+        help="[--kv-policy sink] The attention sink in tokens instead of pages, any count "
+        "up to --kv-window (the paper uses 4). Give this or --sink-pages, not both.",
     ),
     "kv_window": dict(
         type=int,
@@ -215,7 +220,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
         block_size=block_size, rope_limit=rope_limit, user_max_model_len=user_max_model_len
     )
     sched = vllm_config.scheduler_config
-    step_cap = max_step_tokens(resolved.sink_pages, resolved.window, block_size, rope_limit)
+    step_cap = max_step_tokens(resolved.sink_tokens, resolved.window, block_size, rope_limit)
     step = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
     if min(step, sched.max_num_batched_tokens) > step_cap:
         sched.long_prefill_token_threshold = step_cap
@@ -230,11 +235,11 @@ def sink_engine_config(args, orig_create, *a, **kw):
     export_metrics(served if isinstance(served, str) else served[0])
     host_mb = 5 * resolved.max_stream_len * sched.max_num_seqs / 2**20
     logger.info(
-        "vllm-sink: kv_policy=sink, sink %d page(s) = %d tokens, window %d tokens, block "
+        "vllm-sink: kv_policy=sink, sink %d tokens in %d page(s), window %d tokens, block "
         "size %d, stream cap %d tokens per request (worker host memory for token buffers "
         "about %.0f MiB = 5 B x cap x max_num_seqs %d)",
+        resolved.sink_tokens,
         resolved.sink_pages,
-        resolved.sink_pages * block_size,
         resolved.window,
         block_size,
         resolved.max_stream_len,

@@ -33,7 +33,10 @@ from vllm_sink.policy import cdiv, window_start
 
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(FullAttentionSpec):
-    """Full attention whose sequences keep only ``sink_pages`` + the last ``window`` tokens.
+    """Full attention whose sequences keep only the sink + the last ``window`` tokens.
+
+    ``sink_pages`` pages hold the sink's ``sink_tokens`` tokens (``None``: whole pages; the
+    last sink page is partial otherwise, see ``vllm_sink.policy``).
 
     ``in_flight_tokens``: the most tokens of one sequence that are scheduled but not yet
     settled (one step's worth, two with async scheduling); pages are freed on the
@@ -45,6 +48,11 @@ class SinkWindowSpec(FullAttentionSpec):
     window: int
     in_flight_tokens: int
     decode_in_flight_tokens: int = 1
+    sink_tokens: int | None = None
+
+    @property
+    def sink_token_count(self) -> int:
+        return self.sink_pages * self.block_size if self.sink_tokens is None else self.sink_tokens
 
     def live_page_bound(self, in_flight: int) -> int:
         """``s + ceil((W - 1 + C) / B) + 1`` for ``C`` tokens in flight."""
@@ -73,17 +81,11 @@ class SinkWindowSpec(FullAttentionSpec):
         assert all(isinstance(s, SinkWindowSpec) for s in specs), (
             "every layer of a sink-managed KV cache group must be SinkWindowSpec"
         )
-        extra = {(s.sink_pages, s.window, s.in_flight_tokens, s.decode_in_flight_tokens) for s in specs}
+        names = ("sink_pages", "window", "in_flight_tokens", "decode_in_flight_tokens", "sink_tokens")
+        extra = {tuple(getattr(s, n) for n in names) for s in specs}
         assert len(extra) == 1, f"layers disagree on sink/window settings: {extra}"
         base = FullAttentionSpec.merge(specs)
-        sink_pages, window, in_flight, decode_in_flight = extra.pop()
-        return cls.from_full(
-            base,
-            sink_pages=sink_pages,
-            window=window,
-            in_flight_tokens=in_flight,
-            decode_in_flight_tokens=decode_in_flight,
-        )
+        return cls.from_full(base, **dict(zip(names, extra.pop())))
 
     @classmethod
     def from_full(cls, spec: FullAttentionSpec, **sink_fields) -> "SinkWindowSpec":
@@ -99,8 +101,10 @@ class StreamingSinkManager(FullAttentionManager):
     Invariants:
       * ``req_to_blocks[r][i]`` is the page of logical block ``i``; evicted blocks hold the
         null block (so the list is indexed by absolute block number, as vLLM expects).
-      * after ``remove_skipped_blocks(r, p)``, blocks ``[s, w0(p) / B)`` are null, where
-        ``w0`` is ``vllm_sink.policy.window_start``.
+      * after ``remove_skipped_blocks(r, p)``, blocks ``[s, ceil(w0(p) / B))`` are null,
+        where ``w0`` is ``vllm_sink.policy.window_start`` (with a partial sink page, the
+        page holding ``w0`` is freed too: the worker has copied its tail into the sink page
+        before the forward of the step that frees it).
       * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
         ``spec.max_live_pages``.
       * no block is shared between requests (prefix caching is off), so
@@ -120,6 +124,7 @@ class StreamingSinkManager(FullAttentionManager):
         if self.dcp_world_size > 1 or self.pcp_world_size > 1:
             raise ValueError("the sink KV policy does not support context parallelism")
         self.sink_pages = kv_cache_spec.sink_pages
+        self.sink_tokens = kv_cache_spec.sink_token_count
         self.window = kv_cache_spec.window
         self.live: dict[str, int] = {}
         self.max_live_pages = kv_cache_spec.max_live_pages
@@ -182,9 +187,9 @@ class StreamingSinkManager(FullAttentionManager):
         if not blocks:
             return
         B, s = self.block_size, self.sink_pages
-        w0 = window_start(processed_computed_tokens, s * B, self.window, B)
+        w0 = window_start(processed_computed_tokens, self.sink_tokens, self.window, B)
         first = self.first_live_block.get(request_id, s)
-        last = min(w0 // B, len(blocks))
+        last = min(cdiv(w0, B), len(blocks))
         if last <= first:
             return
         freed = [blk for blk in blocks[first:last] if not blk.is_null]

@@ -15,8 +15,9 @@ two methods on the runner *instance*.
 
 Per step and per sequence (``vllm_sink.policy.plan_step``):
   1. after ``_update_states``: drop the evicted pages from the request's block ids and its
-     block-table row, so the row is ``[sink pages] + pages from w0 / B`` (ordered, no ring);
-     then, before the forward, rotate the window keys once if an epoch starts and re-anchor
+     block-table row, so the row is ``[sink pages] + pages from ceil(w0 / B)`` (ordered, no
+     ring); with a partial sink page (``S mod B = r > 0``), first copy slots ``[r, B)`` of the
+     page holding ``w0`` into the last sink page; then, before the forward, rotate the window keys once if an epoch starts and re-anchor
      the sink keys from their pristine copy;
   2. after ``_prepare_inputs``: recompute the slot mapping in compacted coordinates
      (``t - (w0 - S)``), shrink ``seq_lens`` by the same offset and turn positions into frame
@@ -35,8 +36,8 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig, SinkConfigError
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.policy import FrameState, StepPlan, apply_plan, plan_step
-from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_
+from vllm_sink.policy import FrameState, StepPlan, apply_plan, cdiv, plan_step
+from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
@@ -48,7 +49,9 @@ class _Stream:
 
     frame: FrameState = field(default_factory=FrameState)
     first_live_block: int = 0  # logical block held at row position `sink_pages`
-    pristine: list[torch.Tensor] | None = None  # sink keys as first written, per layer
+    # Sink keys as first written, per layer: [whole sink pages, H, B, D] and, with a
+    # partial sink page, its first r slots [H, r, D].
+    pristine: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 def find_rotary(model: torch.nn.Module) -> RotationTable:
@@ -134,13 +137,16 @@ class SinkRunnerHook:
         self.cfg = cfg
         self.B = block_size
         self.s = cfg.sink_pages
-        self.S = cfg.sink_pages * block_size
+        self.S = cfg.sink_pages * block_size if cfg.sink_tokens is None else cfg.sink_tokens
+        self.r = self.S % block_size  # sink slots used in the last sink page (0: whole)
+        self.s_whole = self.S // block_size
         self.W = cfg.window
         self.streams: dict[str, _Stream] = {}
         self.table = find_rotary(runner.get_model())
         self.rope_limit = self.table.limit
         self._layout: str | None = None
         self._keys: list[torch.Tensor] | None = None
+        self._values: list[torch.Tensor] | None = None
         mc = runner.vllm_config.model_config
         self.num_kv_heads = mc.get_num_kv_heads(runner.vllm_config.parallel_config)
         self.head_size = mc.get_head_size()
@@ -167,6 +173,16 @@ class SinkRunnerHook:
                 for kv in self.runner.kv_caches
             ]
         return self._keys
+
+    def values(self) -> list[torch.Tensor]:
+        """Logical value views of every layer's cache (for the partial sink page's tail)."""
+        if self._values is None:
+            self.keys()
+            self._values = [
+                value_view(kv, self._layout, self.num_kv_heads, self.head_size)
+                for kv in self.runner.kv_caches
+            ]
+        return self._values
 
     def _block_table(self):
         tables = self.runner.input_batch.block_table.block_tables
@@ -202,18 +218,24 @@ class SinkRunnerHook:
                 a,
                 a + n,
                 stream.frame,
-                sink_pages=self.s,
+                sink_tokens=self.S,
                 window=self.W,
                 block_size=self.B,
                 rope_limit=self.rope_limit,
             )
-            drop = plan.w0 // self.B - stream.first_live_block
+            drop = cdiv(plan.w0, self.B) - stream.first_live_block
             if drop > 0:
+                count = int(bt.num_blocks_per_row[row])
+                table = bt.block_table.np
+                if self.r:
+                    # The page holding w0 leaves the row; its tail [r, B) (window tokens
+                    # from w0) moves into the same slots of the last sink page.
+                    src = int(table[row, self.s + drop - 1])
+                    dst = int(table[row, self.s - 1])
+                    self._copy_tail(src, dst)
                 block_ids = self.runner.requests[rid].block_ids[0]
                 del block_ids[self.s : self.s + drop]
                 lo, d = self.s * bpk, drop * bpk
-                count = int(bt.num_blocks_per_row[row])
-                table = bt.block_table.np
                 table[row, lo : count - d] = table[row, lo + d : count]
                 table[row, count - d : count] = 0
                 bt.num_blocks_per_row[row] = count - d
@@ -223,6 +245,13 @@ class SinkRunnerHook:
             self.rope_off[row] = plan.base
             if plan.slot_offset or plan.base:
                 self.any_offset = True
+
+    def _copy_tail(self, src: int, dst: int) -> None:
+        """Keys and values of slots ``[r, B)``: block ``src`` -> block ``dst``, every layer."""
+        r = self.r
+        for k, v in zip(self.keys(), self.values()):
+            k[dst, :, r:] = k[src, :, r:]
+            v[dst, :, r:] = v[src, :, r:]
 
     def _rotate(self, row: int, stream: _Stream, plan: StepPlan) -> None:
         """Epoch re-rotation of the window, then re-anchoring of the sink."""
@@ -234,22 +263,32 @@ class SinkRunnerHook:
         row_ids = torch.from_numpy(bt.block_table.np[row, :count].astype(np.int64))
         keys = self.keys()
         device = keys[0].device
-        sink_ids = row_ids[: self.s * bpk].to(device)
+        whole_ids = row_ids[: self.s_whole * bpk].to(device)
+        part = int(row_ids[self.s - 1]) if self.r else None  # the partial sink page
         window_ids = row_ids[self.s * bpk :].to(device)
+        r = self.r
         rd, neox = self.table.rotary_dim, self.table.is_neox_style
         if plan.window_shift:
             cos, sin = self.table.angles(plan.window_shift, device)
             for k in keys:
                 rotate_blocks_(k, window_ids, cos, sin, rd, neox)
+                if part is not None:  # window tokens in the partial sink page's tail
+                    k[part, :, r:] = rotate(k[part, :, r:], cos, sin, rd, neox)
             SINK_STATS.epochs += 1
-        if self.s and plan.sink_angle != stream.frame.sink_angle:
+        if self.S and plan.sink_angle != stream.frame.sink_angle:
             if stream.pristine is None:
-                # The sink pages still hold the keys as written at positions 0..S-1.
+                # The sink slots still hold the keys as written at positions 0..S-1.
                 assert stream.frame.sink_angle == 0
-                stream.pristine = [k[sink_ids].clone() for k in keys]
+                stream.pristine = [
+                    (k[whole_ids].clone(), k[part, :, :r].clone() if part is not None else None)
+                    for k in keys
+                ]
             cos, sin = self.table.angles(plan.sink_angle, device)
-            for k, pristine in zip(keys, stream.pristine):
-                k[sink_ids] = rotate(pristine, cos, sin, rd, neox)
+            for k, (whole, partial) in zip(keys, stream.pristine):
+                if self.s_whole:
+                    k[whole_ids] = rotate(whole, cos, sin, rd, neox)
+                if partial is not None:
+                    k[part, :, :r] = rotate(partial, cos, sin, rd, neox)
             SINK_STATS.sink_rotations += 1
         apply_plan(stream.frame, plan)
 
@@ -342,6 +381,7 @@ def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
         out[name] = SinkWindowSpec.from_full(
             spec,
             sink_pages=cfg.sink_pages,
+            sink_tokens=cfg.sink_tokens,
             window=cfg.window,
             in_flight_tokens=in_flight,
             decode_in_flight_tokens=vc.max_concurrent_batches,
@@ -349,7 +389,13 @@ def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
     if out:
         block_size = next(iter(out.values())).block_size
         hook = attach(runner, cfg, block_size)
-        if hook.rope_limit < cfg.sink_pages * block_size + cfg.window + block_size + step:
+        if hook.r and hook._block_table().blocks_per_kv_block != 1:
+            raise SinkConfigError(
+                f"a sink of {hook.S} tokens (not a whole number of {block_size}-token pages) "
+                "needs the attention kernel to use the same block size as the KV cache; use "
+                "sink_pages (whole pages) for this model"
+            )
+        if hook.rope_limit < hook.S + cfg.window + block_size + step:
             raise SinkConfigError(
                 f"sink + window + one page + one step ({step} tokens) exceed the model's "
                 f"{hook.rope_limit} rotary positions; lower kv_window or "

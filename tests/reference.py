@@ -5,7 +5,8 @@ the research code does: keys are cached *before* RoPE, and at every step the vis
 get their positions re-assigned within the cache and are rotated afresh.
 
 The contract (MISSION.md): a step computes tokens ``[a, b)``; the window starts at
-``w0 = max(S, floor((a - W + 1) / B) * B)``; query ``t`` sees the sink ``[0, S)`` and the
+``w0 = max(S, floor((a - W + 1 - r) / B) * B + r)`` with ``r = S mod B`` (0 for whole sink
+pages); query ``t`` sees the sink ``[0, S)`` and the
 window ``[w0, t]``; sink token ``j`` sits at position ``j``, window token ``p`` at
 ``S + (p - w0)`` and query ``t`` at ``S + (t - w0)``. ``window=None`` is dense attention.
 """
@@ -21,7 +22,10 @@ from safetensors.torch import load_file
 
 
 def contract_w0(a: int, sink_tokens: int, window: int, block_size: int) -> int:
-    return max(sink_tokens, math.floor((a - window + 1) / block_size) * block_size)
+    """The contract's window start: page-aligned, shifted by the sink's offset in its last
+    page (``w0 = S mod B``), never before the sink's end."""
+    r = sink_tokens % block_size
+    return max(sink_tokens, math.floor((a - window + 1 - r) / block_size) * block_size + r)
 
 
 class ReferenceLlama:

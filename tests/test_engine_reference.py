@@ -29,17 +29,17 @@ MAX_ABS = 1e-3
 MAX_MEAN = 1e-4
 
 
-def _compare(llm, reference, prompt, *, B, s, W, chunk, expect_epochs):
+def _compare(llm, reference, prompt, *, B, S, W, chunk, expect_epochs):
     epochs0, evicted0 = SINK_STATS.epochs, SINK_STATS.pages_evicted
     prompt_lp, gen, gen_lp, _ = run_scored(llm, prompt, N_GEN)
     epochs = SINK_STATS.epochs - epochs0
     plugin = torch.tensor(prompt_lp + gen_lp, dtype=torch.float64)
     tokens = list(prompt) + gen
     steps = chunked_steps(len(prompt), chunk, len(tokens))
-    ref = reference.stream_logprobs(tokens, steps, sink_tokens=s * B, window=W, block_size=B)
+    ref = reference.stream_logprobs(tokens, steps, sink_tokens=S, window=W, block_size=B)
     diff = (plugin - ref).abs()
     # First query whose step had evicted pages.
-    first_evicted = next(a for a, b in steps if window_start(a, s * B, W, B) > s * B)
+    first_evicted = next(a for a, b in steps if window_start(a, S, W, B) > S)
     control, evicting = diff[:first_evicted], diff[first_evicted:]
     dense = reference.stream_logprobs(tokens, steps, sink_tokens=0, window=None, block_size=B)
     report = dict(
@@ -49,8 +49,8 @@ def _compare(llm, reference, prompt, *, B, s, W, chunk, expect_epochs):
         dense_mean=(plugin - dense).abs()[first_evicted:].mean().item(),
         epochs=epochs, pages_evicted=SINK_STATS.pages_evicted - evicted0,
     )
-    print(f"\nagreement B={B} s={s} W={W} chunk={chunk}: {report}")
-    assert report["pages_evicted"] >= (N_PROMPT - W - s * B) // B - 2, "pages were not evicted"
+    print(f"\nagreement B={B} S={S} W={W} chunk={chunk}: {report}")
+    assert report["pages_evicted"] >= (N_PROMPT - W - S) // B - 2, "pages were not evicted"
     assert epochs >= expect_epochs, f"only {epochs} epochs"
     assert report["max"] <= MAX_ABS, report
     assert report["mean"] <= MAX_MEAN, report
@@ -64,11 +64,19 @@ def _compare(llm, reference, prompt, *, B, s, W, chunk, expect_epochs):
 def test_matches_reference_one_sink_page(llm, reference, hamlet_ids):
     """B=16, one sink page, W=256, 64-token prefill chunks: 2,048 prompt tokens scored with
     prompt logprobs (113 pages evicted) and 32 generated tokens."""
-    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, s=1, W=256, chunk=64, expect_epochs=0)
+    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=16, W=256, chunk=64, expect_epochs=0)
 
 
 @pytest.mark.engine("sink32x2_p512")
 def test_matches_reference_two_sink_pages_across_epochs(llm, reference, hamlet_ids):
     """B=32, two sink pages, W=256, 48-token chunks, the model shrunk to 512 rotary
     positions: the stream crosses many epochs (window keys re-rotated once each)."""
-    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=32, s=2, W=256, chunk=48, expect_epochs=5)
+    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=32, S=64, W=256, chunk=48, expect_epochs=5)
+
+
+@pytest.mark.engine("sink20_p512")
+def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamlet_ids):
+    """A sink that is not a whole number of pages: 20 tokens = one whole 16-token page + 4
+    tokens of a second page, whose other 12 slots carry window tokens copied from each
+    page as it is evicted. B=16, W=256, 64-token chunks, 512 rotary positions (epochs)."""
+    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=20, W=256, chunk=64, expect_epochs=5)

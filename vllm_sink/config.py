@@ -22,6 +22,7 @@ DEFAULT_WINDOW_CAP = 4096
 USER_KEYS = {
     "kv_policy": "policy",
     "sink_pages": "sink_pages",
+    "sink_tokens": "sink_tokens",
     "kv_window": "window",
     "max_stream_len": "max_stream_len",
 }
@@ -34,14 +35,18 @@ class SinkConfigError(ValueError):
 @dataclass(frozen=True)
 class SinkConfig:
     """``policy``: "full" (vanilla vLLM) or "sink". ``sink_pages``: pages pinned at the
-    start of every sequence. ``window``: recent tokens kept (None: chosen from the model's
-    context at start-up). ``max_stream_len``: the per-request length cap (prompt + output).
+    start of every sequence. ``sink_tokens``: the sink in tokens instead (any count, e.g.
+    the paper's 4; ``None``: ``sink_pages`` whole pages). ``window``: recent tokens kept
+    (None: chosen from the model's context at start-up). ``max_stream_len``: the
+    per-request length cap (prompt + output). After :meth:`resolve`, both sink fields are
+    set: ``sink_pages = ceil(sink_tokens / block_size)``.
     """
 
     policy: str = "full"
     sink_pages: int = 1
     window: int | None = None
     max_stream_len: int = DEFAULT_MAX_STREAM_LEN
+    sink_tokens: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -61,6 +66,12 @@ class SinkConfig:
                 )
             if value is not None:
                 kwargs[USER_KEYS[key]] = value
+        if "sink_pages" in kwargs and "sink_tokens" in kwargs:
+            raise SinkConfigError(
+                "give the sink size once: sink_pages (whole pages) or sink_tokens (tokens), "
+                f"not both (got sink_pages={kwargs['sink_pages']}, "
+                f"sink_tokens={kwargs['sink_tokens']})"
+            )
         return cls(**kwargs).checked()
 
     @classmethod
@@ -82,10 +93,16 @@ class SinkConfig:
             raise SinkConfigError(
                 f"kv_policy={self.policy!r} is not a KV policy; use one of {POLICIES}"
             )
-        for name in ("sink_pages", "max_stream_len"):
+        for name in ("sink_pages", "max_stream_len", "sink_tokens"):
             value = getattr(self, name)
+            if value is None and name == "sink_tokens":
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SinkConfigError(f"{name} must be an integer, got {value!r}")
+        if self.sink_tokens is not None and self.sink_tokens < 0:
+            raise SinkConfigError(
+                f"sink_tokens={self.sink_tokens} is negative; use 0 (window only) or more"
+            )
         if self.window is not None and (
             not isinstance(self.window, int) or isinstance(self.window, bool)
         ):
@@ -113,8 +130,9 @@ class SinkConfig:
         times a linear factor). The per-sequence step size is clamped by the caller to
         ``policy.max_step_tokens`` (see ``vllm_sink.patches.engine_args``).
         """
-        B, s = block_size, self.sink_pages
-        S = s * B
+        B = block_size
+        S = self.sink_pages * B if self.sink_tokens is None else self.sink_tokens
+        s = cdiv(S, B)
         window = self.window
         if window is None:
             window = min(DEFAULT_WINDOW_CAP, (rope_limit // 2) // B * B)
@@ -132,10 +150,11 @@ class SinkConfig:
             )
         if S > window:
             raise SinkConfigError(
-                f"the sink ({s} pages = {S} tokens) is larger than the window "
-                f"({window} tokens); use fewer sink_pages or a larger kv_window"
+                f"the sink ({S} tokens) is larger than the window "
+                f"({window} tokens); use a smaller sink (sink_pages / sink_tokens) or a "
+                "larger kv_window"
             )
-        if max_step_tokens(s, window, B, rope_limit) < 1:
+        if max_step_tokens(S, window, B, rope_limit) < 1:
             raise SinkConfigError(
                 f"sink + window + one page = {S + window + B} tokens do not fit in the "
                 f"model's {rope_limit} rotary positions; use kv_window <= "
@@ -155,6 +174,7 @@ class SinkConfig:
         return SinkConfig(
             policy=self.policy,
             sink_pages=s,
+            sink_tokens=S,
             window=window,
             max_stream_len=self.max_stream_len,
         )

@@ -1,11 +1,20 @@
 """The StreamingLLM eviction rule and position arithmetic, as pure functions.
 
-Notation (MISSION.md, "the contract"): page (vLLM block) size ``B``, sink pages ``s``,
-sink tokens ``S = s * B``, window ``W`` tokens, and a step that computes tokens ``[a, b)``
-of one sequence.
+Notation (MISSION.md, "the contract"): page (vLLM block) size ``B``, sink tokens ``S`` (any
+count, not only whole pages: the paper's default is 4), held in ``s = ceil(S / B)`` sink
+pages, ``r = S mod B``, window ``W`` tokens, and a step that computes tokens ``[a, b)`` of
+one sequence.
 
-* **Window start.** ``w0 = max(S, floor((a - W + 1) / B) * B)``. Query ``t`` in ``[a, b)``
-  sees the sink ``[0, S)`` and the window ``[w0, t]``. Pages ``[s, w0 / B)`` are evicted.
+* **Window start.** ``w0 = max(S, floor((a - W + 1 - r) / B) * B + r)``, so ``w0 = S (mod
+  B)``. Query ``t`` in ``[a, b)`` sees the sink ``[0, S)`` and the window ``[w0, t]``.
+  Pages ``[s, ceil(w0 / B))`` are evicted. With whole sink pages (``r = 0``) this is
+  ``max(S, floor((a - W + 1) / B) * B)``.
+* **Partial sink page** (``r > 0``). The last sink page keeps the sink in slots ``[0, r)``;
+  its slots ``[r, B)`` hold window tokens: at first its own tokens ``[S, s * B)``, and after
+  each eviction the tokens ``[w0, ceil(w0 / B) * B)`` of the page being evicted, which are
+  copied there (same slots) just before that page is freed. The sequence is then, in
+  cache order, exactly ``[0, S) + [w0, t]``: the compacted index of window token ``p`` is
+  ``p - (w0 - S)`` in both cases.
 * **Contract positions.** Sink token ``j`` sits at ``j``, window token ``p`` at
   ``S + (p - w0)``, query ``t`` at ``S + (t - w0)``.
 * **Frame positions** (how the plugin realises them on a post-RoPE paged cache). Every
@@ -24,7 +33,8 @@ of one sequence.
 Invariants (checked by ``tests/unit``): before the first eviction ``w0 == S`` and
 ``base == 0``, so positions equal vanilla vLLM's; every frame position of a step is in
 ``[0, P)`` when ``S + W + B + C <= P`` (``C`` = the step's token count); the sink angle is
-in ``[0, P)``.
+in ``[0, P)``; once the window has moved (``w0 > S``), a step writes no token into the page
+holding ``w0`` (``a >= ceil(w0 / B) * B``, since ``W >= B``).
 """
 
 from __future__ import annotations
@@ -39,15 +49,22 @@ def cdiv(a: int, b: int) -> int:
 def window_start(a: int, sink_tokens: int, window: int, block_size: int) -> int:
     """``w0``: first token of the window for a step that starts at token ``a``.
 
-    Always a multiple of ``block_size`` and ``>= sink_tokens``; never above ``a``.
+    Always ``= sink_tokens (mod block_size)`` and ``>= sink_tokens``; never above ``a``.
     """
-    return max(sink_tokens, ((a - window + 1) // block_size) * block_size)
+    r = sink_tokens % block_size
+    return max(sink_tokens, ((a - window + 1 - r) // block_size) * block_size + r)
 
 
-def evicted_pages(a: int, sink_pages: int, window: int, block_size: int) -> range:
-    """Logical page indices that no step starting at ``>= a`` can see."""
-    w0 = window_start(a, sink_pages * block_size, window, block_size)
-    return range(sink_pages, w0 // block_size)
+def sink_page_count(sink_tokens: int, block_size: int) -> int:
+    """``s``: pages that hold the sink (the last one partly, if ``S`` is not a multiple)."""
+    return cdiv(sink_tokens, block_size)
+
+
+def evicted_pages(a: int, sink_tokens: int, window: int, block_size: int) -> range:
+    """Logical page indices that no step starting at ``>= a`` needs (the page holding
+    ``w0`` too when the sink page is partial: its tail lives in the sink page)."""
+    w0 = window_start(a, sink_tokens, window, block_size)
+    return range(sink_page_count(sink_tokens, block_size), cdiv(w0, block_size))
 
 
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
@@ -58,12 +75,12 @@ def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) ->
     return sink_pages + cdiv(window + in_flight, block_size) + 1
 
 
-def live_pages(a: int, b: int, sink_pages: int, window: int, block_size: int) -> int:
+def live_pages(a: int, b: int, sink_tokens: int, window: int, block_size: int) -> int:
     """Pages a sequence holds while a step computes ``[a, b)`` (sink pages included)."""
-    S = sink_pages * block_size
-    w0 = window_start(a, S, window, block_size)
-    sink_held = min(sink_pages, cdiv(b, block_size))
-    return sink_held + max(0, cdiv(b, block_size) - w0 // block_size)
+    s = sink_page_count(sink_tokens, block_size)
+    w0 = window_start(a, sink_tokens, window, block_size)
+    sink_held = min(s, cdiv(b, block_size))
+    return sink_held + max(0, cdiv(b, block_size) - cdiv(w0, block_size))
 
 
 def contract_positions(
@@ -99,7 +116,7 @@ class StepPlan:
     """What the worker must do before the forward of step ``[a, b)`` of one sequence.
 
     * ``w0``: window start; the compacted block-table row is ``[sink pages] + pages from
-      w0 / B``.
+      ceil(w0 / B)``.
     * ``slot_offset = w0 - S``: subtract from absolute token indices to get the index in the
       compacted sequence (for slot mapping and ``seq_lens``).
     * ``base``: subtract from absolute token indices to get frame (RoPE) positions.
@@ -121,7 +138,7 @@ def plan_step(
     b: int,
     state: FrameState,
     *,
-    sink_pages: int,
+    sink_tokens: int,
     window: int,
     block_size: int,
     rope_limit: int,
@@ -133,7 +150,7 @@ def plan_step(
     """
     if b <= a:
         raise ValueError(f"empty step [{a}, {b})")
-    S = sink_pages * block_size
+    S = sink_tokens
     w0 = window_start(a, S, window, block_size)
     base = state.base
     window_shift = 0
@@ -163,6 +180,6 @@ def apply_plan(state: FrameState, plan: StepPlan) -> None:
     state.sink_angle = plan.sink_angle
 
 
-def max_step_tokens(sink_pages: int, window: int, block_size: int, rope_limit: int) -> int:
+def max_step_tokens(sink_tokens: int, window: int, block_size: int, rope_limit: int) -> int:
     """The largest per-sequence step ``C`` with ``S + W + B + C <= P``."""
-    return rope_limit - sink_pages * block_size - window - block_size
+    return rope_limit - sink_tokens - window - block_size

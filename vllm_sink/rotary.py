@@ -110,6 +110,21 @@ def key_view(kv_cache: torch.Tensor, layout: str, num_kv_heads: int, head_size: 
     raise ValueError(f"unknown KV layout {layout!r}; expected one of {KV_LAYOUTS}")
 
 
+def value_view(kv_cache: torch.Tensor, layout: str, num_kv_heads: int, head_size: int):
+    """Logical ``[num_blocks, num_kv_heads, block_size, head_size]`` view of the values."""
+    if layout == "cpu":
+        n, h, b, two_d = kv_cache.shape
+        if h != num_kv_heads or two_d != 2 * head_size:
+            raise ValueError(f"unexpected CPU KV cache shape {tuple(kv_cache.shape)}")
+        return kv_cache.view(n, h, 2, b * head_size)[:, :, 1, :].unflatten(-1, (b, head_size))
+    if layout == "paged":
+        n, h, b, two_d = kv_cache.shape
+        if h != num_kv_heads or two_d != 2 * head_size:
+            raise ValueError(f"unexpected paged KV cache shape {tuple(kv_cache.shape)}")
+        return kv_cache[..., head_size:]
+    raise ValueError(f"unknown KV layout {layout!r}; expected one of {KV_LAYOUTS}")
+
+
 def rotate_blocks_(
     keys: torch.Tensor,
     block_ids: torch.Tensor,

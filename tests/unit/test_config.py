@@ -22,6 +22,9 @@ def test_default_window_fits_context():
     [
         ({"kv_policy": "bogus"}, None, "is not a KV policy"),
         ({"kv_policy": "sink", "sink_pages": -1}, None, "negative"),
+        ({"kv_policy": "sink", "sink_tokens": -4}, None, "negative"),
+        ({"kv_policy": "sink", "sink_tokens": 4, "sink_pages": 1}, None, "not both"),
+        ({"kv_policy": "sink", "sink_tokens": 100, "kv_window": 64}, dict(block_size=16, rope_limit=8192), "larger than the window"),
         ({"kv_policy": "sink", "kv_window": 0}, None, "must be positive"),
         ({"kv_policy": "sink", "kv_window": "big"}, None, "must be an integer"),
         ({"kv_policy": "sink", "sink_size": 4}, None, "unknown vllm-sink setting"),
@@ -38,6 +41,18 @@ def test_invalid_settings_name_the_fix(settings, resolve, message):
         cfg = SinkConfig.from_user(settings)
         if resolve is not None:
             cfg.resolve(**resolve)
+
+
+@pytest.mark.parametrize("settings,pages,tokens", [
+    ({"kv_policy": "sink"}, 1, 16),
+    ({"kv_policy": "sink", "sink_pages": 2}, 2, 32),
+    ({"kv_policy": "sink", "sink_tokens": 4}, 1, 4),
+    ({"kv_policy": "sink", "sink_tokens": 20}, 2, 20),
+    ({"kv_policy": "sink", "sink_tokens": 0}, 0, 0),
+])
+def test_sink_in_tokens_or_pages(settings, pages, tokens):
+    cfg = SinkConfig.from_user(settings).resolve(block_size=16, rope_limit=8192)
+    assert (cfg.sink_pages, cfg.sink_tokens) == (pages, tokens)
 
 
 def test_roundtrip_through_additional_config():

@@ -59,16 +59,18 @@ def test_spec_registered_with_its_manager():
         SinkWindowSpec.merge([spec, SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, sink_pages=2, window=256, in_flight_tokens=64)])
 
 
-def test_manager_frees_pages_leaving_the_window():
-    """StreamingSinkManager on vLLM's real BlockPool: sink pinned, pages [s, w0/B) freed."""
+@pytest.mark.parametrize("S", [16, 4])
+def test_manager_frees_pages_leaving_the_window(S):
+    """StreamingSinkManager on vLLM's real BlockPool: sink pinned, pages [s, ceil(w0/B))
+    freed (with a 4-token sink, the page holding w0 too: its tail lives in the sink page)."""
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
-    from vllm_sink.policy import window_start
+    from vllm_sink.policy import cdiv, window_start
 
     B, s, W = 16, 1, 64
-    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=s, window=W, in_flight_tokens=16)
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=s, sink_tokens=S, window=W, in_flight_tokens=16)
     pool = BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=B)
     mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
     free0 = pool.get_num_free_blocks()
@@ -77,10 +79,10 @@ def test_manager_frees_pages_leaving_the_window():
         mgr.remove_skipped_blocks("r", a)
         mgr.allocate_new_blocks("r", a + 16, a + 16)
         blocks = mgr.req_to_blocks["r"]
-        w0 = window_start(a, s * B, W, B)
+        w0 = window_start(a, S, W, B)
         assert not blocks[0].is_null  # the sink stays
-        assert all(b.is_null for b in blocks[s : w0 // B])
-        assert all(not b.is_null for b in blocks[w0 // B :])
+        assert all(b.is_null for b in blocks[s : cdiv(w0, B)])
+        assert all(not b.is_null for b in blocks[cdiv(w0, B) :])
         assert sum(not b.is_null for b in blocks) <= spec.max_live_pages
         a += 16
     mgr.free("r")

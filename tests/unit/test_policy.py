@@ -9,6 +9,7 @@ from vllm_sink.policy import (
     apply_plan,
     cdiv,
     contract_positions,
+    evicted_pages,
     live_pages,
     max_step_tokens,
     page_bound,
@@ -27,6 +28,11 @@ from vllm_sink.policy import (
         (1000, 0, 256, 16, 736),
         (10, 0, 256, 16, 0),  # window only, before the window fills
         (5000, 64, 256, 32, 4736),
+        # A sink of 4 tokens (partial page): w0 = 4 (mod 16).
+        (0, 4, 256, 16, 4),
+        (259, 4, 256, 16, 4),  # floor((259-255-4)/16)*16 + 4 = 4: nothing evicted yet
+        (275, 4, 256, 16, 20),  # first eviction: tokens [4, 20) leave
+        (1000, 4, 256, 16, 740),  # floor(741/16)*16 + 4
     ],
 )
 def test_window_start_matches_contract(a, S, W, B, expected):
@@ -35,18 +41,22 @@ def test_window_start_matches_contract(a, S, W, B, expected):
 
 def test_window_start_properties():
     rng = random.Random(0)
-    for _ in range(2000):
+    for _ in range(4000):
         B = rng.choice([1, 8, 16, 32, 128])
-        s = rng.randint(0, 3)
-        W = B * rng.randint(max(s, 1), 20)
+        S = rng.randint(0, 3 * B)
+        W = B * rng.randint(max(cdiv(S, B), 1), 20)
         a = rng.randint(0, 50_000)
-        w0 = window_start(a, s * B, W, B)
-        assert w0 % B == 0 and w0 >= s * B
+        w0 = window_start(a, S, W, B)
+        assert w0 % B == S % B and S <= w0 <= max(a, S)
         # The window [w0, a] holds at least W tokens once it can (no token of the last
         # W is evicted) and fewer than W + B.
-        if w0 > s * B:
+        if w0 > S:
             assert a - w0 + 1 >= W
             assert a - w0 + 1 < W + B
+            # No token of the step lands in the page holding w0 (its tail moves into the
+            # partial sink page, if any).
+            assert a >= cdiv(w0, B) * B
+        assert list(evicted_pages(a, S, W, B)) == list(range(cdiv(S, B), cdiv(w0, B)))
 
 
 def test_page_bound_holds_for_every_step():
@@ -54,13 +64,14 @@ def test_page_bound_holds_for_every_step():
     rng = random.Random(1)
     for _ in range(500):
         B = rng.choice([16, 32])
-        s = rng.randint(0, 2)
+        S = rng.choice([0, 1, 4, B, B + 3, 2 * B])
+        s = cdiv(S, B)
         W = B * rng.randint(max(s, 1), 16)
         C = rng.randint(1, 200)
         a = 0
         while a < 3000:
             n = rng.randint(1, C)
-            assert live_pages(a, a + n, s, W, B) <= page_bound(s, W, B, n)
+            assert live_pages(a, a + n, S, W, B) <= page_bound(s, W, B, n)
             a += n
 
 
@@ -72,25 +83,24 @@ def test_contract_positions_example():
     assert q_pos == [16 + 1000 - w0] and key_pos[-1] == q_pos[-1]
 
 
-def _simulate(S_pages, W, B, P, steps, seed=0, max_step=None):
+def _simulate(S, W, B, P, steps, seed=0, max_step=None):
     """Run plan_step over a random stream; yield (a, b, plan, state) after each step."""
     rng = random.Random(seed)
     state = FrameState()
     a = 0
-    max_step = max_step or max_step_tokens(S_pages, W, B, P)
+    max_step = max_step or max_step_tokens(S, W, B, P)
     for _ in range(steps):
         n = rng.randint(1, max_step)
-        plan = plan_step(a, a + n, state, sink_pages=S_pages, window=W, block_size=B, rope_limit=P)
+        plan = plan_step(a, a + n, state, sink_tokens=S, window=W, block_size=B, rope_limit=P)
         prev_base = state.base
         apply_plan(state, plan)
         yield a, a + n, plan, prev_base, state
         a += n
 
 
-@pytest.mark.parametrize("s,B,W,P", [(1, 16, 256, 512), (2, 32, 256, 512), (0, 16, 128, 300), (1, 16, 4096, 8192)])
-def test_frame_positions_realise_contract_distances(s, B, W, P):
-    S = s * B
-    for a, b, plan, prev_base, state in _simulate(s, W, B, P, 400):
+@pytest.mark.parametrize("S,B,W,P", [(16, 16, 256, 512), (64, 32, 256, 512), (0, 16, 128, 300), (16, 16, 4096, 8192), (4, 16, 256, 512), (20, 16, 128, 400)])
+def test_frame_positions_realise_contract_distances(S, B, W, P):
+    for a, b, plan, prev_base, state in _simulate(S, W, B, P, 400):
         w0 = plan.w0
         # Frame positions stay inside the rotary table.
         assert 0 <= a - plan.base and b - 1 - plan.base < P
@@ -112,17 +122,17 @@ def test_frame_positions_realise_contract_distances(s, B, W, P):
 
 
 def test_before_first_eviction_positions_are_vanilla():
-    for a, b, plan, _, _ in _simulate(1, 256, 16, 8192, 30, seed=3):
+    for a, b, plan, _, _ in _simulate(16, 256, 16, 8192, 30, seed=3):
         if window_start(a, 16, 256, 16) == 16:
             assert plan.base == 0 and plan.slot_offset == 0 and plan.sink_angle == 0
 
 
 def test_epochs_are_rare_and_keys_rotated_at_most_once():
     """With P well above S + W + 2C every key is re-rotated at most once in its life."""
-    s, B, W, P = 1, 16, 256, 2048
+    S, B, W, P = 16, 16, 256, 2048
     last_epoch_at = None
     epochs = 0
-    for a, b, plan, _, _ in _simulate(s, W, B, P, 2000, seed=5, max_step=64):
+    for a, b, plan, _, _ in _simulate(S, W, B, P, 2000, seed=5, max_step=64):
         if plan.window_shift:
             epochs += 1
             if last_epoch_at is not None:
@@ -134,7 +144,7 @@ def test_epochs_are_rare_and_keys_rotated_at_most_once():
 
 def test_plan_refuses_step_larger_than_positions():
     with pytest.raises(ValueError, match="rotary positions"):
-        plan_step(0, 600, FrameState(), sink_pages=1, window=256, block_size=16, rope_limit=512)
+        plan_step(0, 600, FrameState(), sink_tokens=16, window=256, block_size=16, rope_limit=512)
 
 
 def test_cdiv():

