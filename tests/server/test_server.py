@@ -34,7 +34,7 @@ def test_flags_reach_the_engine(server):
     """Stock from_cli_args would drop --kv-policy & co.; the startup log and the metrics
     show they arrived."""
     log = server.log()
-    assert "vllm-sink: kv_policy=sink, sink 1 page(s) = 16 tokens, window 256 tokens" in log
+    assert "vllm-sink: kv_policy=sink, sink 16 tokens in 1 page(s), window 256 tokens" in log
     assert "stream cap 8192 tokens" in log
     m = server.metrics()
     assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
