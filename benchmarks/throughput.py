@@ -57,6 +57,26 @@ def engine_kwargs(policy: str, window: int, max_len: int, max_num_seqs: int) -> 
 
 
 # --------------------------------------------------------------------------- workers
+def decode_step_ms(engine, sync) -> dict:
+    """Step ``engine`` (an ``LLMEngine`` with one request added) until it finishes; the
+    median and mean time of the steps after its first token (pure decode steps)."""
+    step_times, produced = [], 0
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        sync()
+        dt = time.perf_counter() - t
+        for o in outs:
+            n = len(o.outputs[0].token_ids) if o.outputs else 0
+            if n > produced:
+                if produced >= 1:  # after the first token: pure decode steps
+                    step_times.append(dt)
+                produced = n
+    step_times.sort()
+    return dict(decode_ms_median=1000 * step_times[len(step_times) // 2],
+                decode_ms_mean=1000 * sum(step_times) / len(step_times))
+
+
 def worker(task: dict) -> dict:
     """Runs inside a subprocess: one engine, one measurement."""
     import random
@@ -90,21 +110,7 @@ def worker(task: dict) -> dict:
         for pos in task["positions"]:
             params = SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True)
             engine.add_request(f"pos-{pos}", prompt(pos), params)
-            step_times, produced = [], 0
-            while engine.has_unfinished_requests():
-                t = time.perf_counter()
-                outs = engine.step()
-                torch.cuda.synchronize()
-                dt = time.perf_counter() - t
-                for o in outs:
-                    n = len(o.outputs[0].token_ids) if o.outputs else 0
-                    if n > produced:
-                        if produced >= 1:  # after the first token: pure decode steps
-                            step_times.append(dt)
-                        produced = n
-            step_times.sort()
-            rows.append(dict(position=pos, decode_ms_median=1000 * step_times[len(step_times) // 2],
-                             decode_ms_mean=1000 * sum(step_times) / len(step_times)))
+            rows.append(dict(position=pos, **decode_step_ms(engine, torch.cuda.synchronize)))
             print(json.dumps(rows[-1]), flush=True)
         out.update(rows=rows)
     elif kind == "recompute":

@@ -192,7 +192,7 @@ def worker_throughput(task: dict) -> dict:
     import random
 
     import torch
-    from throughput import LLAMA3_8B, engine_kwargs, model_dir
+    from throughput import LLAMA3_8B, decode_step_ms, engine_kwargs, model_dir
     from vllm import LLM, SamplingParams
 
     import vllm_sink  # noqa: F401
@@ -227,21 +227,7 @@ def worker_throughput(task: dict) -> dict:
 
     engine = llm.llm_engine
     engine.add_request("long", prompt(pos), SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True))
-    step_times, produced = [], 0
-    while engine.has_unfinished_requests():
-        t0 = time.perf_counter()
-        outs = engine.step()
-        sync()
-        dt = time.perf_counter() - t0
-        for o in outs:
-            n = len(o.outputs[0].token_ids) if o.outputs else 0
-            if n > produced:
-                if produced >= 1:  # after the first token: pure decode steps
-                    step_times.append(dt)
-                produced = n
-    step_times.sort()
-    out.update(position=pos, decode_ms_median=1000 * step_times[len(step_times) // 2],
-               decode_ms_mean=1000 * sum(step_times) / len(step_times))
+    out.update(position=pos, **decode_step_ms(engine, sync))
     llm.llm_engine.engine_core.shutdown()
     out["stats"] = _worker_stats()
     return out
