@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of benchmarks/ppl.py behind benchmarks/results/ppl.json (issue 6), in parts that
 # each fit one 10-minute device call:
-#   bash benchmarks/gpu_ppl.sh long       # the 38-play corpus looped to 4M tokens, sink policy
+#   bash benchmarks/gpu_ppl.sh long       # the 38-play corpus, and Hamlet, looped to 4M tokens, sink policy
 #   bash benchmarks/gpu_ppl.sh compare    # dense, window, sink, recompute on 100K tokens
 #   bash benchmarks/gpu_ppl.sh ablation   # sink sizes 0..16 tokens and window sizes
 # Needs vLLM (CUDA) importable, the model GGUF at $GGUF and the token arrays under
@@ -16,6 +16,10 @@ long)
   # W = 4096 (the default for SmolLM2's 8,192 positions), 4 sink tokens, 2,048-token steps.
   ppl --name long-4M --policies sink --tokens 4000000 --window 4096 --sink-tokens 4 \
       --chunk 2048 --bucket 100000
+  # One play looped: every 100K-token window holds the same text, so PPL per window
+  # measures drift with position rather than the difficulty of each play.
+  ppl --name long-4M-hamlet --policies sink --text hamlet --tokens 4000000 --window 4096 \
+      --sink-tokens 4 --chunk 2048 --bucket 100000
   ;;
 compare)
   # The paper's Table 1 shape: 4 sink + W=1024 window vs re-computation over the same 1,028-token cache.

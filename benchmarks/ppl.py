@@ -51,19 +51,27 @@ CURVE_POINTS = 400
 
 
 # --------------------------------------------------------------------------- text
-def stream_tokens(tokenizer, text: str, n: int, offset: int = 0) -> np.ndarray:
-    """The first ``n`` tokens of ``text`` from ``offset`` (the whole corpus or one play),
-    looped when the text is shorter. Tokenised once and cached next to the model."""
+def text_tokens(tokenizer, text: str) -> np.ndarray:
+    """All tokens of ``text`` (the whole corpus or one play), tokenised once and cached next
+    to the model."""
     from vllm_sink import assets
 
     cache = assets.home() / "tokens" / f"{text}.npy"
     if cache.exists():
-        ids = np.load(cache)
-    else:
-        raw = assets.corpus_text() if text == "corpus" else assets.play_text(text)
-        ids = np.asarray(tokenizer(raw)["input_ids"], dtype=np.int32)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.save(cache, ids)
+        return np.load(cache)
+    raw = assets.corpus_text() if text == "corpus" else assets.play_text(text)
+    ids = np.asarray(tokenizer(raw)["input_ids"], dtype=np.int32)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, ids)
+    return ids
+
+
+def stream_tokens(tokenizer, text: str, n: int, offset: int = 0, loop: int = 0) -> np.ndarray:
+    """The first ``n`` tokens of ``text`` from ``offset``, looped when the text is shorter
+    (``loop > 0``: loop its first ``loop`` tokens only)."""
+    ids = text_tokens(tokenizer, text)
+    if loop:
+        ids = ids[:loop]
     reps = math.ceil((offset + n) / len(ids))
     return np.tile(ids, reps)[offset : offset + n]
 
@@ -212,6 +220,7 @@ def parse(argv=None):
     p.add_argument("--tokens", type=int, default=100_000, help="tokens streamed (text looped if shorter)")
     p.add_argument("--text", default="corpus", help="'corpus' (38 plays, ~1.7M tokens) or a play name")
     p.add_argument("--offset", type=int, default=0, help="first token of the text")
+    p.add_argument("--loop-tokens", type=int, default=0, help="loop only the text's first N tokens (0: all of it)")
     p.add_argument("--window", type=int, default=1024, help="W, recent tokens kept (and the oracle's window)")
     p.add_argument("--sink-tokens", type=int, default=4, help="sink size in tokens (the paper's 4 by default)")
     p.add_argument("--block-size", type=int, default=16)
@@ -277,7 +286,7 @@ def run(args) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     positions = AutoConfig.from_pretrained(args.model).max_position_embeddings
-    ids = stream_tokens(tokenizer, args.text, args.tokens, args.offset)
+    ids = stream_tokens(tokenizer, args.text, args.tokens, args.offset, args.loop_tokens)
     N = len(ids)
     bucket = args.bucket or max(args.block_size, N // 10)
     # The first step that evicts (its w0 passes the sink): no token before it has lost a key.
@@ -287,7 +296,8 @@ def run(args) -> dict:
         a, args.sink_tokens, args.window, args.block_size) > args.sink_tokens), N)
     name = args.name or f"{args.text}-{N}-W{args.window}-S{args.sink_tokens}-B{args.block_size}-C{args.chunk}"
     group = dict(name=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                 machine=machine(args.device), text=args.text, offset=args.offset, tokens=N,
+                 machine=machine(args.device), text=args.text, offset=args.offset,
+                 loop_tokens=args.loop_tokens, tokens=N,
                  model="SmolLM2-135M-Instruct", model_positions=positions, dtype=args.dtype,
                  window=args.window, sink_tokens=args.sink_tokens, recompute_window=args.recompute_window, block_size=args.block_size,
                  chunk=args.chunk, bucket=bucket, first_eviction=first_eviction,

@@ -12,6 +12,7 @@ Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``)
                                           resolved settings in additional_config["vllm_sink"]
   LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
                                           max_stream_len into additional_config
+  envs.VLLM_RAY_EXTRA_ENV_VARS_TO_COPY    extended with VLLMSINK_METRICS_DIR (Ray workers)
 
 Every wrap passes through untouched when no sink setting is given.
 """
@@ -261,6 +262,10 @@ def export_metrics(model_name: str) -> str:
     directory = tempfile.mkdtemp(prefix="vllm-sink-metrics-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ[METRICS_DIR_ENV] = directory
+    # vLLM's Ray executor copies only VLLM_* variables (and those named here) to its workers.
+    copied = [v for v in os.environ.get("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "").split(",") if v]
+    if METRICS_DIR_ENV not in copied:
+        os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] = ",".join(copied + [METRICS_DIR_ENV])
     if _collector is None:
         _collector = SinkCollector(directory, {"model_name": model_name})
         REGISTRY.register(_collector)

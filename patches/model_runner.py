@@ -36,7 +36,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig, SinkConfigError
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.policy import FrameState, StepPlan, apply_plan, cdiv, plan_step
+from vllm_sink.policy import FrameState, apply_plan, cdiv, plan_step
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -49,9 +49,48 @@ class _Stream:
 
     frame: FrameState = field(default_factory=FrameState)
     first_live_block: int = 0  # logical block held at row position `sink_pages`
-    # Sink keys as first written, per layer: [whole sink pages, H, B, D] and, with a
-    # partial sink page, its first r slots [H, r, D].
-    pristine: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    # Sink keys as first written, every layer: [L, whole sink pages, H, B, D] and, with a
+    # partial sink page, its first r slots [L, H, r, D].
+    pristine: torch.Tensor | None = None
+    pristine_partial: torch.Tensor | None = None
+
+
+class _HostStager:
+    """Index arrays to the device without a stream synchronisation.
+
+    A copy from pageable host memory makes the host wait for the GPU to finish all queued
+    work, which would serialise vLLM's asynchronous scheduling (the next step is prepared
+    while the GPU runs this one). Arrays are staged in one pinned buffer and copied with
+    ``non_blocking=True``. Regions are handed out from the start of the buffer at each
+    step (``reset``): the runner's ``synchronize_input_prep`` waits, before the next
+    step's preparation, for the copies queued during this one.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 14):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.buf = self._alloc(capacity)
+        self.used = 0
+
+    def _alloc(self, n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int64, pin_memory=self.pinned)
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def put(self, values) -> torch.Tensor:
+        arr = np.asarray(values, dtype=np.int64).reshape(-1)
+        if not self.pinned:
+            return torch.from_numpy(arr.copy()).to(self.device)
+        n = len(arr)
+        if self.used + n > len(self.buf):
+            # Grow; the old buffer stays alive for the copies already queued from it.
+            self._retired = self.buf
+            self.buf = self._alloc(max(2 * len(self.buf), self.used + n))
+        host = self.buf[self.used : self.used + n]
+        host.numpy()[:] = arr
+        self.used += n
+        return host.to(self.device, non_blocking=True)
 
 
 def find_rotary(model: torch.nn.Module) -> RotationTable:
@@ -154,6 +193,11 @@ class SinkRunnerHook:
         self.slot_off = np.zeros(n, dtype=np.int64)
         self.rope_off = np.zeros(n, dtype=np.int64)
         self.any_offset = False
+        self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
+        self.stager = _HostStager(self.device)
+        # The rotation table on the device, indexed by |delta| (sign applied to sin).
+        self.cos_dev = self.table.cos.to(self.device)
+        self.sin_dev = self.table.sin.to(self.device)
         if SINK_STATS.role == "process":
             SINK_STATS.role = "worker"
         logger.info(
@@ -206,6 +250,8 @@ class SinkRunnerHook:
         bt = self._block_table()
         bpk = bt.blocks_per_kv_block
         self.any_offset = False
+        self.stager.reset()
+        anchors: list[tuple[int, _Stream, int, int]] = []  # (row, stream, old, new sink angle)
         for row in range(num_reqs):
             rid = ib.req_ids[row]
             n = scheduler_output.num_scheduled_tokens.get(rid, 0)
@@ -240,11 +286,17 @@ class SinkRunnerHook:
                 table[row, count - d : count] = 0
                 bt.num_blocks_per_row[row] = count - d
                 stream.first_live_block += drop
-            self._rotate(row, stream, plan)
+            if plan.window_shift:
+                self._epoch(row, plan.window_shift)
+            if self.S and plan.sink_angle != stream.frame.sink_angle:
+                anchors.append((row, stream, stream.frame.sink_angle, plan.sink_angle))
+            apply_plan(stream.frame, plan)
             self.slot_off[row] = plan.slot_offset
             self.rope_off[row] = plan.base
             if plan.slot_offset or plan.base:
                 self.any_offset = True
+        if anchors:
+            self._reanchor(anchors)
 
     def _copy_tail(self, src: int, dst: int) -> None:
         """Keys and values of slots ``[r, B)``: block ``src`` -> block ``dst``, every layer."""
@@ -253,44 +305,66 @@ class SinkRunnerHook:
             k[dst, :, r:] = k[src, :, r:]
             v[dst, :, r:] = v[src, :, r:]
 
-    def _rotate(self, row: int, stream: _Stream, plan: StepPlan) -> None:
-        """Epoch re-rotation of the window, then re-anchoring of the sink."""
-        if not plan.window_shift and plan.sink_angle == stream.frame.sink_angle:
-            return
+    def _angles(self, deltas) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of shape ``[len(deltas), rotary_dim // 2]`` on the device."""
+        deltas = np.asarray(deltas, dtype=np.int64)
+        if np.any(np.abs(deltas) >= self.table.limit):
+            raise ValueError(f"rotation by {deltas} outside the table (+-{self.table.limit})")
+        idx = self.stager.put(np.abs(deltas))
+        sign = self.stager.put(np.sign(deltas) + (deltas == 0)).to(self.sin_dev.dtype)
+        return self.cos_dev[idx], self.sin_dev[idx] * sign[:, None]
+
+    def _epoch(self, row: int, shift: int) -> None:
+        """Re-rotate the window keys of ``row`` by ``shift`` positions (an epoch starts)."""
         bt = self._block_table()
-        bpk = bt.blocks_per_kv_block
         count = int(bt.num_blocks_per_row[row])
-        row_ids = torch.from_numpy(bt.block_table.np[row, :count].astype(np.int64))
+        window_ids = self.stager.put(bt.block_table.np[row, self.s * bt.blocks_per_kv_block : count])
+        cos, sin = self._angles([shift])
+        cos, sin = cos[0], sin[0]
+        rd, neox, r = self.table.rotary_dim, self.table.is_neox_style, self.r
+        part = int(bt.block_table.np[row, self.s - 1]) if r else None  # the partial sink page
+        for k in self.keys():
+            rotate_blocks_(k, window_ids, cos, sin, rd, neox)
+            if part is not None:  # window tokens in the partial sink page's tail
+                k[part, :, r:] = rotate(k[part, :, r:], cos, sin, rd, neox)
+        SINK_STATS.epochs += 1
+
+    def _reanchor(self, anchors: list[tuple[int, "_Stream", int, int]]) -> None:
+        """Rewrite the sink keys of every stream in ``anchors`` as its pristine keys rotated
+        by its new angle: one gather-rotate-scatter per layer for the whole step, however
+        many streams moved their window (a stream's window start moves every B tokens)."""
+        bt = self._block_table()
+        table = bt.block_table.np
+        nw = self.s_whole * bt.blocks_per_kv_block
         keys = self.keys()
-        device = keys[0].device
-        whole_ids = row_ids[: self.s_whole * bpk].to(device)
-        part = int(row_ids[self.s - 1]) if self.r else None  # the partial sink page
-        window_ids = row_ids[self.s * bpk :].to(device)
-        r = self.r
-        rd, neox = self.table.rotary_dim, self.table.is_neox_style
-        if plan.window_shift:
-            cos, sin = self.table.angles(plan.window_shift, device)
-            for k in keys:
-                rotate_blocks_(k, window_ids, cos, sin, rd, neox)
-                if part is not None:  # window tokens in the partial sink page's tail
-                    k[part, :, r:] = rotate(k[part, :, r:], cos, sin, rd, neox)
-            SINK_STATS.epochs += 1
-        if self.S and plan.sink_angle != stream.frame.sink_angle:
-            if stream.pristine is None:
+        r, rd, neox = self.r, self.table.rotary_dim, self.table.is_neox_style
+        rows = [a[0] for a in anchors]
+        whole_ids = self.stager.put(table[rows, :nw]) if nw else None
+        part_ids = self.stager.put(table[rows, self.s - 1]) if r else None
+        for i, (_, stream, old_angle, _) in enumerate(anchors):
+            if stream.pristine is None and stream.pristine_partial is None:
                 # The sink slots still hold the keys as written at positions 0..S-1.
-                assert stream.frame.sink_angle == 0
-                stream.pristine = [
-                    (k[whole_ids].clone(), k[part, :, :r].clone() if part is not None else None)
-                    for k in keys
-                ]
-            cos, sin = self.table.angles(plan.sink_angle, device)
-            for k, (whole, partial) in zip(keys, stream.pristine):
-                if self.s_whole:
-                    k[whole_ids] = rotate(whole, cos, sin, rd, neox)
-                if partial is not None:
-                    k[part, :, :r] = rotate(partial, cos, sin, rd, neox)
-            SINK_STATS.sink_rotations += 1
-        apply_plan(stream.frame, plan)
+                assert old_angle == 0, "sink keys moved before their pristine copy was taken"
+                if nw:
+                    ids = whole_ids[i * nw : (i + 1) * nw]
+                    stream.pristine = torch.stack([k[ids] for k in keys])
+                if r:
+                    p = part_ids[i]
+                    stream.pristine_partial = torch.stack([k[p, :, :r] for k in keys])
+        cos, sin = self._angles([a[3] for a in anchors])
+        if nw:
+            # [R, L, nw, H, B, D] rotated by each stream's angle.
+            src = torch.stack([a[1].pristine for a in anchors])
+            out = rotate(src, cos[:, None, None, None, None, :], sin[:, None, None, None, None, :], rd, neox)
+            for layer, k in enumerate(keys):
+                k[whole_ids] = out[:, layer].flatten(0, 1)
+        if r:
+            # [R, L, H, r, D]
+            src = torch.stack([a[1].pristine_partial for a in anchors])
+            out = rotate(src, cos[:, None, None, None, :], sin[:, None, None, None, :], rd, neox)
+            for layer, k in enumerate(keys):
+                k[part_ids, :, :r] = out[:, layer]
+        SINK_STATS.sink_rotations += len(anchors)
 
     # ------------------------------------------------------------------ step 2
     def after_prepare_inputs(self, scheduler_output) -> None:
@@ -299,10 +373,9 @@ class SinkRunnerHook:
         r = self.runner
         num_reqs = r.input_batch.num_reqs
         T = scheduler_output.total_num_scheduled_tokens
-        device = r.positions.device
         slot_off_np = self.slot_off[:num_reqs]
-        slot_off = torch.from_numpy(slot_off_np).to(device)
-        rope_off = torch.from_numpy(self.rope_off[:num_reqs]).to(device)
+        slot_off = self.stager.put(slot_off_np)
+        rope_off = self.stager.put(self.rope_off[:num_reqs])
         req_idx = r.req_indices.gpu[:T].long()
         positions = r.positions[:T]
         r.input_batch.block_table.compute_slot_mapping(

@@ -21,3 +21,33 @@ def test_batched_equals_alone(llm, hamlet_ids):
         alone = llm.generate([{"prompt_token_ids": prompt}], p, use_tqdm=False)[0]
         assert list(out.outputs[0].token_ids) == list(alone.outputs[0].token_ids), len(prompt)
         assert len(out.outputs[0].token_ids) == p.max_tokens
+
+
+@pytest.mark.engine("sink16")
+def test_streams_moving_their_window_in_the_same_step(llm, hamlet_ids):
+    """Three streams move their windows in the same steps (64-token chunks), so their sink
+    re-anchorings are done together, one batched rewrite per layer: two copies of one
+    stream, and another text started one step later, whose window start (and so its sink
+    angle) is 64 tokens behind theirs at every step. Each scores the same as alone."""
+    first, other = hamlet_ids[:900], hamlet_ids[5000:5900]
+    params = SamplingParams(max_tokens=8, temperature=0, prompt_logprobs=0, ignore_eos=True)
+    engine = llm.llm_engine
+    rot0 = SINK_STATS.sink_rotations
+    engine.add_request("same-0", {"prompt_token_ids": first}, params)
+    engine.add_request("same-1", {"prompt_token_ids": first}, params)
+    done = {o.request_id: o for o in engine.step() if o.finished}
+    engine.add_request("later", {"prompt_token_ids": other}, params)
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    # One re-anchoring per stream per step that moves its window.
+    assert SINK_STATS.sink_rotations - rot0 >= 3 * ((900 - 16 - 256 - 64) // 64)
+    alone = {name: llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
+             for name, p in (("first", first), ("other", other))}
+
+    def lps(o):
+        return [next(iter(d.values())).logprob for d in o.prompt_logprobs[1:]]
+
+    for rid, ref in (("same-0", "first"), ("same-1", "first"), ("later", "other")):
+        out, ref = done[rid], alone[ref]
+        assert list(out.outputs[0].token_ids) == list(ref.outputs[0].token_ids), rid
+        assert max(abs(a - b) for a, b in zip(lps(out), lps(ref))) < 1e-3, rid

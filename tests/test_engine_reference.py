@@ -11,7 +11,8 @@ token (measured on the tokens *before* the first eviction, where the policy does
 as the control below). A wrong visible set, position or rotation costs 1e-2 to 1 nat per
 token (the test checks that a dense reference is that far off). So: max |diff| <= 1e-3
 nats per token, mean <= 1e-4, and after the first eviction the mean error stays within
-5x the control's (the policy adds no error of its own).
+5x the control's (the policy adds no error of its own). The same stream in bfloat16 is held
+to the looser bf16 tolerance (tests/tolerances.py), which the GPU runs must also meet.
 """
 
 import pytest
@@ -19,19 +20,18 @@ import torch
 
 from engine_helpers import run_scored
 from reference import chunked_steps
+from tolerances import BF16_MAX_MEAN, F32_MAX_MEAN, check
 
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import window_start
 
 N_PROMPT = 2048
 N_GEN = 32
-MAX_ABS = 1e-3
-MAX_MEAN = 1e-4
 
 
-def _compare(llm, reference, prompt, *, B, S, W, chunk, expect_epochs):
+def _compare(llm, reference, prompt, *, B, S, W, chunk, expect_epochs, dtype="float32", n_gen=N_GEN):
     epochs0, evicted0 = SINK_STATS.epochs, SINK_STATS.pages_evicted
-    prompt_lp, gen, gen_lp, _ = run_scored(llm, prompt, N_GEN)
+    prompt_lp, gen, gen_lp, _ = run_scored(llm, prompt, n_gen)
     epochs = SINK_STATS.epochs - epochs0
     plugin = torch.tensor(prompt_lp + gen_lp, dtype=torch.float64)
     tokens = list(prompt) + gen
@@ -50,13 +50,11 @@ def _compare(llm, reference, prompt, *, B, S, W, chunk, expect_epochs):
         epochs=epochs, pages_evicted=SINK_STATS.pages_evicted - evicted0,
     )
     print(f"\nagreement B={B} S={S} W={W} chunk={chunk}: {report}")
-    assert report["pages_evicted"] >= (N_PROMPT - W - S) // B - 2, "pages were not evicted"
+    assert report["pages_evicted"] >= (len(prompt) - W - S) // B - 2, "pages were not evicted"
     assert epochs >= expect_epochs, f"only {epochs} epochs"
-    assert report["max"] <= MAX_ABS, report
-    assert report["mean"] <= MAX_MEAN, report
-    assert report["evicting_mean"] <= 5 * max(report["control_mean"], 5e-6), report
+    assert not check(report, dtype), (check(report, dtype), report)
     # The comparison can fail: dense attention is far from what the plugin computes.
-    assert report["dense_mean"] > 100 * MAX_MEAN, report
+    assert report["dense_mean"] > (100 * F32_MAX_MEAN if dtype == "float32" else 2 * BF16_MAX_MEAN), report
     return report
 
 
@@ -80,3 +78,13 @@ def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamle
     tokens of a second page, whose other 12 slots carry window tokens copied from each
     page as it is evicted. B=16, W=256, 64-token chunks, 512 rotary positions (epochs)."""
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=20, W=256, chunk=64, expect_epochs=5)
+
+
+@pytest.mark.engine("sink16_bf16")
+def test_bfloat16_within_the_bf16_tolerance(llm, reference, hamlet_ids):
+    """The "sink16" stream in bfloat16 (1,024 prompt tokens, 48 pages evicted, and 16
+    generated): within the bf16 tolerance of the float32 reference, with the error after
+    eviction no larger than rounding's before it. benchmarks/gpu_correctness.py holds the
+    GPU backends (CUDA graphs on) to the same tolerance."""
+    _compare(llm, reference, hamlet_ids[:1024], B=16, S=16, W=256, chunk=64, expect_epochs=0,
+             dtype="bfloat16", n_gen=16)
