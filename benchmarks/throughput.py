@@ -60,44 +60,34 @@ def model_dir() -> Path:
     return d
 
 
+def policy_kwargs(policy: str, window: int, max_len: int) -> dict:
+    """The only settings in which the two sides of a comparison differ."""
+    if policy == "sink":
+        return dict(kv_policy="sink", sink_pages=1, kv_window=window, max_stream_len=max_len)
+    return dict(max_model_len=max_len)
+
+
 def engine_kwargs(policy: str, window: int, max_len: int, max_num_seqs: int, extra: dict | None = None) -> dict:
     kw = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, block_size=16,
               max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85, enable_prefix_caching=False)
-    if policy == "sink":
-        kw.update(kv_policy="sink", sink_pages=1, kv_window=window, max_stream_len=max_len)
-    else:
-        kw.update(max_model_len=max_len)
+    kw.update(policy_kwargs(policy, window, max_len))
     kw.update(extra or {})
     return kw
-
-
-def assets_model_dir() -> Path:
-    from vllm_sink import assets
-
-    return assets.model_dir()
-
-
-def cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
 def cpu_engine_kwargs(task: dict) -> dict:
     """The CPU overhead part: the real SmolLM2-135M in float32, same settings for both."""
     kw = dict(dtype="float32", block_size=16, max_num_seqs=task["max_num_seqs"], enable_prefix_caching=False,
               kv_cache_memory_bytes=512 << 20, max_num_batched_tokens=2048)
-    if task["policy"] == "sink":
-        kw.update(kv_policy="sink", sink_pages=1, kv_window=task["window"], max_stream_len=task["max_len"])
-    else:
-        kw.update(max_model_len=task["max_len"])
+    kw.update(policy_kwargs(task["policy"], task["window"], task["max_len"]))
     return kw
+
+
+def cpu_name() -> str:
+    from llamacpp_shift import machine
+
+    m = machine()
+    return f"{m.get('cpu', m['machine'])} ({m['cpu_count']} cores)"
 
 
 # --------------------------------------------------------------------------- workers
@@ -143,8 +133,7 @@ def budget_run(llm, task: dict, prompt) -> dict:
     for i in range(n):
         engine.add_request(f"b{i}", prompt(P), params)
     reqs = dict(sched.requests)
-    peak, running_sum, steps, produced = 0, 0, 0, 0
-    first_out = None
+    peak, running_sum, steps = 0, 0, 0
     bar = tqdm(total=n * (P + G), desc=f"{task['policy']} streams", unit="tok", unit_scale=True, mininterval=5)
     t0 = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -158,11 +147,11 @@ def budget_run(llm, task: dict, prompt) -> dict:
     wall = time.perf_counter() - t0
     bar.close()
     pool = sched.kv_cache_manager.block_pool.num_gpu_blocks - 1  # less vLLM's null page
+    n_out = sum(len(r.output_token_ids) for r in reqs.values())
     return dict(wall_s=wall, streams=n, peak_concurrent=peak, mean_concurrent=running_sum / steps,
                 preemptions=sum(r.num_preemptions for r in reqs.values()), pool_pages=pool,
                 tokens=n * (P + G), tokens_per_s=n * (P + G) / wall,
-                output_tokens=sum(len(r.output_token_ids) for r in reqs.values()),
-                output_tok_s=sum(len(r.output_token_ids) for r in reqs.values()) / wall)
+                output_tokens=n_out, output_tok_s=n_out / wall)
 
 
 def worker(task: dict) -> dict:
@@ -176,7 +165,9 @@ def worker(task: dict) -> dict:
 
     kind = task["kind"]
     if task.get("device") == "cpu":
-        llm = LLM(str(assets_model_dir()), **cpu_engine_kwargs(task))
+        from vllm_sink import assets
+
+        llm = LLM(str(assets.model_dir()), **cpu_engine_kwargs(task))
         vocab = 49152 - 10
     else:
         llm = LLM(str(model_dir()), **engine_kwargs(task["policy"], task.get("window", 4096), task["max_len"],
@@ -405,7 +396,6 @@ def report(results: list[dict], out: Path) -> None:
             ratio = f"{row['decode_ms_median'] / v['decode_ms_median']:.3f}" if v else ""
             lines.append(f"| decode ms/token at position {row['position']:,} | {vanilla} | {row['decode_ms_median']:.2f} | {ratio} |")
         doc["latency_flatness_1M_over_4K"] = lat["sink"]["rows"][-1]["decode_ms_median"] / lat["sink"]["rows"][0]["decode_ms_median"]
-    out.write_text(json.dumps(doc, indent=2))
     table = "\n".join(lines)
     doc["note"] = ("Each engine runs in its own subprocess; the two sides of every row come from one "
                    "invocation of benchmarks/throughput.py (each result's 'invocation'). Vanilla vLLM "

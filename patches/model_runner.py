@@ -3,6 +3,8 @@
 Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner._update_states(scheduler_output)           wrapped per instance
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
+  GPUModelRunner.execute_model: both run inside ``synchronize_input_prep()`` (relied on: the
+    pinned host buffer of ``_HostStager`` is reused only after the previous step's copies)
   GPUModelRunner: input_batch (req_ids, num_reqs, num_computed_tokens_cpu, block_table),
     requests[req_id].block_ids, positions, seq_lens, optimistic_seq_lens_cpu,
     req_indices, query_start_loc, kv_caches, get_model()
@@ -70,6 +72,7 @@ class _HostStager:
         self.device = device
         self.pinned = device.type == "cuda"
         self.buf = self._alloc(capacity)
+        self._retired: torch.Tensor | None = None
         self.used = 0
 
     def _alloc(self, n: int) -> torch.Tensor:
@@ -195,9 +198,6 @@ class SinkRunnerHook:
         self.any_offset = False
         self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
         self.stager = _HostStager(self.device)
-        # The rotation table on the device, indexed by |delta| (sign applied to sin).
-        self.cos_dev = self.table.cos.to(self.device)
-        self.sin_dev = self.table.sin.to(self.device)
         if SINK_STATS.role == "process":
             SINK_STATS.role = "worker"
         logger.info(
@@ -305,14 +305,10 @@ class SinkRunnerHook:
             k[dst, :, r:] = k[src, :, r:]
             v[dst, :, r:] = v[src, :, r:]
 
-    def _angles(self, deltas) -> tuple[torch.Tensor, torch.Tensor]:
+    def _angles(self, deltas: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``[len(deltas), rotary_dim // 2]`` on the device."""
-        deltas = np.asarray(deltas, dtype=np.int64)
-        if np.any(np.abs(deltas) >= self.table.limit):
-            raise ValueError(f"rotation by {deltas} outside the table (+-{self.table.limit})")
-        idx = self.stager.put(np.abs(deltas))
-        sign = self.stager.put(np.sign(deltas) + (deltas == 0)).to(self.sin_dev.dtype)
-        return self.cos_dev[idx], self.sin_dev[idx] * sign[:, None]
+        self.table.check(*deltas)
+        return self.table.angles_of(self.stager.put(deltas))
 
     def _epoch(self, row: int, shift: int) -> None:
         """Re-rotate the window keys of ``row`` by ``shift`` positions (an epoch starts)."""

@@ -48,6 +48,7 @@ class RotationTable:
         self.limit = cache.shape[0]
         self.rotary_dim = rotary_dim
         self.is_neox_style = is_neox_style
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_freqs(
@@ -58,10 +59,26 @@ class RotationTable:
         freqs = torch.outer(t, inv_freq.to(torch.float64))
         return cls(torch.cat([freqs.cos(), freqs.sin()], dim=-1), rotary_dim, is_neox_style)
 
+    def check(self, *deltas: int) -> None:
+        """Refuse rotations the table does not hold."""
+        for delta in deltas:
+            if not -self.limit < delta < self.limit:
+                raise ValueError(f"rotation by {delta} outside the table (+-{self.limit})")
+
+    def angles_of(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of shape ``[len(deltas), rotary_dim // 2]`` for a tensor of deltas
+        (already ``check``-ed), on the deltas' device: no host round trip. The table is
+        copied to each device once."""
+        if deltas.device not in self._on_device:
+            self._on_device[deltas.device] = (self.cos.to(deltas.device), self.sin.to(deltas.device))
+        cos, sin = self._on_device[deltas.device]
+        idx = deltas.abs()
+        # sin(0) = 0, so the sign of a zero delta does not matter.
+        return cos[idx], sin[idx] * deltas.sign().to(sin.dtype)[:, None]
+
     def angles(self, delta: int, device: torch.device | None = None):
         """(cos, sin) of shape ``[rotary_dim // 2]`` rotating by ``delta`` positions."""
-        if not -self.limit < delta < self.limit:
-            raise ValueError(f"rotation by {delta} outside the table (+-{self.limit})")
+        self.check(delta)
         cos, sin = self.cos[abs(delta)], self.sin[abs(delta)]
         if delta < 0:
             sin = -sin

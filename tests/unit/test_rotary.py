@@ -65,6 +65,22 @@ def test_negative_rotation_inverts_and_table_is_normalised():
         table.angles(256)
 
 
+def test_batched_angles_equal_one_at_a_time():
+    """``angles_of`` (a tensor of deltas, as the runner re-anchors many sinks at once) gives
+    each delta's own (cos, sin), signs and zero included; ``check`` refuses what the table
+    does not hold."""
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, HEAD, 2, dtype=torch.float64) / HEAD))
+    table = RotationTable.from_freqs(inv_freq, 512, HEAD, True)
+    deltas = [0, 5, -5, 300, -511, 511]
+    cos, sin = table.angles_of(torch.tensor(deltas))
+    for i, d in enumerate(deltas):
+        c, s = table.angles(d)
+        assert torch.equal(cos[i], c) and torch.equal(sin[i], s), d
+    table.check(*deltas)
+    with pytest.raises(ValueError):
+        table.check(3, -512)
+
+
 def _logical_keys(n_blocks, H, B):
     return torch.randn(n_blocks, H, B, HEAD)
 
