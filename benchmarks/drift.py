@@ -8,11 +8,19 @@ the sink is re-anchored from a pristine copy every step, so rounding must not ac
 a stream. This script scores one long stream (Hamlet looped, SmolLM2-135M, 4 sink tokens +
 W=1024) twice with ``benchmarks/ppl.py``'s streaming scorer: in bfloat16 (FlashAttention-3 on
 Hopper, CUDA graphs on) and in float32 (``TRITON_ATTN``: FlashAttention has no float32), and
-compares the per-token logprobs. The text loops over its first whole number of steps (``--chunk`` tokens each) and the
-stream length is chosen so that its last 10K tokens are the same text at the same step phase
-as the first 10K tokens past the first eviction: the error depends on the text and on which
-tokens each query sees, so the two windows then differ only in how far into the stream they
-are (~1M tokens and ~150 epochs apart).
+compares the per-token logprobs.
+
+Alignment. The error at a token depends on the text, on which tokens it sees, and on the
+numbers the plugin feeds the kernels: frame positions, sink angle, and whether its visible
+keys were re-rotated at an epoch start. The text therefore loops over its first whole number
+of *epoch cycles* (the steady-state distance between epoch starts, a whole number of
+``--chunk``-token steps: ``vllm_sink.policy.epoch_cycle``), and the stream length puts its
+last 10K tokens on the same text, step phase and epoch phase as windows one loop, two loops,
+... after the first eviction. Every such window (one per loop) is reported: the first one
+(loop 0) is the issue's reference; loops 1.. are in the steady state and must match each
+other, whatever their distance into the stream. Loop 0 is special by construction: it starts
+before the first epoch start, so its first steps see no re-rotated key, which no later window
+can repeat (an epoch starts at the latest when frame positions reach the rotary table's end).
 
 Writes ``benchmarks/results/drift.json`` (settings, machine, mean/p99/max error per 10K
 tokens, the two windows), ``drift.md`` and ``drift.png``.
@@ -27,6 +35,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from vllm_sink.policy import epoch_cycle, step_phase, stream_plans
 
 RESULTS = Path(__file__).parent / "results"
 SPAN = 10_000
@@ -46,18 +56,42 @@ def window_stats(err: np.ndarray) -> dict:
                 sem=float(err.std(ddof=1) / math.sqrt(len(err))))
 
 
-def compare(lp16: np.ndarray, lp32: np.ndarray, first_eviction: int, span: int = SPAN) -> dict:
+def compare(lp16: np.ndarray, lp32: np.ndarray, first_eviction: int, span: int = SPAN,
+            period: int | None = None) -> dict:
     """``lp[t-1]`` is the logprob of token ``t``. Error statistics of the first ``span``
-    tokens past the first eviction, the last ``span`` tokens, and every ``span`` bucket."""
+    tokens past the first eviction, the last ``span`` tokens, every ``span`` bucket, and
+    (with the text ``period``) the window at the first one's text offset in every loop."""
     err = np.abs(lp16.astype(np.float64) - lp32.astype(np.float64))
     lo = first_eviction - 1
     first, last = err[lo : lo + span], err[-span:]
     buckets = [dict(start=a + 1, **window_stats(err[a : a + span]))
                for a in range(lo, len(err) - span + 1, span)]
     f, l = window_stats(first), window_stats(last)
-    return dict(first=dict(start=lo + 1, **f), last=dict(start=len(err) - span + 1, **l),
-                last_over_first=l["mean"] / f["mean"], buckets=buckets,
-                no_drift=l["mean"] <= f["mean"])
+    res = dict(first=dict(start=lo + 1, **f), last=dict(start=len(err) - span + 1, **l),
+               last_over_first=l["mean"] / f["mean"], buckets=buckets,
+               no_drift=l["mean"] <= f["mean"])
+    if period:
+        loops = [dict(loop=k, start=a + 1, **window_stats(err[a : a + span]))
+                 for k, a in enumerate(range(lo, len(err) - span + 1, period))]
+        steady = [w["mean"] for w in loops[1:]]
+        res.update(loops=loops)
+        if len(steady) >= 2:
+            # The last window against the first steady-state one (loop 1), and against the
+            # spread of all steady-state windows.
+            res.update(last_over_loop1=steady[-1] / steady[0],
+                       steady_min=min(steady), steady_max=max(steady))
+    return res
+
+
+def aligned(plans, first_start: int, last_start: int, span: int, window: int, chunk: int) -> bool:
+    """Whether every step that computes the last window, or wrote a key it sees, has the same
+    phase (``vllm_sink.policy.step_phase``) as its counterpart ``last_start - first_start``
+    tokens earlier."""
+    by_start = dict(plans)
+    shift = last_start - first_start
+    steps = [a for a in by_start if max(0, first_start - window - 2 * chunk) <= a - shift < first_start + span]
+    return all(a - shift in by_start and step_phase(a, by_start[a]) == step_phase(a - shift, by_start[a - shift])
+               for a in steps)
 
 
 def main(argv=None) -> None:
@@ -85,19 +119,29 @@ def main(argv=None) -> None:
 def run(args) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     import ppl
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from vllm_sink import assets
-    from vllm_sink.policy import window_start
+    from vllm_sink.patches.engine_args import rope_limit_of
 
     model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf)) if args.gguf else assets.model_dir()
-    # The text loops with a period that is a whole number of steps, so the last window is
-    # the same text at the same step phase as the first: each of its tokens sees the same
-    # visible tokens as its counterpart (only frame positions and the sink angle differ).
-    period = len(ppl.text_tokens(AutoTokenizer.from_pretrained(model), args.text)) // args.chunk * args.chunk
-    first_eviction = next(a for a in range(0, 10**9, args.chunk)
-                          if window_start(a, args.sink_tokens, args.window, BLOCK) > args.sink_tokens)
+    text_len = len(ppl.text_tokens(AutoTokenizer.from_pretrained(model), args.text))
+    geometry = dict(sink_tokens=args.sink_tokens, window=args.window, block_size=BLOCK,
+                    rope_limit=rope_limit_of(AutoConfig.from_pretrained(model)))
+    # The text loops over whole epoch cycles, so windows one loop apart match in text, step
+    # phase and epoch phase (see the module docstring).
+    plans = stream_plans(4 * geometry["rope_limit"], args.chunk, **geometry)
+    cycle = epoch_cycle(plans)
+    period = text_len // cycle * cycle or text_len // args.chunk * args.chunk
+    first_eviction = next(a for a, plan in plans if plan.w0 > args.sink_tokens)
     n = stream_length(first_eviction, period, args.tokens)
+    plans = stream_plans(n, args.chunk, **geometry)
+    last_start = n - SPAN
+    phase = dict(epoch_cycle=cycle, text_period=period,
+                 loop0_aligned=aligned(plans, first_eviction, last_start, SPAN, args.window, args.chunk),
+                 loop1_aligned=aligned(plans, first_eviction + period, last_start, SPAN, args.window, args.chunk))
+    print(f"text period {period:,} tokens ({period // cycle} epoch cycles of {cycle:,}), {n:,} tokens; "
+          f"last window in phase with loop 0: {phase['loop0_aligned']}, loop 1: {phase['loop1_aligned']}", flush=True)
     lps, groups = {}, {}
     for dtype, backend in (("bfloat16", args.bf16_backend), ("float32", args.fp32_backend)):
         argv = ["--policies", "sink", "--tokens", str(n), "--text", args.text, "--window", str(args.window),
@@ -112,9 +156,9 @@ def run(args) -> dict:
         lps[dtype] = np.load(Path(args.logprobs_dir) / f"drift-{dtype}-sink.npy")
     if groups["bfloat16"]["first_eviction"] != first_eviction:
         raise RuntimeError("first eviction differs from ppl.py's")
-    res = compare(lps["bfloat16"], lps["float32"], first_eviction)
+    res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period)
     g = groups["bfloat16"]
-    return dict(machine=g["machine"], text=args.text, text_period=period, tokens=n,
+    return dict(machine=g["machine"], text=args.text, tokens=n, **phase,
                 model="SmolLM2-135M-Instruct", window=args.window, sink_tokens=args.sink_tokens,
                 block_size=BLOCK, chunk=args.chunk, first_eviction=first_eviction, span=SPAN,
                 runs={d: dict(backend=b, ppl=groups[d]["runs"]["sink"]["ppl"],
@@ -126,18 +170,29 @@ def run(args) -> dict:
 
 def report(doc: dict, out: Path) -> None:
     f, l = doc["first"], doc["last"]
+    row = lambda name, w: (f"| {name} | {w['start']:,}-{w['start'] + doc['span'] - 1:,} | {w['mean']:.4f} ± "
+                           f"{w['sem']:.4f} | {w['p99']:.3f} | {w['max']:.3f} |")
+    loops = doc.get("loops", [])
     lines = [
-        f"{doc['tokens']:,} tokens of {doc['text']} (looped), {doc['sink_tokens']} sink + W={doc['window']}, "
-        f"{doc['chunk']}-token steps, {doc['machine'].get('gpu', doc['machine']['cpu'])}",
+        f"{doc['tokens']:,} tokens of {doc['text']} (looped every {doc['text_period']:,} tokens), "
+        f"{doc['sink_tokens']} sink + W={doc['window']}, {doc['chunk']}-token steps, "
+        f"{doc['machine'].get('gpu', doc['machine']['cpu'])}",
         "",
-        "| | tokens | mean abs logprob error (bf16 vs fp32) | p99 | max |",
+        "| window (same text in each) | tokens | mean abs logprob error (bf16 vs fp32) | p99 | max |",
         "|---|---|---|---|---|",
-        f"| first 10K past the first eviction | {f['start']:,}-{f['start'] + doc['span'] - 1:,} | {f['mean']:.4f} ± {f['sem']:.4f} | {f['p99']:.3f} | {f['max']:.3f} |",
-        f"| last 10K (same text) | {l['start']:,}-{l['start'] + doc['span'] - 1:,} | {l['mean']:.4f} ± {l['sem']:.4f} | {l['p99']:.3f} | {l['max']:.3f} |",
-        "",
-        f"last / first = {doc['last_over_first']:.3f}; PPL bf16 {doc['runs']['bfloat16']['ppl']:.3f}, "
-        f"fp32 {doc['runs']['float32']['ppl']:.3f}",
+        row("first 10K past the first eviction (loop 0)", f),
     ]
+    if len(loops) > 2:
+        lines.append(row("one loop later (loop 1, first in the steady epoch cycle)", loops[1]))
+    lines += [row("last 10K" + (f" (loop {len(loops) - 1})" if loops else ""), l), "",
+              f"last / first = {doc['last_over_first']:.3f}"]
+    if "last_over_loop1" in doc:
+        lines[-1] += (f"; last / loop 1 = {doc['last_over_loop1']:.3f}; loops 1..{len(loops) - 1}: "
+                      f"{doc['steady_min']:.4f} .. {doc['steady_max']:.4f}")
+    if "epoch_cycle" in doc:
+        lines.append(f"epoch cycle {doc['epoch_cycle']:,} tokens; last window in phase with loop 0: "
+                     f"{doc['loop0_aligned']}, with loop 1: {doc['loop1_aligned']}")
+    lines.append(f"PPL bf16 {doc['runs']['bfloat16']['ppl']:.3f}, fp32 {doc['runs']['float32']['ppl']:.3f}")
     text = "\n".join(lines)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
@@ -152,6 +207,9 @@ def report(doc: dict, out: Path) -> None:
     xs = [b["start"] for b in doc["buckets"]]
     ax.plot(xs, [b["mean"] for b in doc["buckets"]], lw=0.8, label="mean |bf16 - fp32| per 10K tokens")
     ax.axhline(f["mean"], color="tab:green", ls="--", lw=0.8, label="first 10K past the first eviction")
+    if loops:
+        ax.plot([w["start"] for w in loops], [w["mean"] for w in loops], "o", ms=3, color="tab:red",
+                label="the same 10K of text in every loop")
     ax.set_ylim(bottom=0)
     ax.set_xlabel("tokens processed")
     ax.set_ylabel("logprob error (nats)")

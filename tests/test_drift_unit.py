@@ -37,3 +37,42 @@ def test_compare_reads_the_windows_it_names():
     same[-span:], lp[-span:] = noise[e - 1 : e - 1 + span], lp32[e - 1 : e - 1 + span]
     flat = drift.compare(lp + same, lp, e, span=span)
     assert flat["last_over_first"] == 1.0 and flat["no_drift"]
+
+
+def test_every_loop_reports_the_same_text_window():
+    rng = np.random.default_rng(1)
+    e, period, span = 101, 700, 200
+    n = drift.stream_length(e, period, 3_000, span=span)
+    lp32 = rng.normal(-3, 1, n - 1)
+    noise = np.abs(rng.normal(0, 0.01, n - 1))
+    noise[e - 1 : e - 1 + span] = 0.001  # loop 0 is cleaner than every later loop
+    res = drift.compare(lp32 + noise, lp32, e, span=span, period=period)
+    starts = [w["start"] for w in res["loops"]]
+    assert starts[0] == e and starts[-1] == res["last"]["start"]
+    assert all(b - a == period for a, b in zip(starts, starts[1:]))
+    assert res["loops"][-1]["mean"] == res["last"]["mean"]
+    assert not res["no_drift"] and 0.8 < res["last_over_loop1"] < 1.25
+    assert res["steady_min"] <= res["loops"][-1]["mean"] <= res["steady_max"]
+
+
+def test_loops_of_whole_epoch_cycles_put_the_last_window_in_phase():
+    """The drift run's geometry (4 sink + W, 1,024-token steps, 8,192 rotary positions):
+    the last window matches the windows of loops 1.. step by step, never loop 0 (which
+    starts before the first epoch start)."""
+    from vllm_sink.policy import epoch_cycle, stream_plans
+
+    for window, cycle in ((1024, 6144), (1008, 7168)):
+        g = dict(sink_tokens=4, window=window, block_size=16, rope_limit=8192)
+        plans = stream_plans(4 * 8192, 1024, **g)
+        assert epoch_cycle(plans) == cycle
+        period = 61_105 // cycle * cycle
+        e = next(a for a, plan in plans if plan.w0 > 4)
+        n = drift.stream_length(e, period, 1_000_000)
+        plans = stream_plans(n, 1024, **g)
+        last = n - drift.SPAN
+        assert drift.aligned(plans, e + period, last, drift.SPAN, window, 1024)
+        assert drift.aligned(plans, e + 5 * period, last, drift.SPAN, window, 1024)
+        assert not drift.aligned(plans, e, last, drift.SPAN, window, 1024)
+        # A text period that is a whole number of steps but not of epoch cycles: out of phase.
+        assert not drift.aligned(stream_plans(e + 3 * 59 * 1024 + drift.SPAN, 1024, **g),
+                                 e + 59 * 1024, e + 3 * 59 * 1024, drift.SPAN, window, 1024)

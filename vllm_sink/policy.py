@@ -183,3 +183,37 @@ def apply_plan(state: FrameState, plan: StepPlan) -> None:
 def max_step_tokens(sink_tokens: int, window: int, block_size: int, rope_limit: int) -> int:
     """The largest per-sequence step ``C`` with ``S + W + B + C <= P``."""
     return rope_limit - sink_tokens - window - block_size
+
+
+def stream_plans(
+    n_tokens: int, chunk: int, *, sink_tokens: int, window: int, block_size: int, rope_limit: int
+) -> list[tuple[int, StepPlan]]:
+    """``(a, plan)`` for every step of one stream of ``n_tokens`` computed ``chunk`` tokens a
+    step from token 0 (the last step may be shorter), as the worker plans them."""
+    state, plans = FrameState(), []
+    for a in range(0, n_tokens, chunk):
+        plan = plan_step(a, min(a + chunk, n_tokens), state, sink_tokens=sink_tokens,
+                         window=window, block_size=block_size, rope_limit=rope_limit)
+        apply_plan(state, plan)
+        plans.append((a, plan))
+    return plans
+
+
+def step_phase(a: int, plan: StepPlan) -> tuple[int, int, int, int]:
+    """What step ``[a, b)`` computes, relative to ``a``: window start, frame base, epoch shift
+    and sink angle. Two steps with the same phase over the same tokens (and the same for the
+    steps that wrote their visible keys) compute the same numbers: nothing about a step
+    depends on how far into the stream it is."""
+    return (plan.w0 - a, plan.base - a, plan.window_shift, plan.sink_angle)
+
+
+def epoch_cycle(plans: list[tuple[int, StepPlan]]) -> int:
+    """Tokens between epoch starts once the stream is steady (from the second epoch start on,
+    epochs repeat with this period). Needs at least three epoch starts."""
+    starts = [a for a, plan in plans if plan.window_shift]
+    if len(starts) < 3:
+        raise ValueError(f"{len(starts)} epoch starts: too few to measure the epoch cycle")
+    gaps = {b - a for a, b in zip(starts[1:], starts[2:])}
+    if len(gaps) != 1:
+        raise ValueError(f"epoch starts are not periodic: gaps {sorted(gaps)}")
+    return gaps.pop()

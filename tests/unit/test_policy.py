@@ -13,7 +13,10 @@ from vllm_sink.policy import (
     live_pages,
     max_step_tokens,
     page_bound,
+    epoch_cycle,
     plan_step,
+    step_phase,
+    stream_plans,
     window_start,
 )
 
@@ -140,6 +143,28 @@ def test_epochs_are_rare_and_keys_rotated_at_most_once():
                 assert plan.w0 >= last_epoch_at
             last_epoch_at = a
     assert epochs > 3
+
+
+def test_stream_plans_repeat_with_the_epoch_cycle():
+    """Fixed-size steps: after the first epoch start the plans repeat, relative to each step's
+    first token, every ``epoch_cycle`` tokens from the second epoch start; the first epoch
+    (base 0) is longer."""
+    S, W, B, P, C = 4, 1024, 16, 8192, 1024
+    plans = stream_plans(40 * C + 7, C, sink_tokens=S, window=W, block_size=B, rope_limit=P)
+    assert [a for a, _ in plans] == list(range(0, 40 * C + 7, C))
+    state = FrameState()
+    for a, plan in plans:  # the same plans as step-by-step planning
+        assert plan == plan_step(a, min(a + C, 40 * C + 7), state, sink_tokens=S, window=W, block_size=B, rope_limit=P)
+        apply_plan(state, plan)
+    cycle = epoch_cycle(plans)
+    starts = [a for a, plan in plans if plan.window_shift]
+    assert cycle == 6 * C and starts[0] == 8 * C  # 8 steps at base 0, then 6 per epoch
+    phase = {a: step_phase(a, plan) for a, plan in plans}
+    assert all(phase[a] == phase[a + cycle] for a in phase if starts[1] <= a and a + cycle < 39 * C)
+    assert phase[starts[0]] != phase[starts[1]]  # the first start shifts by more (from base 0)
+    assert phase[2 * C] != phase[2 * C + cycle]  # the first epoch is not in the cycle
+    with pytest.raises(ValueError, match="too few"):
+        epoch_cycle(plans[:10])
 
 
 def test_plan_refuses_step_larger_than_positions():
