@@ -189,6 +189,8 @@ def report(doc: dict, out: Path) -> None:
     if "last_over_loop1" in doc:
         lines[-1] += (f"; last / loop 1 = {doc['last_over_loop1']:.3f}; loops 1..{len(loops) - 1}: "
                       f"{doc['steady_min']:.4f} .. {doc['steady_max']:.4f}")
+    if loops:
+        lines.append("mean error of the window in each loop: " + ", ".join(f"{w['mean']:.6f}" for w in loops))
     if "epoch_cycle" in doc:
         lines.append(f"epoch cycle {doc['epoch_cycle']:,} tokens; last window in phase with loop 0: "
                      f"{doc['loop0_aligned']}, with loop 1: {doc['loop1_aligned']}")
