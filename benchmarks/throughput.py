@@ -350,6 +350,15 @@ def result_key(r: dict) -> tuple:
     return (r["task"]["kind"], r["task"]["policy"], r["task"].get("batch"), r["task"].get("repeat"))
 
 
+def repeated(rows: list[dict]) -> list[bool]:
+    """For each latency row, whether its position was already measured earlier in the run."""
+    seen, flags = set(), []
+    for row in rows:
+        flags.append(row["position"] in seen)
+        seen.add(row["position"])
+    return flags
+
+
 def report(results: list[dict], out: Path) -> None:
     import vllm
 
@@ -395,19 +404,21 @@ def report(results: list[dict], out: Path) -> None:
         doc["budget"] = dict(concurrency_ratio=bs["peak_concurrent"] / bd["peak_concurrent"],
                              tokens_per_s_ratio=bs["tokens_per_s"] / bd["tokens_per_s"])
     lat = {r["task"]["policy"]: r for r in results if r["task"]["kind"] == "latency" and not r["task"].get("repeat")}
+    if "full" in lat and "sink" in lat and lat["full"].get("invocation") != lat["sink"].get("invocation"):
+        # Only sides measured in one run are put side by side; the positions dense vLLM
+        # could reach are still known from its task.
+        lat["full"] = dict(lat["full"], rows=[])
     if "sink" in lat:
         vrows = {row["position"]: row for row in lat.get("full", {}).get("rows", [])}
-        seen = set()
-        for row in lat["sink"]["rows"]:
-            v = vrows.get(row["position"]) if row["position"] not in seen else None
-            if v is not None and lat["full"].get("invocation") != lat["sink"].get("invocation"):
-                v = None  # only sides measured in one run are put side by side
-            vanilla = f"{v['decode_ms_median']:.2f}" if v else ("n/a (past the model)" if row["position"] + 64 > 8192 else "")
-            ratio = f"{row['decode_ms_median'] / v['decode_ms_median']:.3f}" if v else ""
-            again = " (again, after the longer streams)" if row["position"] in seen else ""
-            seen.add(row["position"])
-            lines.append(f"| decode ms/token at position {row['position']:,}{again} | {vanilla} | {row['decode_ms_median']:.2f} | {ratio} |")
+        reachable = set(lat["full"]["task"]["positions"]) if "full" in lat else None
         rows = lat["sink"]["rows"]
+        for row, again in zip(rows, repeated(rows)):
+            v = None if again else vrows.get(row["position"])
+            past = reachable is not None and row["position"] not in reachable
+            vanilla = f"{v['decode_ms_median']:.2f}" if v else ("n/a (past the model)" if past else "")
+            ratio = f"{row['decode_ms_median'] / v['decode_ms_median']:.3f}" if v else ""
+            label = " (again, after the longer streams)" if again else ""
+            lines.append(f"| decode ms/token at position {row['position']:,}{label} | {vanilla} | {row['decode_ms_median']:.2f} | {ratio} |")
         longest = max(rows, key=lambda r: r["position"])
         first = [r["decode_ms_median"] for r in rows if r["position"] == rows[0]["position"]]
         ref = sum(first) / len(first)
@@ -430,14 +441,15 @@ def report(results: list[dict], out: Path) -> None:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for policy, label in (("sink", "vllm-sink (W=4096)"), ("full", "vanilla vLLM (dense)")):
-            same_run = policy == "sink" or lat.get(policy, {}).get("invocation") == lat["sink"].get("invocation")
-            if policy in lat and lat[policy]["rows"] and same_run:
-                rows = sorted({r["position"]: r for r in reversed(lat[policy]["rows"])}.values(), key=lambda r: r["position"])
-                ax.plot([r["position"] for r in rows], [r["decode_ms_median"] for r in rows], "o-", label=label)
-                again = lat[policy]["rows"][len(rows):]
-                if again:
-                    ax.plot([r["position"] for r in again], [r["decode_ms_median"] for r in again], "x",
-                            color="tab:red", label="measured again, after the 1M-token prefill")
+            rows = lat.get(policy, {}).get("rows", [])
+            flags = repeated(rows)
+            once = sorted((r for r, again in zip(rows, flags) if not again), key=lambda r: r["position"])
+            again = [r for r, a in zip(rows, flags) if a]
+            if once:
+                ax.plot([r["position"] for r in once], [r["decode_ms_median"] for r in once], "o-", label=label)
+            if again:
+                ax.plot([r["position"] for r in again], [r["decode_ms_median"] for r in again], "x",
+                        color="tab:red", label="measured again, after the 1M-token prefill")
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("stream position (tokens)")
