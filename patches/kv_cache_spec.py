@@ -102,9 +102,10 @@ class StreamingSinkManager(FullAttentionManager):
       * ``req_to_blocks[r][i]`` is the page of logical block ``i``; evicted blocks hold the
         null block (so the list is indexed by absolute block number, as vLLM expects).
       * after ``remove_skipped_blocks(r, p)``, blocks ``[s, ceil(w0(p) / B))`` are null,
-        where ``w0`` is ``vllm_sink.policy.window_start`` (with a partial sink page, the
-        page holding ``w0`` is freed too: the worker has copied its tail into the sink page
-        before the forward of the step that frees it).
+        where ``w0`` is ``vllm_sink.policy.window_start``. With a partial sink page
+        (``S mod B > 0``), the page holding ``w0`` (its slots from ``w0`` on are the
+        window's first tokens) moves to block ``s - 1`` as the new sink page and the old
+        sink page is freed in its place, as the worker does (``patches.model_runner``).
       * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
         ``spec.max_live_pages``.
       * no block is shared between requests (prefix caching is off), so
@@ -193,6 +194,12 @@ class StreamingSinkManager(FullAttentionManager):
         if last <= first:
             return
         freed = [blk for blk in blocks[first:last] if not blk.is_null]
+        if self.sink_tokens % B:
+            # The page holding w0 becomes the partial sink page; the old one is freed.
+            holding = blocks[last - 1]
+            assert not holding.is_null, "the page holding the window start is gone"
+            freed[-1] = blocks[s - 1]
+            blocks[s - 1] = holding
         for i in range(first, last):
             blocks[i] = self._null_block
         self.first_live_block[request_id] = last

@@ -18,9 +18,12 @@ two methods on the runner *instance*.
 Per step and per sequence (``vllm_sink.policy.plan_step``):
   1. after ``_update_states``: drop the evicted pages from the request's block ids and its
      block-table row, so the row is ``[sink pages] + pages from ceil(w0 / B)`` (ordered, no
-     ring); with a partial sink page (``S mod B = r > 0``), first copy slots ``[r, B)`` of the
-     page holding ``w0`` into the last sink page; then, before the forward, rotate the window keys once if an epoch starts and re-anchor
-     the sink keys from their pristine copy;
+     ring); with a partial sink page (``S mod B = r > 0``), the page holding ``w0``, whose
+     slots ``[r, B)`` are the first window tokens, becomes the last sink page and the old one
+     leaves instead (nothing is copied: the sink's ``r`` slots are rewritten in it from
+     their pristine copy); then, before the forward, rotate the window keys once if an epoch
+     starts and re-anchor the sink keys (and, in a new partial sink page, write the sink
+     values) from their pristine copy;
   2. after ``_prepare_inputs``: recompute the slot mapping in compacted coordinates
      (``t - (w0 - S)``), shrink ``seq_lens`` by the same offset and turn positions into frame
      positions (``t - base``). All three are the runner's persistent buffers, changed in
@@ -52,9 +55,10 @@ class _Stream:
     frame: FrameState = field(default_factory=FrameState)
     first_live_block: int = 0  # logical block held at row position `sink_pages`
     # Sink keys as first written, every layer: [L, whole sink pages, H, B, D] and, with a
-    # partial sink page, its first r slots [L, H, r, D].
+    # partial sink page, the keys and values of its first r slots [L, H, r, D].
     pristine: torch.Tensor | None = None
     pristine_partial: torch.Tensor | None = None
+    partial_values: torch.Tensor | None = None
 
 
 class _HostStager:
@@ -270,16 +274,22 @@ class SinkRunnerHook:
                 rope_limit=self.rope_limit,
             )
             drop = cdiv(plan.w0, self.B) - stream.first_live_block
+            moved_sink = False
             if drop > 0:
                 count = int(bt.num_blocks_per_row[row])
                 table = bt.block_table.np
-                if self.r:
-                    # The page holding w0 leaves the row; its tail [r, B) (window tokens
-                    # from w0) moves into the same slots of the last sink page.
-                    src = int(table[row, self.s + drop - 1])
-                    dst = int(table[row, self.s - 1])
-                    self._copy_tail(src, dst)
                 block_ids = self.runner.requests[rid].block_ids[0]
+                if self.r:
+                    # The page holding w0 (slots [r, B): the window from w0) becomes the
+                    # partial sink page; the old one leaves the row instead. Its sink
+                    # slots [0, r) are first kept, as written, for re-anchoring.
+                    old_sink = int(table[row, self.s - 1])
+                    if stream.pristine_partial is None:
+                        stream.pristine_partial = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
+                        stream.partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
+                    table[row, self.s - 1] = table[row, self.s + drop - 1]
+                    block_ids[self.s - 1] = block_ids[self.s + drop - 1]
+                    moved_sink = True
                 del block_ids[self.s : self.s + drop]
                 lo, d = self.s * bpk, drop * bpk
                 table[row, lo : count - d] = table[row, lo + d : count]
@@ -288,7 +298,7 @@ class SinkRunnerHook:
                 stream.first_live_block += drop
             if plan.window_shift:
                 self._epoch(row, plan.window_shift)
-            if self.S and plan.sink_angle != stream.frame.sink_angle:
+            if self.S and (moved_sink or plan.sink_angle != stream.frame.sink_angle):
                 anchors.append((row, stream, stream.frame.sink_angle, plan.sink_angle))
             apply_plan(stream.frame, plan)
             self.slot_off[row] = plan.slot_offset
@@ -297,13 +307,6 @@ class SinkRunnerHook:
                 self.any_offset = True
         if anchors:
             self._reanchor(anchors)
-
-    def _copy_tail(self, src: int, dst: int) -> None:
-        """Keys and values of slots ``[r, B)``: block ``src`` -> block ``dst``, every layer."""
-        r = self.r
-        for k, v in zip(self.keys(), self.values()):
-            k[dst, :, r:] = k[src, :, r:]
-            v[dst, :, r:] = v[src, :, r:]
 
     def _angles(self, deltas: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``[len(deltas), rotary_dim // 2]`` on the device."""
@@ -328,7 +331,9 @@ class SinkRunnerHook:
     def _reanchor(self, anchors: list[tuple[int, "_Stream", int, int]]) -> None:
         """Rewrite the sink keys of every stream in ``anchors`` as its pristine keys rotated
         by its new angle: one gather-rotate-scatter per layer for the whole step, however
-        many streams moved their window (a stream's window start moves every B tokens)."""
+        many streams moved their window (a stream's window start moves every B tokens).
+        With a partial sink page (which is a new page whenever the window moved), its ``r``
+        sink values are written with the keys."""
         bt = self._block_table()
         table = bt.block_table.np
         nw = self.s_whole * bt.blocks_per_kv_block
@@ -338,15 +343,13 @@ class SinkRunnerHook:
         whole_ids = self.stager.put(table[rows, :nw]) if nw else None
         part_ids = self.stager.put(table[rows, self.s - 1]) if r else None
         for i, (_, stream, old_angle, _) in enumerate(anchors):
-            if stream.pristine is None and stream.pristine_partial is None:
+            if nw and stream.pristine is None:
                 # The sink slots still hold the keys as written at positions 0..S-1.
                 assert old_angle == 0, "sink keys moved before their pristine copy was taken"
-                if nw:
-                    ids = whole_ids[i * nw : (i + 1) * nw]
-                    stream.pristine = torch.stack([k[ids] for k in keys])
-                if r:
-                    p = part_ids[i]
-                    stream.pristine_partial = torch.stack([k[p, :, :r] for k in keys])
+                ids = whole_ids[i * nw : (i + 1) * nw]
+                stream.pristine = torch.stack([k[ids] for k in keys])
+            # A partial sink page's are taken when the window first moves (it moves first).
+            assert not r or stream.pristine_partial is not None
         cos, sin = self._angles([a[3] for a in anchors])
         if nw:
             # [R, L, nw, H, B, D] rotated by each stream's angle.
@@ -358,8 +361,10 @@ class SinkRunnerHook:
             # [R, L, H, r, D]
             src = torch.stack([a[1].pristine_partial for a in anchors])
             out = rotate(src, cos[:, None, None, None, :], sin[:, None, None, None, :], rd, neox)
-            for layer, k in enumerate(keys):
+            vals = torch.stack([a[1].partial_values for a in anchors])
+            for layer, (k, v) in enumerate(zip(keys, self.values())):
                 k[part_ids, :, :r] = out[:, layer]
+                v[part_ids, :, :r] = vals[:, layer]
         SINK_STATS.sink_rotations += len(anchors)
 
     # ------------------------------------------------------------------ step 2

@@ -19,8 +19,9 @@ ENGINES = {
     "window16_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_pages=0, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # Two sink pages of 32 tokens, 48-token chunks, 512 positions.
     "sink32x2_p512": dict(block_size=32, max_num_batched_tokens=48, kv_policy="sink", sink_pages=2, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # A sink of 20 tokens (one page and a partial one), 512 positions.
-    "sink20_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
+    # A sink of 20 tokens (one page and a partial one), 512 positions; chunked like "sink16"
+    # (64 tokens a sequence, several sequences a step).
+    "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # "sink16" in bfloat16: the tolerance the GPU runs are held to (benchmarks/gpu_correctness.py).
     "sink16_bf16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
     # Vanilla vLLM, same block size and chunking as "sink16".

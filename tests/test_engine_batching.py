@@ -23,8 +23,13 @@ def test_batched_equals_alone(llm, hamlet_ids):
         assert len(out.outputs[0].token_ids) == p.max_tokens
 
 
-@pytest.mark.engine("sink16")
-def test_streams_moving_their_window_in_the_same_step(llm, hamlet_ids):
+@pytest.mark.parametrize("S", [
+    pytest.param(16, marks=pytest.mark.engine("sink16")),
+    # A partial sink page (20 = 16 + 4 tokens) and 512 rotary positions: each move of the
+    # window makes the page holding its start a stream's new sink page, and epochs start.
+    pytest.param(20, marks=pytest.mark.engine("sink20_p512")),
+])
+def test_streams_moving_their_window_in_the_same_step(llm, hamlet_ids, S):
     """Three streams move their windows in the same steps (64-token chunks), so their sink
     re-anchorings are done together, one batched rewrite per layer: two copies of one
     stream, and another text started one step later, whose window start (and so its sink
@@ -40,7 +45,7 @@ def test_streams_moving_their_window_in_the_same_step(llm, hamlet_ids):
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     # One re-anchoring per stream per step that moves its window.
-    assert SINK_STATS.sink_rotations - rot0 >= 3 * ((900 - 16 - 256 - 64) // 64)
+    assert SINK_STATS.sink_rotations - rot0 >= 3 * ((900 - S - 256 - 64) // 64)
     alone = {name: llm.generate([{"prompt_token_ids": p}], params, use_tqdm=False)[0]
              for name, p in (("first", first), ("other", other))}
 

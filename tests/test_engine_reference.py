@@ -75,8 +75,10 @@ def test_matches_reference_two_sink_pages_across_epochs(llm, reference, hamlet_i
 @pytest.mark.engine("sink20_p512")
 def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamlet_ids):
     """A sink that is not a whole number of pages: 20 tokens = one whole 16-token page + 4
-    tokens of a second page, whose other 12 slots carry window tokens copied from each
-    page as it is evicted. B=16, W=256, 64-token chunks, 512 rotary positions (epochs)."""
+    tokens of a second page, whose other 12 slots carry the window's first tokens: the page
+    holding the window start becomes that second sink page whenever the window moves (four
+    pages at once with these chunks). B=16, W=256, 64-token chunks, 512 rotary positions
+    (epochs)."""
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=20, W=256, chunk=64, expect_epochs=5)
 
 

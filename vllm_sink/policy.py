@@ -11,10 +11,11 @@ one sequence.
   ``max(S, floor((a - W + 1) / B) * B)``.
 * **Partial sink page** (``r > 0``). The last sink page keeps the sink in slots ``[0, r)``;
   its slots ``[r, B)`` hold window tokens: at first its own tokens ``[S, s * B)``, and after
-  each eviction the tokens ``[w0, ceil(w0 / B) * B)`` of the page being evicted, which are
-  copied there (same slots) just before that page is freed. The sequence is then, in
-  cache order, exactly ``[0, S) + [w0, t]``: the compacted index of window token ``p`` is
-  ``p - (w0 - S)`` in both cases.
+  each eviction the tokens ``[w0, ceil(w0 / B) * B)``, which already sit in those slots of
+  the page holding ``w0``: that page becomes the last sink page (its slots ``[0, r)`` are
+  rewritten with the sink) and the old last sink page is freed instead. Nothing is copied.
+  The sequence is then, in cache order, exactly ``[0, S) + [w0, t]``: the compacted index
+  of window token ``p`` is ``p - (w0 - S)`` in both cases.
 * **Contract positions.** Sink token ``j`` sits at ``j``, window token ``p`` at
   ``S + (p - w0)``, query ``t`` at ``S + (t - w0)``.
 * **Frame positions** (how the plugin realises them on a post-RoPE paged cache). Every
@@ -62,7 +63,8 @@ def sink_page_count(sink_tokens: int, block_size: int) -> int:
 
 def evicted_pages(a: int, sink_tokens: int, window: int, block_size: int) -> range:
     """Logical page indices that no step starting at ``>= a`` needs (the page holding
-    ``w0`` too when the sink page is partial: its tail lives in the sink page)."""
+    ``w0`` too when the sink page is partial: that page becomes the sink page, and the old
+    sink page is freed in its place)."""
     w0 = window_start(a, sink_tokens, window, block_size)
     return range(sink_page_count(sink_tokens, block_size), cdiv(w0, block_size))
 

@@ -62,7 +62,8 @@ def test_spec_registered_with_its_manager():
 @pytest.mark.parametrize("S", [16, 4])
 def test_manager_frees_pages_leaving_the_window(S):
     """StreamingSinkManager on vLLM's real BlockPool: sink pinned, pages [s, ceil(w0/B))
-    freed (with a 4-token sink, the page holding w0 too: its tail lives in the sink page)."""
+    freed. With a 4-token sink the page holding w0 becomes the sink page (its slots from w0
+    on are the window's first tokens) and the old sink page is freed in its place."""
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
@@ -74,17 +75,26 @@ def test_manager_frees_pages_leaving_the_window(S):
     pool = BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=B)
     mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
     free0 = pool.get_num_free_blocks()
-    a = 0
+    a, moves = 0, 0
     while a < 600:
+        before = list(mgr.req_to_blocks.get("r", []))
         mgr.remove_skipped_blocks("r", a)
+        w0 = window_start(a, S, W, B)
+        if before and S % B and cdiv(w0, B) > cdiv(window_start(a - 16, S, W, B), B):
+            # The page that held w0 is now the sink page; the old sink page went back.
+            assert mgr.req_to_blocks["r"][s - 1] is before[cdiv(w0, B) - 1]
+            assert before[s - 1].ref_cnt == 0
+            moves += 1
+        elif before:
+            assert mgr.req_to_blocks["r"][s - 1] is before[s - 1]
         mgr.allocate_new_blocks("r", a + 16, a + 16)
         blocks = mgr.req_to_blocks["r"]
-        w0 = window_start(a, S, W, B)
         assert not blocks[0].is_null  # the sink stays
         assert all(b.is_null for b in blocks[s : cdiv(w0, B)])
         assert all(not b.is_null for b in blocks[cdiv(w0, B) :])
         assert sum(not b.is_null for b in blocks) <= spec.max_live_pages
         a += 16
+    assert moves == (0 if S % B == 0 else (cdiv(window_start(a - 16, S, W, B), B) - s))
     mgr.free("r")
     assert pool.get_num_free_blocks() == free0
     assert mgr.get_num_common_prefix_blocks("r") == 0

@@ -56,8 +56,8 @@ def test_window_start_properties():
         if w0 > S:
             assert a - w0 + 1 >= W
             assert a - w0 + 1 < W + B
-            # No token of the step lands in the page holding w0 (its tail moves into the
-            # partial sink page, if any).
+            # No token of the step lands in the page holding w0 (with a partial sink
+            # page, that page becomes the sink page: its head is rewritten with the sink).
             assert a >= cdiv(w0, B) * B
         assert list(evicted_pages(a, S, W, B)) == list(range(cdiv(S, B), cdiv(w0, B)))
 

@@ -156,19 +156,23 @@ def test_cpu_layout_matches_vllm_cache_write(B):
 
 
 @pytest.mark.parametrize("layout", ["cpu", "paged"])
-def test_partial_page_tail_copy(layout):
-    """What the worker does for a partial sink page: slots [r, B) of one block, keys and
-    values, copied into another block through the logical views; nothing else changes."""
+def test_partial_sink_page_head_write(layout):
+    """What the worker does when the page holding the window start becomes the partial sink
+    page: the sink's keys and values go into slots [0, r) of several blocks at once, through
+    the logical views with a block index tensor; the window slots [r, B) and every other
+    block stay as they were."""
     torch.manual_seed(3)
-    N, H, B, r = 4, 3, 16, 4
+    N, H, B, r = 5, 3, 16, 4
     cache = torch.randn(N, H, B, 2 * HEAD)
     before = cache.clone()
+    ids = torch.tensor([3, 1])
     k, v = key_view(cache, layout, H, HEAD), value_view(cache, layout, H, HEAD)
-    k_src, v_src = k[2].clone(), v[2].clone()
-    k_dst, v_dst = k[0].clone(), v[0].clone()
-    k[0, :, r:] = k[2, :, r:]
-    v[0, :, r:] = v[2, :, r:]
+    k_old, v_old = k.clone(), v.clone()
+    sink_k, sink_v = torch.randn(2, H, r, HEAD), torch.randn(2, H, r, HEAD)
+    k[ids, :, :r] = sink_k
+    v[ids, :, :r] = sink_v
     k, v = key_view(cache, layout, H, HEAD), value_view(cache, layout, H, HEAD)
-    assert torch.equal(k[0, :, r:], k_src[:, r:]) and torch.equal(v[0, :, r:], v_src[:, r:])
-    assert torch.equal(k[0, :, :r], k_dst[:, :r]) and torch.equal(v[0, :, :r], v_dst[:, :r])
-    assert torch.equal(cache[1:], before[1:])
+    assert torch.equal(k[ids, :, :r], sink_k) and torch.equal(v[ids, :, :r], sink_v)
+    assert torch.equal(k[ids, :, r:], k_old[ids, :, r:]) and torch.equal(v[ids, :, r:], v_old[ids, :, r:])
+    for other in (0, 2, 4):
+        assert torch.equal(cache[other], before[other])
