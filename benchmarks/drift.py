@@ -19,8 +19,13 @@ last 10K tokens on the same text, step phase and epoch phase as windows one loop
 ... after the first eviction. Every such window (one per loop) is reported: the first one
 (loop 0) is the issue's reference; loops 1.. are in the steady state and must match each
 other, whatever their distance into the stream. Loop 0 is special by construction: it starts
-before the first epoch start, so its first steps see no re-rotated key, which no later window
-can repeat (an epoch starts at the latest when frame positions reach the rotary table's end).
+before the first epoch start (frame positions are token indices there, and its first steps
+see no re-rotated key), which no later window can repeat. So the report also gives, for the
+first and last windows, the difference token by token (same text) with its standard error
+and the two windows' per-token correlation, and each window's error split into tokens that
+see keys re-rotated at an epoch start and tokens that do not (``sees_rerotated``): what a
+different bf16 trajectory costs by chance, against what re-rotation or accumulation would.
+``--reuse-logprobs`` recomputes all of it from the arrays a run left in ``--logprobs-dir``.
 
 Writes ``benchmarks/results/drift.json`` (settings, machine, mean/p99/max error per 10K
 tokens, the two windows), ``drift.md`` and ``drift.png``.
@@ -56,22 +61,54 @@ def window_stats(err: np.ndarray) -> dict:
                 sem=float(err.std(ddof=1) / math.sqrt(len(err))))
 
 
+def sees_rerotated(plans, n: int) -> np.ndarray:
+    """``out[q]``: whether the query at token ``q`` (the one that scores token ``q + 1``)
+    sees window keys that were re-rotated at an epoch start, i.e. keys cached before the
+    latest epoch start of its step (``w0 < e``). The sink never counts: it is re-anchored
+    from its pristine copy, one rotation from the original, at every step alike."""
+    out = np.zeros(n, dtype=bool)
+    epoch_start = None
+    bounds = [a for a, _ in plans[1:]] + [n]
+    for (a, plan), b in zip(plans, bounds):
+        if plan.window_shift:
+            epoch_start = a
+        out[a:b] = epoch_start is not None and plan.w0 < epoch_start
+    return out
+
+
+def split_stats(err: np.ndarray, rerotated: np.ndarray) -> dict:
+    """Mean error over the tokens whose window holds no re-rotated key, and over the rest."""
+    return {name: dict(tokens=int(m.sum()), mean=float(err[m].mean()) if m.any() else None)
+            for name, m in (("fresh", ~rerotated), ("rerotated", rerotated))}
+
+
 def compare(lp16: np.ndarray, lp32: np.ndarray, first_eviction: int, span: int = SPAN,
-            period: int | None = None) -> dict:
+            period: int | None = None, rerotated: np.ndarray | None = None) -> dict:
     """``lp[t-1]`` is the logprob of token ``t``. Error statistics of the first ``span``
     tokens past the first eviction, the last ``span`` tokens, every ``span`` bucket, and
-    (with the text ``period``) the window at the first one's text offset in every loop."""
+    (with the text ``period``) the window at the first one's text offset in every loop.
+    With ``rerotated`` (``sees_rerotated`` of the stream), each of those windows is also
+    split into the tokens that see a re-rotated window key and those that do not."""
     err = np.abs(lp16.astype(np.float64) - lp32.astype(np.float64))
     lo = first_eviction - 1
     first, last = err[lo : lo + span], err[-span:]
     buckets = [dict(start=a + 1, **window_stats(err[a : a + span]))
                for a in range(lo, len(err) - span + 1, span)]
     f, l = window_stats(first), window_stats(last)
+    if rerotated is not None:
+        rr = rerotated[: len(err)]
+        f.update(split=split_stats(first, rr[lo : lo + span]))
+        l.update(split=split_stats(last, rr[-span:]))
+    # The two windows hold the same text token for token: their difference, paired.
+    d = last - first
+    paired = dict(mean_diff=float(d.mean()), sem=float(d.std(ddof=1) / math.sqrt(len(d))),
+                  correlation=float(np.corrcoef(first, last)[0, 1]))
     res = dict(first=dict(start=lo + 1, **f), last=dict(start=len(err) - span + 1, **l),
-               last_over_first=l["mean"] / f["mean"], buckets=buckets,
+               last_over_first=l["mean"] / f["mean"], paired=paired, buckets=buckets,
                no_drift=l["mean"] <= f["mean"])
     if period:
-        loops = [dict(loop=k, start=a + 1, **window_stats(err[a : a + span]))
+        loops = [dict(loop=k, start=a + 1, **window_stats(err[a : a + span]),
+                      **({} if rerotated is None else dict(split=split_stats(err[a : a + span], rr[a : a + span]))))
                  for k, a in enumerate(range(lo, len(err) - span + 1, period))]
         steady = [w["mean"] for w in loops[1:]]
         res.update(loops=loops)
@@ -107,6 +144,9 @@ def main(argv=None) -> None:
     p.add_argument("--logprobs-dir", default="/tmp/vllm-sink-drift")
     p.add_argument("--out", default=str(RESULTS / "drift.json"))
     p.add_argument("--report", action="store_true", help="only the table and plot from --out")
+    p.add_argument("--reuse-logprobs", action="store_true",
+                   help="score nothing: compare the logprobs a run left in --logprobs-dir "
+                        "(its machine and PPLs are read from --out)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if not args.report:
@@ -143,6 +183,17 @@ def run(args) -> dict:
     print(f"text period {period:,} tokens ({period // cycle} epoch cycles of {cycle:,}), {n:,} tokens; "
           f"last window in phase with loop 0: {phase['loop0_aligned']}, loop 1: {phase['loop1_aligned']}", flush=True)
     lps, groups = {}, {}
+    if args.reuse_logprobs:
+        prev = json.loads(Path(args.out).read_text())
+        if (prev["tokens"], prev["window"], prev["sink_tokens"], prev["chunk"]) != (n, args.window, args.sink_tokens, args.chunk):
+            raise SystemExit(f"{args.out} is from another stream; run without --reuse-logprobs")
+        for dtype in ("bfloat16", "float32"):
+            lps[dtype] = np.load(Path(args.logprobs_dir) / f"drift-{dtype}-sink.npy")
+        res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period,
+                      rerotated=sees_rerotated(plans, n))
+        keep = ("machine", "text", "tokens", "model", "window", "sink_tokens", "block_size", "chunk",
+                "first_eviction", "span", "runs")
+        return dict({k: prev[k] for k in keep}, **phase, **res)
     for dtype, backend in (("bfloat16", args.bf16_backend), ("float32", args.fp32_backend)):
         argv = ["--policies", "sink", "--tokens", str(n), "--text", args.text, "--window", str(args.window),
                 "--sink-tokens", str(args.sink_tokens), "--chunk", str(args.chunk), "--dtype", dtype,
@@ -156,7 +207,8 @@ def run(args) -> dict:
         lps[dtype] = np.load(Path(args.logprobs_dir) / f"drift-{dtype}-sink.npy")
     if groups["bfloat16"]["first_eviction"] != first_eviction:
         raise RuntimeError("first eviction differs from ppl.py's")
-    res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period)
+    res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period,
+                  rerotated=sees_rerotated(plans, n))
     g = groups["bfloat16"]
     return dict(machine=g["machine"], text=args.text, tokens=n, **phase,
                 model="SmolLM2-135M-Instruct", window=args.window, sink_tokens=args.sink_tokens,
@@ -186,11 +238,26 @@ def report(doc: dict, out: Path) -> None:
         lines.append(row("one loop later (loop 1, first in the steady epoch cycle)", loops[1]))
     lines += [row("last 10K" + (f" (loop {len(loops) - 1})" if loops else ""), l), "",
               f"last / first = {doc['last_over_first']:.3f}"]
+    if "paired" in doc:
+        pd = doc["paired"]
+        lines[-1] += (f"; last - first, token by token: {pd['mean_diff']:+.5f} ± {pd['sem']:.5f} "
+                      f"({pd['mean_diff'] / pd['sem']:+.1f} SEM; the two windows' per-token errors "
+                      f"correlate {pd['correlation']:.2f})")
     if "last_over_loop1" in doc:
         lines[-1] += (f"; last / loop 1 = {doc['last_over_loop1']:.3f}; loops 1..{len(loops) - 1}: "
                       f"{doc['steady_min']:.4f} .. {doc['steady_max']:.4f}")
     if loops:
         lines.append("mean error of the window in each loop: " + ", ".join(f"{w['mean']:.6f}" for w in loops))
+    if "split" in f:
+        def part(w, name):
+            s = w["split"][name]
+            return f"{s['mean']:.5f} ({s['tokens']:,} tokens)" if s["mean"] is not None else "none"
+        lines += ["", "| window | tokens whose window holds no re-rotated key | tokens that see keys re-rotated at an epoch start |",
+                  "|---|---|---|",
+                  f"| first 10K past the first eviction (loop 0) | {part(f, 'fresh')} | {part(f, 'rerotated')} |"]
+        if len(loops) > 2:
+            lines.append(f"| loop 1 | {part(loops[1], 'fresh')} | {part(loops[1], 'rerotated')} |")
+        lines += [f"| last 10K | {part(l, 'fresh')} | {part(l, 'rerotated')} |", ""]
     if "epoch_cycle" in doc:
         lines.append(f"epoch cycle {doc['epoch_cycle']:,} tokens; last window in phase with loop 0: "
                      f"{doc['loop0_aligned']}, with loop 1: {doc['loop1_aligned']}")

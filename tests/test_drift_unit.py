@@ -31,12 +31,17 @@ def test_compare_reads_the_windows_it_names():
     assert res["first"]["start"] == e and res["last"]["start"] == n - span
     assert abs(res["first"]["mean"] - 0.01 * np.sqrt(2 / np.pi)) < 1e-3
     assert 2.5 < res["last_over_first"] < 3.5 and not res["no_drift"]
+    # Token by token: the growth is many standard errors away from zero.
+    growth = res["paired"]
+    assert growth["mean_diff"] > 10 * growth["sem"] > 0
+    assert abs(growth["mean_diff"] - 0.02 * np.sqrt(2 / np.pi)) < 2e-3
     assert len(res["buckets"]) == (n - 1 - (e - 1)) // span
     # The same error in the last window as in the first: no drift, exactly at the bound.
     same, lp = noise.copy(), lp32.copy()
     same[-span:], lp[-span:] = noise[e - 1 : e - 1 + span], lp32[e - 1 : e - 1 + span]
     flat = drift.compare(lp + same, lp, e, span=span)
     assert flat["last_over_first"] == 1.0 and flat["no_drift"]
+    assert flat["paired"]["mean_diff"] == 0.0 and flat["paired"]["correlation"] > 0.999
 
 
 def test_every_loop_reports_the_same_text_window():
@@ -76,3 +81,30 @@ def test_loops_of_whole_epoch_cycles_put_the_last_window_in_phase():
         # A text period that is a whole number of steps but not of epoch cycles: out of phase.
         assert not drift.aligned(stream_plans(e + 3 * 59 * 1024 + drift.SPAN, 1024, **g),
                                  e + 59 * 1024, e + 3 * 59 * 1024, drift.SPAN, window, 1024)
+
+
+def test_tokens_that_see_rerotated_keys():
+    """``sees_rerotated`` against a direct simulation: every epoch start rotates the cached
+    window keys ``[w0, a)`` once more; a query sees a re-rotated key if any window key it
+    sees (``[w0, q]``, the sink excluded) has been rotated."""
+    from vllm_sink.policy import stream_plans
+
+    S, W, B, P, chunk, n = 4, 256, 16, 1024, 64, 6_000
+    plans = stream_plans(n, chunk, sink_tokens=S, window=W, block_size=B, rope_limit=P)
+    got = drift.sees_rerotated(plans, n)
+    rotations = np.zeros(n, dtype=int)
+    want = np.zeros(n, dtype=bool)
+    for a, plan in plans:
+        if plan.window_shift:
+            rotations[plan.w0 : a] += 1
+        for q in range(a, min(a + chunk, n)):
+            want[q] = bool(rotations[max(plan.w0, S) : q + 1].any())
+    assert np.array_equal(got, want)
+    # Both kinds occur, and none before the first epoch start.
+    first_epoch = next(a for a, plan in plans if plan.window_shift)
+    assert not got[:first_epoch].any() and got.any() and (~got[first_epoch:]).any()
+    # The split of a window's error: the two parts' means and sizes.
+    err = np.where(got, 2.0, 1.0)
+    split = drift.split_stats(err, got)
+    assert split["fresh"] == dict(tokens=int((~got).sum()), mean=1.0)
+    assert split["rerotated"] == dict(tokens=int(got.sum()), mean=2.0)
