@@ -156,68 +156,75 @@ def main(argv=None) -> None:
     report(json.loads(out.read_text()), out)
 
 
-def run(args) -> dict:
+def looped_stream(model, text: str, *, window: int, sink_tokens: int, chunk: int) -> dict:
+    """How the text loops: its period (a whole number of epoch cycles, so windows one loop
+    apart match in text, step phase and epoch phase; see the module docstring), the epoch
+    cycle, the first step that evicts, and the plan geometry."""
     sys.path.insert(0, str(Path(__file__).parent))
     import ppl
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_sink import assets
     from vllm_sink.patches.engine_args import rope_limit_of
 
-    model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf)) if args.gguf else assets.model_dir()
-    text_len = len(ppl.text_tokens(AutoTokenizer.from_pretrained(model), args.text))
-    geometry = dict(sink_tokens=args.sink_tokens, window=args.window, block_size=BLOCK,
+    text_len = len(ppl.text_tokens(AutoTokenizer.from_pretrained(model), text))
+    geometry = dict(sink_tokens=sink_tokens, window=window, block_size=BLOCK,
                     rope_limit=rope_limit_of(AutoConfig.from_pretrained(model)))
-    # The text loops over whole epoch cycles, so windows one loop apart match in text, step
-    # phase and epoch phase (see the module docstring).
-    plans = stream_plans(4 * geometry["rope_limit"], args.chunk, **geometry)
+    plans = stream_plans(4 * geometry["rope_limit"], chunk, **geometry)
     cycle = epoch_cycle(plans)
-    period = text_len // cycle * cycle or text_len // args.chunk * args.chunk
-    first_eviction = next(a for a, plan in plans if plan.w0 > args.sink_tokens)
+    return dict(geometry=geometry, epoch_cycle=cycle,
+                period=text_len // cycle * cycle or text_len // chunk * chunk,
+                first_eviction=next(a for a, plan in plans if plan.w0 > sink_tokens))
+
+
+def run(args) -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    import ppl
+
+    from vllm_sink import assets
+
+    model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf)) if args.gguf else assets.model_dir()
+    loop = looped_stream(model, args.text, window=args.window, sink_tokens=args.sink_tokens, chunk=args.chunk)
+    cycle, period, first_eviction = loop["epoch_cycle"], loop["period"], loop["first_eviction"]
     n = stream_length(first_eviction, period, args.tokens)
-    plans = stream_plans(n, args.chunk, **geometry)
+    plans = stream_plans(n, args.chunk, **loop["geometry"])
     last_start = n - SPAN
     phase = dict(epoch_cycle=cycle, text_period=period,
                  loop0_aligned=aligned(plans, first_eviction, last_start, SPAN, args.window, args.chunk),
                  loop1_aligned=aligned(plans, first_eviction + period, last_start, SPAN, args.window, args.chunk))
     print(f"text period {period:,} tokens ({period // cycle} epoch cycles of {cycle:,}), {n:,} tokens; "
           f"last window in phase with loop 0: {phase['loop0_aligned']}, loop 1: {phase['loop1_aligned']}", flush=True)
-    lps, groups = {}, {}
+    dtypes = (("bfloat16", args.bf16_backend), ("float32", args.fp32_backend))
     if args.reuse_logprobs:
         prev = json.loads(Path(args.out).read_text())
         if (prev["tokens"], prev["window"], prev["sink_tokens"], prev["chunk"]) != (n, args.window, args.sink_tokens, args.chunk):
             raise SystemExit(f"{args.out} is from another stream; run without --reuse-logprobs")
-        for dtype in ("bfloat16", "float32"):
-            lps[dtype] = np.load(Path(args.logprobs_dir) / f"drift-{dtype}-sink.npy")
-        res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period,
-                      rerotated=sees_rerotated(plans, n))
         keep = ("machine", "text", "tokens", "model", "window", "sink_tokens", "block_size", "chunk",
                 "first_eviction", "span", "runs")
-        return dict({k: prev[k] for k in keep}, **phase, **res)
-    for dtype, backend in (("bfloat16", args.bf16_backend), ("float32", args.fp32_backend)):
-        argv = ["--policies", "sink", "--tokens", str(n), "--text", args.text, "--window", str(args.window),
-                "--sink-tokens", str(args.sink_tokens), "--chunk", str(args.chunk), "--dtype", dtype,
-                "--attention-backend", backend, "--gpu-memory-utilization", "0.3", "--no-write",
-                "--loop-tokens", str(period),
-                "--name", f"drift-{dtype}", "--save-logprobs", args.logprobs_dir, "--bucket", str(SPAN * 10)]
-        if args.gguf:
-            argv += ["--gguf", args.gguf]
-        g = ppl.run(ppl.parse(argv))
-        groups[dtype] = g
-        lps[dtype] = np.load(Path(args.logprobs_dir) / f"drift-{dtype}-sink.npy")
-    if groups["bfloat16"]["first_eviction"] != first_eviction:
-        raise RuntimeError("first eviction differs from ppl.py's")
+        meta = {k: prev[k] for k in keep}
+    else:
+        groups = {}
+        for dtype, backend in dtypes:
+            argv = ["--policies", "sink", "--tokens", str(n), "--text", args.text, "--window", str(args.window),
+                    "--sink-tokens", str(args.sink_tokens), "--chunk", str(args.chunk), "--dtype", dtype,
+                    "--attention-backend", backend, "--gpu-memory-utilization", "0.3", "--no-write",
+                    "--loop-tokens", str(period),
+                    "--name", f"drift-{dtype}", "--save-logprobs", args.logprobs_dir, "--bucket", str(SPAN * 10)]
+            if args.gguf:
+                argv += ["--gguf", args.gguf]
+            groups[dtype] = ppl.run(ppl.parse(argv))
+        if groups["bfloat16"]["first_eviction"] != first_eviction:
+            raise RuntimeError("first eviction differs from ppl.py's")
+        meta = dict(machine=groups["bfloat16"]["machine"], text=args.text, tokens=n,
+                    model="SmolLM2-135M-Instruct", window=args.window, sink_tokens=args.sink_tokens,
+                    block_size=BLOCK, chunk=args.chunk, first_eviction=first_eviction, span=SPAN,
+                    runs={d: dict(backend=b, ppl=groups[d]["runs"]["sink"]["ppl"],
+                                  wall_s=groups[d]["runs"]["sink"]["wall_s"],
+                                  tokens_per_s=groups[d]["runs"]["sink"]["tokens_per_s"])
+                          for d, b in dtypes})
+    lps = {d: np.load(Path(args.logprobs_dir) / f"drift-{d}-sink.npy") for d, _ in dtypes}
     res = compare(lps["bfloat16"], lps["float32"], first_eviction, period=period,
                   rerotated=sees_rerotated(plans, n))
-    g = groups["bfloat16"]
-    return dict(machine=g["machine"], text=args.text, tokens=n, **phase,
-                model="SmolLM2-135M-Instruct", window=args.window, sink_tokens=args.sink_tokens,
-                block_size=BLOCK, chunk=args.chunk, first_eviction=first_eviction, span=SPAN,
-                runs={d: dict(backend=b, ppl=groups[d]["runs"]["sink"]["ppl"],
-                              wall_s=groups[d]["runs"]["sink"]["wall_s"],
-                              tokens_per_s=groups[d]["runs"]["sink"]["tokens_per_s"])
-                      for d, b in (("bfloat16", args.bf16_backend), ("float32", args.fp32_backend))},
-                **res)
+    return dict(meta, **phase, **res)
 
 
 def report(doc: dict, out: Path) -> None:

@@ -1,7 +1,8 @@
 """Is the bf16 stream of benchmarks/drift.py a function of the stream alone? Scores the same
-stream (Hamlet's first 55,296 tokens looped, 4 sink + W=1024, 1,024-token steps, bf16, FA3)
-on a cold engine and on one that has first scored ``--warmup`` tokens, and counts the tokens
-whose logprobs differ (by range, and between the same text one and two loops later).
+stream as drift.py (Hamlet looped over whole epoch cycles, 4 sink + W=1024, 1,024-token
+steps, bf16, FA3) on a cold engine and on one that has first scored ``--warmup`` tokens, and
+counts the tokens whose logprobs differ between the two, and between the same 10K tokens of
+text in consecutive loops.
 
     python benchmarks/drift_warm.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf [--tokens 125000]
 
@@ -19,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-PERIOD, SPAN = 55_296, 10_000
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,18 +30,22 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).parent))
+    import drift
     import ppl
     from transformers import AutoTokenizer
 
     from vllm_sink import assets
 
+    model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf))
+    loop = drift.looped_stream(model, "hamlet", window=1024, sink_tokens=4, chunk=1024)
+    period = loop["period"]
     sargs = ppl.parse(["--policies", "sink", "--tokens", str(args.tokens), "--text", "hamlet",
                        "--window", "1024", "--sink-tokens", "4", "--chunk", "1024", "--dtype", "bfloat16",
                        "--attention-backend", "FLASH_ATTN", "--gpu-memory-utilization", "0.3",
-                       "--no-write", "--loop-tokens", str(PERIOD), "--gguf", args.gguf])
+                       "--no-write", "--loop-tokens", str(period), "--gguf", args.gguf])
     sargs.device = "cuda"
-    sargs.model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf))
-    ids = ppl.stream_tokens(AutoTokenizer.from_pretrained(sargs.model), "hamlet", args.tokens, 0, PERIOD)
+    sargs.model = model
+    ids = ppl.stream_tokens(AutoTokenizer.from_pretrained(model), "hamlet", args.tokens, 0, period)
     lps = {}
     for mode in ("cold", "warm"):
         llm = ppl.engine(sargs, "sink", args.tokens)
@@ -56,9 +59,9 @@ def main() -> None:
         np.save(out / f"{mode}.npy", lp)
     a, b = lps["cold"], lps["warm"]
     print(f"cold vs warm: {(a != b).sum()} of {len(a)} tokens differ")
-    lo = 2047  # the first window past the first eviction (drift.py)
+    lo, span = loop["first_eviction"] - 1, drift.SPAN  # drift.py's first window and its loops
     for mode, x in lps.items():
-        w = [x[lo + k * PERIOD : lo + (k * PERIOD) + SPAN] for k in range(3) if lo + k * PERIOD + SPAN <= len(x)]
+        w = [x[a : a + span] for a in range(lo, len(x) - span + 1, period)]
         pairs = ", ".join(f"loop {k} vs {k + 1}: {(w[k] != w[k + 1]).sum()}" for k in range(len(w) - 1))
         print(f"{mode}: tokens that differ between the same 10K of text, {pairs}")
 

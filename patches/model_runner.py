@@ -58,7 +58,7 @@ class _Stream:
     # partial sink page, the keys and values of its first r slots [L, H, r, D].
     pristine: torch.Tensor | None = None
     pristine_partial: torch.Tensor | None = None
-    partial_values: torch.Tensor | None = None
+    pristine_partial_values: torch.Tensor | None = None
 
 
 class _HostStager:
@@ -286,7 +286,7 @@ class SinkRunnerHook:
                     old_sink = int(table[row, self.s - 1])
                     if stream.pristine_partial is None:
                         stream.pristine_partial = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
-                        stream.partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
+                        stream.pristine_partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
                     table[row, self.s - 1] = table[row, self.s + drop - 1]
                     block_ids[self.s - 1] = block_ids[self.s + drop - 1]
                     moved_sink = True
@@ -361,7 +361,7 @@ class SinkRunnerHook:
             # [R, L, H, r, D]
             src = torch.stack([a[1].pristine_partial for a in anchors])
             out = rotate(src, cos[:, None, None, None, :], sin[:, None, None, None, :], rd, neox)
-            vals = torch.stack([a[1].partial_values for a in anchors])
+            vals = torch.stack([a[1].pristine_partial_values for a in anchors])
             for layer, (k, v) in enumerate(zip(keys, self.values())):
                 k[part_ids, :, :r] = out[:, layer]
                 v[part_ids, :, :r] = vals[:, layer]
