@@ -6,6 +6,9 @@ Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing els
 * ``kv_cache_spec``: our KV-cache spec + manager, through KVCacheSpecRegistry; the
   admission hook on KVCacheManager.allocate_slots
 * ``model_runner``:  V1 GPUModelRunner (compacted rows, frame positions, rotations)
+* ``sampler``:       V1 GPUModelRunner._sample/_bookkeeping_sync (seeded sampling across
+  prefill chunks on the CPU)
+* ``vllm_config``:   VllmConfig.use_v2_model_runner (sink engines get the V1 runner)
 * ``worker``:        Worker.get_kv_cache_spec (refuses the V2 runner)
 
 ``install()`` runs in every vLLM process through the ``vllm.general_plugins`` entry point
@@ -28,8 +31,9 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, worker
+    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, vllm_config, worker
 
+    vllm_config.install()
     engine_args.install()
     kv_cache_spec.register()
     kv_cache_spec.install_admission_hook()

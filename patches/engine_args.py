@@ -153,6 +153,11 @@ def check_model(model_config) -> None:
 
 
 def _pre_checks(args) -> None:
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise SinkConfigError(
+            "the sink KV policy runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+            "asks for V2; unset VLLM_USE_V2_MODEL_RUNNER (the plugin picks V1 for sink engines)"
+        )
     if args.enable_prefix_caching:
         raise SinkConfigError(
             "prefix caching cannot be combined with the sink KV policy (evicted, re-rotated "
@@ -210,7 +215,9 @@ def sink_engine_config(args, orig_create, *a, **kw):
     args.enable_prefix_caching = False
     args.disable_cascade_attn = True
     args.max_model_len = cfg.max_stream_len
-    args.additional_config = rest
+    # Marks the config as a sink engine's while vLLM builds it (the V1 model runner is
+    # chosen from it: patches.vllm_config); replaced by the resolved settings below.
+    args.additional_config = {**rest, CONFIG_KEY: {"policy": cfg.policy}}
     with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
         vllm_config = orig_create(args, *a, **kw)
 

@@ -40,6 +40,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig, SinkConfigError
+from vllm_sink.patches import sampler
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import FrameState, apply_plan, cdiv, plan_step
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
@@ -411,6 +412,7 @@ def attach(runner, cfg: SinkConfig, block_size: int) -> SinkRunnerHook:
     runner._update_states = types.MethodType(_update_states, runner)
     runner._prepare_inputs = types.MethodType(_prepare_inputs, runner)
     runner._vllm_sink_hook = hook
+    sampler.attach(runner)
     return hook
 
 

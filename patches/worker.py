@@ -4,9 +4,8 @@ Binds to vLLM 0.26.0: ``vllm.v1.worker.gpu_worker.Worker.get_kv_cache_spec`` (in
 ``vllm.v1.worker.cpu_worker.CPUWorker``), and ``Worker.model_runner``.
 
 On the GPU, vLLM 0.26 picks its V2 model runner by default for dense models; the plugin
-sets ``VLLM_USE_V2_MODEL_RUNNER=0`` for sink engines (see ``patches.engine_args``). If a
-worker still ends up on V2 (the variable set to 1 by hand), it refuses to start rather than
-serve without the policy.
+makes sink engines pick V1 (``patches.vllm_config``). If a worker still ends up on another
+runner, it refuses to start rather than serve without the policy.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def install() -> None:
         if cfg is not None and cfg.enabled and not isinstance(self.model_runner, GPUModelRunner):
             raise SinkConfigError(
                 f"the sink KV policy runs on vLLM's V1 model runner, not "
-                f"{type(self.model_runner).__module__}; set VLLM_USE_V2_MODEL_RUNNER=0"
+                f"{type(self.model_runner).__module__}; unset VLLM_USE_V2_MODEL_RUNNER"
             )
         return orig(self)
 

@@ -80,12 +80,32 @@ class ReferenceLlama:
         return ``lp[t] = log p(tokens[t + 1] | the tokens visible to query t)`` for every
         computed query ``t`` with a next token (length ``len(tokens) - 1``, NaN where no
         step computed ``t``)."""
+        out = torch.full((len(tokens) - 1,), float("nan"), dtype=torch.float64)
+        for a, b, logits in self.stream_logits(
+            tokens, steps, sink_tokens=sink_tokens, window=window, block_size=block_size
+        ):
+            logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+            for t in range(a, min(b, len(tokens) - 1)):
+                out[t] = logp[t - a, tokens[t + 1]]
+        return out
+
+    @torch.no_grad()
+    def stream_logits(
+        self,
+        tokens: list[int],
+        steps: list[tuple[int, int]],
+        *,
+        sink_tokens: int,
+        window: int | None,
+        block_size: int,
+    ):
+        """The same run, yielding ``(a, b, logits)`` per step: the next-token logits of
+        queries ``a..b-1`` (``[b - a, vocab]``, in the reference's dtype)."""
         S, B = sink_tokens, block_size
         L = self.n_layers
         # Pre-RoPE keys and values of every token seen so far, per layer.
         k_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(L)]
         v_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(L)]
-        out = torch.full((len(tokens) - 1,), float("nan"), dtype=torch.float64)
         ids = torch.tensor(tokens)
         rep = self.n_heads // self.n_kv
         for a, b in steps:
@@ -123,11 +143,7 @@ class ReferenceLlama:
                 gate = h @ self.w[p + "mlp.gate_proj.weight"].T
                 up = h @ self.w[p + "mlp.up_proj.weight"].T
                 x = x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
-            logits = self._norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
-            logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
-            for t in range(a, min(b, len(tokens) - 1)):
-                out[t] = logp[t - a, tokens[t + 1]]
-        return out
+            yield a, b, self._norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
 
 
 def chunked_steps(n_prompt: int, chunk: int, n_total: int) -> list[tuple[int, int]]:

@@ -167,3 +167,31 @@ def test_footprint_follows_request_length_and_phase():
             mgr.allocate_new_blocks(r.request_id, 40, 40)
             admitted += 1
     assert admitted == 100
+
+
+def test_sink_engines_get_the_v1_model_runner(monkeypatch):
+    """On the GPU vLLM 0.26 picks its V2 runner for dense models; a sink engine's config
+    answers V1 in every process (it travels in additional_config), with no environment
+    variable; a vanilla config keeps vLLM's own answer. The GPU's choice is simulated by
+    making vLLM's own rule answer V2, which it does not on this CPU (no Triton)."""
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink import SinkConfigError, assets
+    from vllm_sink.config import CONFIG_KEY
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    model = str(assets.model_dir())
+    sink = EngineArgs(model=model, dtype="float32", additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
+    vanilla = EngineArgs(model=model, dtype="float32", max_model_len=1024).create_engine_config()
+    assert sink.additional_config[CONFIG_KEY]["policy"] == "sink"
+    vllms_rule = VllmConfig.use_v2_model_runner.fget.__wrapped__
+    monkeypatch.setattr(VllmConfig, "_is_default_v2_model_runner_model", lambda self: True)
+    monkeypatch.setattr("vllm.config.vllm.HAS_TRITON", True)
+    assert vllms_rule(sink) and vllms_rule(vanilla)  # what vLLM alone would pick: V2
+    assert vanilla.use_v2_model_runner
+    assert not sink.use_v2_model_runner
+    # An explicit request for V2 is refused at start-up, naming the fix.
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(SinkConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
+        EngineArgs(model=model, dtype="float32", additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()

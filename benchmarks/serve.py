@@ -1,0 +1,223 @@
+"""Serving: `vllm bench serve` (vLLM's own load client) against `vllm serve --kv-policy sink`
+and vanilla `vllm serve`, side by side in one run.
+
+    python benchmarks/serve.py [--workloads a,b] [--out benchmarks/results/serve.json]
+
+For each policy (vanilla first, then sink) the stock ``vllm serve`` starts on the Llama-3-8B
+shape with dummy weights (bf16, vLLM's defaults: torch.compile and CUDA graphs) and the
+SmolLM2 tokenizer, with nothing but the stock command and the policy's flags
+(``--kv-policy sink --kv-window 4096``), and serves every workload:
+
+* ``a``: short chat-like requests that never evict: 512 prompt + 256 output tokens, 256
+  prompts, concurrency 64.
+* ``b``: long generations past the window: 1,024 prompt + 8,192 output tokens, 32 prompts,
+  concurrency 32. Vanilla cannot pass the model's 8,192 positions: it generates as far as
+  its context goes (8,192 - 1,024 = 7,168 tokens).
+
+Reports output tokens/s, TTFT and TPOT (mean, median, P99), and, from ``/metrics`` after
+each workload, preemptions, pages evicted and whether the KV pool is whole again. Writes
+JSON and a markdown table (``serve.md``) next to it. Needs the CUDA build of vLLM with the
+plugin installed (run it from outside the source tree, see ``shared/gpu`` staging), and
+the ``vllm`` command on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from throughput import LLAMA3_8B  # noqa: E402
+
+SERVED = "llama3-8b-shape"
+WORKLOADS = {
+    "a": dict(input_len=512, output_len=256, num_prompts=256, concurrency=64),
+    "b": dict(input_len=1024, output_len=8192, num_prompts=32, concurrency=32),
+}
+POLICY_FLAGS = {"full": [], "sink": ["--kv-policy", "sink", "--kv-window", "4096"]}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "generation_config.json")
+
+
+# --smoke: the same flow on the CPU in minutes (a 4-layer model of the same family, shorter
+# workloads), to check the script, not to measure.
+SMOKE_CONFIG = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                    num_key_value_heads=2, num_hidden_layers=4)
+
+
+def model_dir(tokenizer_dir: Path, config: dict = LLAMA3_8B) -> Path:
+    """The 8B-shape config (dummy weights) beside the SmolLM2 tokenizer's files."""
+    d = Path(tempfile.gettempdir()) / "vllm-sink-serve-8b-shape"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists() and name != "generation_config.json":
+            shutil.copy(tokenizer_dir / name, d / name)
+    return d
+
+
+def metrics(url: str) -> dict[str, float]:
+    import requests
+
+    values: dict[str, float] = {}
+    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if m:
+            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
+    return values
+
+
+class Server:
+    def __init__(self, model: Path, policy: str, port: int, log: Path, extra: list[str] = ()):
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = ["vllm", "serve", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
+               "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
+               "--disable-uvicorn-access-log", *POLICY_FLAGS[policy], *extra]
+        self.cmd = cmd
+        self.log = log
+        self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, cwd=tempfile.gettempdir())
+
+    def wait(self, timeout: float = 900) -> float:
+        import requests
+
+        start = time.time()
+        while time.time() - start < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return time.time() - start
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def bench(model: Path, url: str, w: dict, out_dir: Path, name: str) -> dict:
+    cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", SERVED,
+           "--tokenizer", str(model), "--dataset-name", "random",
+           "--random-input-len", str(w["input_len"]), "--random-output-len", str(w["output_len"]),
+           "--random-range-ratio", "0", "--num-prompts", str(w["num_prompts"]),
+           "--max-concurrency", str(w["concurrency"]), "--ignore-eos", "--seed", "0",
+           "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+           "--save-result", "--result-dir", str(out_dir), "--result-filename", name + ".json"]
+    subprocess.run(cmd, check=True, cwd=tempfile.gettempdir())
+    return json.loads((out_dir / (name + ".json")).read_text())
+
+
+KEEP = ("completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
+        "request_throughput", "output_throughput", "total_token_throughput",
+        "mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_tpot_ms",
+        "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms")
+
+
+def run(args) -> list[dict]:
+    from vllm_sink import assets
+
+    config = SMOKE_CONFIG if args.smoke else LLAMA3_8B
+    model = model_dir(Path(args.tokenizer) if args.tokenizer else assets.model_dir(), config)
+    extra = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)] if args.smoke else []
+    work = Path(tempfile.mkdtemp(prefix="vllm-sink-serve-"))
+    rows = []
+    for policy in args.policies.split(","):
+        log = work / f"server-{policy}.log"
+        srv = Server(model, policy, args.port, log, extra)
+        try:
+            start_s = srv.wait()
+            print(f"[serve] {policy}: server up in {start_s:.0f} s", flush=True)
+            for key in args.workloads.split(","):
+                w = dict(WORKLOADS[key])
+                if args.smoke:
+                    w.update(num_prompts=w["num_prompts"] // 8, output_len=w["output_len"] // 16 + (5000 if key == "b" else 0))
+                if policy == "full":  # as far as vanilla's context goes
+                    w["output_len"] = min(w["output_len"], LLAMA3_8B["max_position_embeddings"] - w["input_len"])
+                before = metrics(srv.url)
+                res = bench(model, srv.url, w, work, f"{policy}-{key}")
+                after = metrics(srv.url)
+                row = dict(policy=policy, workload=key, **w, server_start_s=round(start_s, 1),
+                           **{k: res.get(k) for k in KEEP},
+                           preemptions=after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0))
+                if policy == "sink":
+                    time.sleep(3)
+                    after = metrics(srv.url)
+                    row.update(pages_evicted=after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"],
+                               free_pages=after["vllm_sink:free_kv_pages"], pool_pages=after["vllm_sink:kv_pool_pages"])
+                rows.append(row)
+                print("[serve]", json.dumps(row), flush=True)
+            if policy == "sink":
+                startup = [l for l in log.read_text().splitlines() if "vllm-sink" in l or "model runner" in l.lower()]
+                rows[-1]["startup_log"] = startup[:6]
+        finally:
+            srv.stop()
+    return rows
+
+
+def report(rows: list[dict], out: Path) -> None:
+    import platform
+
+    try:
+        import torch
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
+    except Exception:  # noqa: BLE001
+        device = "unknown"
+    import vllm
+
+    meta = dict(device=device, vllm=vllm.__version__, model="Llama-3-8B shape, dummy weights, bf16",
+                command="python benchmarks/serve.py " + " ".join(sys.argv[1:]))
+    out.write_text(json.dumps(dict(meta, results=rows), indent=1))
+    lines = [f"`vllm bench serve`, {device}, vLLM {vllm.__version__}, {meta['model']}", "",
+             "| workload | server | output tok/s | mean TTFT ms | P99 TTFT ms | mean TPOT ms | P99 TPOT ms | served | preemptions | pages evicted | pool whole after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        wl = f"({r['workload']}) {r['input_len']} in + {r['output_len']} out, {r['num_prompts']} prompts, concurrency {r['concurrency']}"
+        name = "vanilla" if r["policy"] == "full" else "sink W=4096"
+        whole = "" if r["policy"] == "full" else ("yes" if r["free_pages"] == r["pool_pages"] else f"no ({r['free_pages']:.0f}/{r['pool_pages']:.0f})")
+        lines.append(f"| {wl} | {name} | {r['output_throughput']:,.0f} | {r['mean_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
+                     f"{r['mean_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['completed']}/{r['num_prompts']} | "
+                     f"{r['preemptions']:.0f} | {r.get('pages_evicted', 0):,.0f} | {whole} |")
+    by = {(r["policy"], r["workload"]): r for r in rows}
+    for key in sorted({r["workload"] for r in rows}):
+        if ("full", key) in by and ("sink", key) in by:
+            f, s = by[("full", key)], by[("sink", key)]
+            lines.append("")
+            lines.append(f"({key}) sink / vanilla: output tok/s {s['output_throughput'] / f['output_throughput']:.3f}, "
+                         f"mean TPOT {s['mean_tpot_ms'] / f['mean_tpot_ms']:.3f}, mean TTFT {s['mean_ttft_ms'] / f['mean_ttft_ms']:.3f}")
+    text = "\n".join(lines) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", default="a,b", help="comma-separated: a, b")
+    p.add_argument("--policies", default="full,sink", help="comma-separated, run in this order")
+    p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files (default: the SmolLM2 model set up by scripts/setup.sh)")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--smoke", action="store_true", help="check the flow on the CPU: a 4-layer model, short workloads")
+    p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    args = p.parse_args()
+    rows = run(args)
+    report(rows, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
