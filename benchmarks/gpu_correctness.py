@@ -43,7 +43,9 @@ def main() -> None:
     from tolerances import check
     from vllm import LLM, SamplingParams
 
-    import vllm_sink  # noqa: F401
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
     from vllm_sink import assets
     from vllm_sink.policy import window_start
 

@@ -235,7 +235,9 @@ def vllm_worker(task: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    import vllm_sink  # noqa: F401  (enables the kv_policy keywords)
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
     from vllm_sink import assets
     from vllm_sink.metrics import SINK_STATS
     from vllm_sink.policy import page_bound

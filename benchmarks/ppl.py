@@ -79,8 +79,7 @@ def stream_tokens(tokenizer, text: str, n: int, offset: int = 0, loop: int = 0) 
 # --------------------------------------------------------------------------- engines
 def engine(args, policy: str, n_tokens: int):
     """A vLLM engine for one policy (import vllm_sink first for the kv_policy keywords)."""
-    import vllm_sink  # noqa: F401
-    from vllm import LLM
+    from vllm_sink import LLM  # vLLM's LLM, with the kv_policy keywords
 
     from vllm_sink.patches.scoring import install_prompt_tensor_cache
 

@@ -165,7 +165,9 @@ def worker(task: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    import vllm_sink  # noqa: F401
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
 
     kind = task["kind"]
     if task.get("device") == "cpu":

@@ -38,8 +38,8 @@ command from the repository root; kind ``nvidia-h200-x2``), one device call per 
     mkdir -p /tmp/rayparts && cp .gpu/ray1/ray.whl.part00 /tmp/rayparts/
     bash .gpu/ray2/stage_ray.sh
     # 7-8: the two parts (carry nothing); each should stay under the 10-minute limit of a call
-    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 python3 benchmarks/tp.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --text /tmp/hamlet.md --parts correctness --out $OUT/tp_correctness.json
-    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_USE_V2_MODEL_RUNNER=0 python3 benchmarks/tp.py --parts throughput --out $OUT/tp_throughput.json
+    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 benchmarks/tp.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --text /tmp/hamlet.md --parts correctness --out $OUT/tp_correctness.json
+    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 benchmarks/tp.py --parts throughput --out $OUT/tp_throughput.json
 
 and back here: ``python benchmarks/tp.py --report tp_correctness.json tp_throughput.json``
 writes benchmarks/results/tp.json and tp.md. The script sets both variables for its engines
@@ -90,8 +90,8 @@ def stage_plugin() -> Path:
     tmp = PLUGIN_DIR.with_name(PLUGIN_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__")
+    # vllm_sink/patches is a link to patches/: copied as the files it points to.
     shutil.copytree(ROOT / "vllm_sink", tmp / "vllm_sink", ignore=ignore)
-    shutil.copytree(ROOT / "patches", tmp / "vllm_sink" / "patches", ignore=ignore)
     info = tmp / "vllm_sink-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-sink\nVersion: 0.1.0\n")
@@ -162,7 +162,9 @@ def _worker_stats() -> dict:
 def worker_correctness(task: dict) -> dict:
     from vllm import LLM, SamplingParams
 
-    import vllm_sink  # noqa: F401  (LLM(kv_policy=...); the workers load it by entry point)
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
 
     kw = dict(dtype="bfloat16", gpu_memory_utilization=0.2)
     if task.get("cpu"):
@@ -195,7 +197,9 @@ def worker_throughput(task: dict) -> dict:
     from throughput import LLAMA3_8B, decode_step_ms, engine_kwargs, model_dir
     from vllm import LLM, SamplingParams
 
-    import vllm_sink  # noqa: F401
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
 
     pos = task["position"]
     kw = engine_kwargs("sink", 4096, max(8192, pos + 256), 256)

@@ -27,8 +27,9 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.policy import cdiv, window_start
+from vllm_sink.policy import cdiv, row_transition, window_start
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,29 +188,27 @@ class StreamingSinkManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
-        B, s = self.block_size, self.sink_pages
-        w0 = window_start(processed_computed_tokens, self.sink_tokens, self.window, B)
-        first = self.first_live_block.get(request_id, s)
-        last = min(cdiv(w0, B), len(blocks))
-        if last <= first:
-            return
-        freed = [blk for blk in blocks[first:last] if not blk.is_null]
-        if self.sink_tokens % B:
-            # The page holding w0 becomes the partial sink page; the old one is freed.
-            holding = blocks[last - 1]
-            assert not holding.is_null, "the page holding the window start is gone"
-            freed[-1] = blocks[s - 1]
-            blocks[s - 1] = holding
-        for i in range(first, last):
-            blocks[i] = self._null_block
-        self.first_live_block[request_id] = last
-        if freed:
+        s = self.sink_pages
+        w0 = window_start(processed_computed_tokens, self.sink_tokens, self.window, self.block_size)
+        move = row_transition(self.first_live_block.get(request_id, s), w0, self.sink_tokens, self.block_size)
+        if move is not None:
+            # Blocks up to the window start hold settled tokens, so they are allocated.
+            assert move.last <= len(blocks), (request_id, move, len(blocks))
+            live = blocks[:s] + blocks[move.first :]
+            row, leaving = move.apply(live, s)
+            blocks[:s] = row[:s]
+            for i in range(move.first, move.last):
+                blocks[i] = self._null_block
+            self.first_live_block[request_id] = move.last
+            assert not any(blk.is_null for blk in leaving), "a page left the row twice"
             # Tail-first, like vLLM's own frees, so the oldest pages are reused last.
-            self.block_pool.free_blocks(reversed(freed))
-            self.live[request_id] = self.live.get(request_id, 0) - len(freed)
+            self.block_pool.free_blocks(reversed(leaving))
+            self.live[request_id] = self.live.get(request_id, 0) - len(leaving)
             SINK_STATS.observe_live(request_id, self.live[request_id])
-            SINK_STATS.pages_evicted += len(freed)
-            SINK_STATS.tokens_evicted += len(freed) * B
+            SINK_STATS.pages_evicted += len(leaving)
+            SINK_STATS.tokens_evicted += len(leaving) * self.block_size
+        if ROW_LOG.enabled():
+            ROW_LOG.record_manager(request_id, processed_computed_tokens, [b.block_id for b in blocks if not b.is_null])
 
     def pop_blocks_for_free(self, request_id):
         self.live.pop(request_id, None)

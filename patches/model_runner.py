@@ -42,7 +42,8 @@ from vllm.logger import init_logger
 from vllm_sink.config import SinkConfig, SinkConfigError
 from vllm_sink.patches import sampler
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.policy import FrameState, apply_plan, cdiv, plan_step
+from vllm_sink.invariants import ROW_LOG
+from vllm_sink.policy import FrameState, apply_plan, plan_step, row_transition
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -197,9 +198,9 @@ class SinkRunnerHook:
         mc = runner.vllm_config.model_config
         self.num_kv_heads = mc.get_num_kv_heads(runner.vllm_config.parallel_config)
         self.head_size = mc.get_head_size()
-        n = runner.input_batch.max_num_reqs if hasattr(runner, "input_batch") else 1024
-        self.slot_off = np.zeros(n, dtype=np.int64)
-        self.rope_off = np.zeros(n, dtype=np.int64)
+        # request id -> (slot offset, frame base) of this step, set after _update_states and
+        # read in _prepare_inputs by request id (rows may be reordered in between).
+        self.offsets: dict[str, tuple[int, int]] = {}
         self.any_offset = False
         self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
         self.stager = _HostStager(self.device)
@@ -252,9 +253,8 @@ class SinkRunnerHook:
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
-        bt = self._block_table()
-        bpk = bt.blocks_per_kv_block
         self.any_offset = False
+        self.offsets.clear()
         self.stager.reset()
         anchors: list[tuple[int, _Stream, int, int]] = []  # (row, stream, old, new sink angle)
         for row in range(num_reqs):
@@ -262,7 +262,6 @@ class SinkRunnerHook:
             n = scheduler_output.num_scheduled_tokens.get(rid, 0)
             stream = self.streams.setdefault(rid, _Stream(first_live_block=self.s))
             if n == 0:
-                self.slot_off[row] = self.rope_off[row] = 0
                 continue
             a = int(ib.num_computed_tokens_cpu[row])
             plan = plan_step(
@@ -274,40 +273,47 @@ class SinkRunnerHook:
                 block_size=self.B,
                 rope_limit=self.rope_limit,
             )
-            drop = cdiv(plan.w0, self.B) - stream.first_live_block
-            moved_sink = False
-            if drop > 0:
-                count = int(bt.num_blocks_per_row[row])
-                table = bt.block_table.np
+            move = row_transition(stream.first_live_block, plan.w0, self.S, self.B)
+            if move is not None:
                 block_ids = self.runner.requests[rid].block_ids[0]
-                if self.r:
-                    # The page holding w0 (slots [r, B): the window from w0) becomes the
-                    # partial sink page; the old one leaves the row instead. Its sink
-                    # slots [0, r) are first kept, as written, for re-anchoring.
-                    old_sink = int(table[row, self.s - 1])
-                    if stream.pristine_partial is None:
-                        stream.pristine_partial = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
-                        stream.pristine_partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
-                    table[row, self.s - 1] = table[row, self.s + drop - 1]
-                    block_ids[self.s - 1] = block_ids[self.s + drop - 1]
-                    moved_sink = True
-                del block_ids[self.s : self.s + drop]
-                lo, d = self.s * bpk, drop * bpk
-                table[row, lo : count - d] = table[row, lo + d : count]
-                table[row, count - d : count] = 0
-                bt.num_blocks_per_row[row] = count - d
-                stream.first_live_block += drop
+                if move.swap_sink and stream.pristine_partial is None:
+                    # The old partial sink page leaves; its sink slots [0, r) are first
+                    # kept, as written, for re-anchoring in the page that replaces it.
+                    old_sink = block_ids[self.s - 1]
+                    stream.pristine_partial = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
+                    stream.pristine_partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
+                block_ids[:], _ = move.apply(block_ids, self.s)
+                self._write_row(row, block_ids)
+                stream.first_live_block = move.last
+            if ROW_LOG.enabled():
+                ROW_LOG.record_worker(rid, a, self.runner.requests[rid].block_ids[0])
             if plan.window_shift:
                 self._epoch(row, plan.window_shift)
-            if self.S and (moved_sink or plan.sink_angle != stream.frame.sink_angle):
+            if self.S and ((move is not None and move.swap_sink) or plan.sink_angle != stream.frame.sink_angle):
                 anchors.append((row, stream, stream.frame.sink_angle, plan.sink_angle))
             apply_plan(stream.frame, plan)
-            self.slot_off[row] = plan.slot_offset
-            self.rope_off[row] = plan.base
+            self.offsets[rid] = (plan.slot_offset, plan.base)
             if plan.slot_offset or plan.base:
                 self.any_offset = True
         if anchors:
             self._reanchor(anchors)
+
+    def _write_row(self, row: int, block_ids: list[int]) -> None:
+        """Write a request's KV block ids into its block-table row (in kernel blocks: each
+        KV block is ``blocks_per_kv_block`` consecutive kernel blocks), zeroing the rest of
+        what the row held."""
+        bt = self._block_table()
+        bpk = bt.blocks_per_kv_block
+        count = int(bt.num_blocks_per_row[row])
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if bpk > 1:
+            ids = (ids[:, None] * bpk + np.arange(bpk)[None, :]).reshape(-1)
+        n = len(ids)
+        assert n <= count, (n, count)
+        table = bt.block_table.np
+        table[row, :n] = ids
+        table[row, n:count] = 0
+        bt.num_blocks_per_row[row] = n
 
     def _angles(self, deltas: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``[len(deltas), rotary_dim // 2]`` on the device."""
@@ -375,9 +381,12 @@ class SinkRunnerHook:
         r = self.runner
         num_reqs = r.input_batch.num_reqs
         T = scheduler_output.total_num_scheduled_tokens
-        slot_off_np = self.slot_off[:num_reqs]
+        offsets = np.array(
+            [self.offsets.get(rid, (0, 0)) for rid in r.input_batch.req_ids[:num_reqs]], dtype=np.int64
+        ).reshape(num_reqs, 2)
+        slot_off_np = offsets[:, 0]
         slot_off = self.stager.put(slot_off_np)
-        rope_off = self.stager.put(self.rope_off[:num_reqs])
+        rope_off = self.stager.put(offsets[:, 1])
         req_idx = r.req_indices.gpu[:T].long()
         positions = r.positions[:T]
         r.input_batch.block_table.compute_slot_mapping(

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# The manager and the worker run in this process: check after every engine test that
+# they held the same rows of pages (vllm_sink.invariants).
+os.environ.setdefault("VLLMSINK_CHECK_ROWS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_helpers import ENGINES, EngineCache, Memo  # noqa: E402
@@ -59,6 +62,20 @@ def pytest_collection_modifyitems(config, items):
         return ENGINE_ORDER.index(marker.args[0]) + 1 if marker else 0
 
     items.sort(key=key)
+
+
+@pytest.fixture(autouse=True)
+def rows_agree(request):
+    """After each engine test: wherever the manager and the worker recorded a request's row
+    at the same token count, the rows agree."""
+    yield
+    if request.node.get_closest_marker("engine") is None:
+        return
+    from vllm_sink.invariants import ROW_LOG
+
+    compared, bad = ROW_LOG.mismatches()
+    ROW_LOG.clear()
+    assert not bad, f"{len(bad)} of {compared} rows differ: {bad[:3]}"
 
 
 @pytest.fixture

@@ -38,8 +38,7 @@ class EngineCache:
         if self.name == name:
             return self.llm
         self.close()
-        import vllm_sink  # noqa: F401  (LLM(kv_policy=...) keywords)
-        from vllm import LLM
+        from vllm_sink import LLM  # vLLM's LLM, with the kv_policy keywords
 
         from vllm_sink import assets
 

@@ -70,8 +70,7 @@ def make_variant(root: Path, name: str) -> Path:
 
 
 def attempt(kwargs: dict, variant: str | None, root: Path) -> Exception | None:
-    import vllm_sink  # noqa: F401
-    from vllm import LLM
+    from vllm_sink import LLM  # vLLM's LLM, with the kv_policy keywords
 
     from vllm_sink import assets
 

@@ -1,8 +1,8 @@
 """Settings of the KV policy, and their validation.
 
 The settings travel inside vLLM's ``VllmConfig.additional_config["vllm_sink"]`` (pickled to
-the engine core and every worker). Users give them as ``LLM(kv_policy="sink", ...)`` after
-``import vllm_sink``, as ``vllm serve --kv-policy sink ...``, or through stock
+the engine core and every worker). Users give them as ``LLM(kv_policy="sink", ...)`` (with
+``from vllm_sink import LLM``), as ``vllm serve --kv-policy sink ...``, or through stock
 ``additional_config={"kv_policy": "sink", ...}``.
 """
 

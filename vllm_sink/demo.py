@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
     from vllm import LLM, SamplingParams
 
-    import vllm_sink  # noqa: F401  (enables the kv_policy keywords)
+    import vllm_sink
+
+    vllm_sink.register()  # the kv_policy keywords of LLM(...)
     from vllm_sink import assets
     from vllm_sink.metrics import SINK_STATS
     from vllm_sink.policy import page_bound

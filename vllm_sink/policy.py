@@ -69,6 +69,54 @@ def evicted_pages(a: int, sink_tokens: int, window: int, block_size: int) -> ran
     return range(sink_page_count(sink_tokens, block_size), cdiv(w0, block_size))
 
 
+@dataclass(frozen=True)
+class RowTransition:
+    """How a sequence's row of pages changes when its window start moves.
+
+    The row is the sequence's live pages in cache order: its ``s`` sink pages (logical blocks
+    ``0 .. s-1``), then the window's pages, logical blocks ``first ..`` on. After the move
+    the window's pages start at logical block ``last = ceil(w0 / B)``: logical blocks
+    ``[first, last)`` leave the row. With a partial sink page (``swap_sink``), the page of
+    logical block ``last - 1`` (it holds ``w0``, and the window's first tokens in its slots
+    ``[r, B)``) stays, in place of the last sink page, and the old last sink page leaves
+    instead: still ``last - first`` pages leave.
+
+    The scheduler's manager (which frees the pages) and the worker (which compacts its block
+    table row) both apply the transition :func:`row_transition` gives them, each to its own
+    copy of the row; :meth:`apply` is the rule on a plain list (``row[i]`` = page of row
+    position ``i``).
+    """
+
+    first: int
+    last: int
+    swap_sink: bool
+
+    @property
+    def leaving(self) -> int:
+        return self.last - self.first
+
+    def apply(self, row: list, sink_pages: int) -> tuple[list, list]:
+        """``(new row, pages that leave)`` for ``row``, whose position ``sink_pages`` holds
+        logical block ``first``."""
+        s, d = sink_pages, self.leaving
+        if len(row) < s + d:
+            raise ValueError(f"row of {len(row)} pages has no logical block {self.last - 1}")
+        row = list(row)
+        leaving = row[s : s + d]
+        if self.swap_sink:
+            leaving[-1], row[s - 1] = row[s - 1], row[s + d - 1]
+        return row[:s] + row[s + d :], leaving
+
+
+def row_transition(first: int, w0: int, sink_tokens: int, block_size: int) -> RowTransition | None:
+    """The row transition for a window that now starts at ``w0``, from a row whose window
+    pages start at logical block ``first`` (``None`` if no page leaves)."""
+    last = cdiv(w0, block_size)
+    if last <= first:
+        return None
+    return RowTransition(first=first, last=last, swap_sink=sink_tokens % block_size != 0)
+
+
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
     """The contract's bound on the pages one running sequence holds.
 

@@ -46,6 +46,7 @@ class Server:
         self.log_path = log_path
         env = dict(os.environ)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the stock multiprocess server
+        env.pop("VLLMSINK_CHECK_ROWS", None)  # needs manager and worker in one process
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--host", "127.0.0.1",
              "--port", str(self.port), *BASE_ARGS, *sink_args, *auth, *extra_args],

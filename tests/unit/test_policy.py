@@ -174,3 +174,51 @@ def test_plan_refuses_step_larger_than_positions():
 
 def test_cdiv():
     assert cdiv(0, 16) == 0 and cdiv(1, 16) == 1 and cdiv(16, 16) == 1 and cdiv(17, 16) == 2
+
+
+def test_policy_imports_without_vllm():
+    """The policy (and the package) import where vLLM is absent: importing them installs
+    nothing; vLLM loads the plugin through its entry point."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"  # any 'import vllm' now fails
+        "import vllm_sink, vllm_sink.policy, vllm_sink.config, vllm_sink.metrics\n"
+        "assert not [m for m in sys.modules if m.startswith('vllm.') or m.startswith('vllm_sink.patches')]\n"
+        "print(vllm_sink.policy.window_start(1000, 4, 256, 16))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["740"]
+
+
+@pytest.mark.parametrize("S,B", [(16, 16), (32, 16), (20, 16), (4, 16), (0, 16)])
+def test_row_transition_matches_a_direct_simulation(S, B):
+    """Pages are named by the logical block they were allocated for. After any sequence of
+    window moves the row is: the sink's whole pages, then (partial sink) the page of the
+    block holding w0, then the pages from ceil(w0 / B); every other page has left, once."""
+    from vllm_sink.policy import row_transition, sink_page_count
+
+    s, W = sink_page_count(S, B), 64
+    allocated = 400 // B + 2
+    row, first, gone = list(range(allocated)), s, []
+    for a in range(0, 400, 7):
+        w0 = window_start(a, S, W, B)
+        move = row_transition(first, w0, S, B)
+        if move is None:
+            assert cdiv(w0, B) <= first
+            continue
+        assert (move.first, move.last, move.swap_sink) == (first, cdiv(w0, B), S % B != 0)
+        row, leaving = move.apply(row, s)
+        gone += leaving
+        first = move.last
+        last = cdiv(w0, B)
+        sink = list(range(S // B)) + ([last - 1] if S % B else [])
+        assert row == sink + list(range(last, allocated))
+        assert len(leaving) == move.leaving
+    assert first > s + 3  # the window moved many pages
+    assert len(gone) == len(set(gone)) and not set(gone) & set(row)
+    assert sorted(gone + row) == list(range(allocated))
+    with pytest.raises(ValueError):
+        row_transition(first, window_start(10_000, S, W, B), S, B).apply(row, s)
