@@ -27,9 +27,9 @@ import shutil
 import tempfile
 from vllm.logger import init_logger
 
-from vllm_sink.config import CONFIG_KEY, USER_KEYS, SinkConfig, SinkConfigError
+from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, USER_KEYS, SinkConfig, SinkConfigError
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
-from vllm_sink.policy import max_step_tokens
+from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
@@ -238,7 +238,18 @@ def sink_engine_config(args, orig_create, *a, **kw):
             step_cap,
             rope_limit,
         )
-    vllm_config.additional_config[CONFIG_KEY] = resolved.to_dict()
+    step_tokens = sched.max_num_batched_tokens
+    if 0 < sched.long_prefill_token_threshold < step_tokens:
+        step_tokens = sched.long_prefill_token_threshold
+    geometry = SinkGeometry(
+        block_size=block_size,
+        sink_tokens=resolved.sink_tokens,
+        kv_window=resolved.window,
+        step_tokens=step_tokens,
+        concurrent_steps=vllm_config.max_concurrent_batches,
+        rope_limit=rope_limit,
+    )
+    vllm_config.additional_config[CONFIG_KEY] = {**resolved.to_dict(), GEOMETRY_KEY: geometry.to_dict()}
     served = vllm_config.model_config.served_model_name
     export_metrics(served if isinstance(served, str) else served[0])
     host_mb = 5 * resolved.max_stream_len * sched.max_num_seqs / 2**20

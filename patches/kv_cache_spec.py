@@ -27,42 +27,27 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+from vllm_sink.config import SinkConfigError
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.policy import cdiv, row_transition, window_start
+from vllm_sink.policy import SinkGeometry, cdiv
 
 
 @dataclass(frozen=True, kw_only=True)
 class SinkWindowSpec(FullAttentionSpec):
-    """Full attention whose sequences keep only the sink + the last ``window`` tokens.
+    """Full attention whose sequences keep only the sink + the last ``kv_window`` tokens.
 
-    ``sink_pages`` pages hold the sink's ``sink_tokens`` tokens (``None``: whole pages; the
-    last sink page is partial otherwise, see ``vllm_sink.policy``).
-
-    ``in_flight_tokens``: the most tokens of one sequence that are scheduled but not yet
-    settled (one step's worth, two with async scheduling); pages are freed on the
-    settled-token basis, so this is slack the pool must hold. ``decode_in_flight_tokens``:
-    the same once the sequence decodes (one token a step).
+    ``geometry`` (``vllm_sink.policy.SinkGeometry``) carries every number of the policy,
+    resolved once at start-up: sink, window, per-sequence step, steps in flight, and the
+    page bounds derived from them. Its ``block_size`` is the spec's.
     """
 
-    sink_pages: int
-    window: int
-    in_flight_tokens: int
-    decode_in_flight_tokens: int = 1
-    sink_tokens: int | None = None
-
-    @property
-    def sink_token_count(self) -> int:
-        return self.sink_pages * self.block_size if self.sink_tokens is None else self.sink_tokens
-
-    def live_page_bound(self, in_flight: int) -> int:
-        """``s + ceil((W - 1 + C) / B) + 1`` for ``C`` tokens in flight."""
-        return self.sink_pages + cdiv(self.window - 1 + in_flight, self.block_size) + 1
+    geometry: SinkGeometry
 
     @property
     def max_live_pages(self) -> int:
         """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1``."""
-        return self.live_page_bound(self.in_flight_tokens)
+        return self.geometry.max_live_pages
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # A sequence never holds more pages than its whole length (the stream cap) needs.
@@ -72,27 +57,24 @@ class SinkWindowSpec(FullAttentionSpec):
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         # The worker's compacted row, before it is compacted again in a step, also holds
         # the pages allocated for the step in flight.
-        return min(
-            cdiv(max_len, self.block_size),
-            self.max_live_pages + cdiv(self.in_flight_tokens, self.block_size) + 1,
-        )
+        return min(cdiv(max_len, self.block_size), self.geometry.row_capacity)
 
     @classmethod
     def merge(cls, specs):
         assert all(isinstance(s, SinkWindowSpec) for s in specs), (
             "every layer of a sink-managed KV cache group must be SinkWindowSpec"
         )
-        names = ("sink_pages", "window", "in_flight_tokens", "decode_in_flight_tokens", "sink_tokens")
-        extra = {tuple(getattr(s, n) for n in names) for s in specs}
-        assert len(extra) == 1, f"layers disagree on sink/window settings: {extra}"
-        base = FullAttentionSpec.merge(specs)
-        return cls.from_full(base, **dict(zip(names, extra.pop())))
+        geometries = {s.geometry for s in specs}
+        assert len(geometries) == 1, f"layers disagree on the sink geometry: {geometries}"
+        return cls.from_full(FullAttentionSpec.merge(specs), geometries.pop())
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, **sink_fields) -> "SinkWindowSpec":
-        """This spec with every ``FullAttentionSpec`` field of ``spec`` and our own fields."""
+    def from_full(cls, spec: FullAttentionSpec, geometry: SinkGeometry) -> "SinkWindowSpec":
+        """This spec with every ``FullAttentionSpec`` field of ``spec`` and ``geometry``."""
+        if geometry.block_size != spec.block_size:
+            raise ValueError(f"sink geometry for {geometry.block_size}-token pages, spec has {spec.block_size}")
         base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**base, **sink_fields)
+        return cls(**base, geometry=geometry)
 
 
 class StreamingSinkManager(FullAttentionManager):
@@ -108,7 +90,7 @@ class StreamingSinkManager(FullAttentionManager):
         window's first tokens) moves to block ``s - 1`` as the new sink page and the old
         sink page is freed in its place, as the worker does (``patches.model_runner``).
       * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
-        ``spec.max_live_pages``.
+        ``geometry.max_live_pages``.
       * no block is shared between requests (prefix caching is off), so
         ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
       * admission reserves each sequence's whole footprint: a request is admitted only if
@@ -124,20 +106,15 @@ class StreamingSinkManager(FullAttentionManager):
         kwargs["max_admission_blocks_per_request"] = kv_cache_spec.max_live_pages
         super().__init__(kv_cache_spec, **kwargs)
         if self.dcp_world_size > 1 or self.pcp_world_size > 1:
-            raise ValueError("the sink KV policy does not support context parallelism")
-        self.sink_pages = kv_cache_spec.sink_pages
-        self.sink_tokens = kv_cache_spec.sink_token_count
-        self.window = kv_cache_spec.window
+            raise SinkConfigError("the sink KV policy does not support context parallelism")
+        self.geometry = kv_cache_spec.geometry
         self.live: dict[str, int] = {}
-        self.max_live_pages = kv_cache_spec.max_live_pages
-        self.decode_in_flight = kv_cache_spec.decode_in_flight_tokens
-        self.decode_live_pages = kv_cache_spec.live_page_bound(self.decode_in_flight)
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.
         self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
-        SINK_STATS.max_live_pages_allowed = kv_cache_spec.max_live_pages
+        SINK_STATS.max_live_pages_allowed = self.geometry.max_live_pages
         self._publish(force=True)
 
     def _publish(self, force: bool) -> None:
@@ -155,15 +132,16 @@ class StreamingSinkManager(FullAttentionManager):
     def note_request(self, request) -> None:
         """Record the footprint of ``request`` (called before each of its allocations)."""
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
-        decoding = request.num_computed_tokens >= request.num_prompt_tokens + self.decode_in_flight
-        bound = self.decode_live_pages if decoding else self.max_live_pages
+        g = self.geometry
+        decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
+        bound = g.decode_live_pages if decoding else g.max_live_pages
         whole = cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
         self.footprints[request.request_id] = min(bound, whole)
 
     def outstanding_pages(self) -> int:
         """Pages admitted sequences may still claim, up to their footprints."""
         return sum(
-            max(0, self.footprints.get(rid, self.max_live_pages) - live)
+            max(0, self.footprints.get(rid, self.geometry.max_live_pages) - live)
             for rid, live in self.live.items()
         )
 
@@ -173,7 +151,7 @@ class StreamingSinkManager(FullAttentionManager):
         )
         if request_id in self.live:  # admitted and running: its reservation covers it
             return needed
-        footprint = self.footprints.get(request_id, self.max_live_pages)
+        footprint = self.footprints.get(request_id, self.geometry.max_live_pages)
         return max(needed, footprint) + self.outstanding_pages()
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
@@ -188,9 +166,9 @@ class StreamingSinkManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
-        s = self.sink_pages
-        w0 = window_start(processed_computed_tokens, self.sink_tokens, self.window, self.block_size)
-        move = row_transition(self.first_live_block.get(request_id, s), w0, self.sink_tokens, self.block_size)
+        g = self.geometry
+        s = g.sink_pages
+        move = g.row_transition(self.first_live_block.get(request_id, s), g.window_start(processed_computed_tokens))
         if move is not None:
             # Blocks up to the window start hold settled tokens, so they are allocated.
             assert move.last <= len(blocks), (request_id, move, len(blocks))

@@ -43,7 +43,7 @@ from vllm_sink.config import SinkConfig, SinkConfigError
 from vllm_sink.patches import sampler
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
-from vllm_sink.policy import FrameState, apply_plan, plan_step, row_transition
+from vllm_sink.policy import FrameState, SinkGeometry, apply_plan
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -180,18 +180,21 @@ def kv_layout(runner) -> str:
 class SinkRunnerHook:
     """Per-runner state and the two wraps. One instance per model runner."""
 
-    def __init__(self, runner, cfg: SinkConfig, block_size: int):
+    def __init__(self, runner, geometry: SinkGeometry):
         self.runner = runner
-        self.cfg = cfg
-        self.B = block_size
-        self.s = cfg.sink_pages
-        self.S = cfg.sink_pages * block_size if cfg.sink_tokens is None else cfg.sink_tokens
-        self.r = self.S % block_size  # sink slots used in the last sink page (0: whole)
-        self.s_whole = self.S // block_size
-        self.W = cfg.window
+        self.geometry = g = geometry
+        # Short names for the hot path (vllm_sink.policy's notation).
+        self.B, self.S, self.W = g.block_size, g.sink_tokens, g.kv_window
+        self.s, self.r = g.sink_pages, g.partial_slots
+        self.s_whole = self.S // self.B
         self.streams: dict[str, _Stream] = {}
         self.table = find_rotary(runner.get_model())
-        self.rope_limit = self.table.limit
+        if self.table.limit < g.rope_limit:
+            raise SinkConfigError(
+                f"the model's rotary table has {self.table.limit} positions, fewer than the "
+                f"{g.rope_limit} its config declares; use --kv-policy full for this model"
+            )
+        self.rope_limit = g.rope_limit
         self._layout: str | None = None
         self._keys: list[torch.Tensor] | None = None
         self._values: list[torch.Tensor] | None = None
@@ -264,16 +267,8 @@ class SinkRunnerHook:
             if n == 0:
                 continue
             a = int(ib.num_computed_tokens_cpu[row])
-            plan = plan_step(
-                a,
-                a + n,
-                stream.frame,
-                sink_tokens=self.S,
-                window=self.W,
-                block_size=self.B,
-                rope_limit=self.rope_limit,
-            )
-            move = row_transition(stream.first_live_block, plan.w0, self.S, self.B)
+            plan = self.geometry.plan_step(a, a + n, stream.frame)
+            move = self.geometry.row_transition(stream.first_live_block, plan.w0)
             if move is not None:
                 block_ids = self.runner.requests[rid].block_ids[0]
                 if move.swap_sink and stream.pristine_partial is None:
@@ -399,12 +394,12 @@ class SinkRunnerHook:
         )
 
 
-def attach(runner, cfg: SinkConfig, block_size: int) -> SinkRunnerHook:
+def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
     """Wrap ``_update_states`` and ``_prepare_inputs`` of this runner instance (idempotent)."""
     hook = getattr(runner, "_vllm_sink_hook", None)
     if hook is not None:
         return hook
-    hook = SinkRunnerHook(runner, cfg, block_size)
+    hook = SinkRunnerHook(runner, geometry)
     orig_update = runner._update_states
     orig_prepare = runner._prepare_inputs
 
@@ -426,19 +421,20 @@ def attach(runner, cfg: SinkConfig, block_size: int) -> SinkRunnerHook:
 
 
 # ---------------------------------------------------------------------- KV-cache specs
-def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
+def sink_specs(runner, specs: dict) -> dict:
     """Turn every layer's ``FullAttentionSpec`` into a ``SinkWindowSpec``, refusing what
     the policy cannot serve exactly, and attach the runner hook."""
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec
 
-    vc = runner.vllm_config
-    sched = vc.scheduler_config
-    step = sched.max_num_batched_tokens
-    if 0 < sched.long_prefill_token_threshold < step:
-        step = sched.long_prefill_token_threshold
-    in_flight = vc.max_concurrent_batches * step
+    geometry = SinkConfig.geometry_from_additional_config(runner.vllm_config.additional_config)
+    if geometry is None:
+        raise SinkConfigError(
+            "the sink KV policy was configured without going through the plugin's engine "
+            "set-up (no resolved geometry in additional_config); pass the settings as "
+            "kv_policy='sink' (LLM keywords, --kv-policy sink or --additional-config)"
+        )
     out = {}
     for name, spec in specs.items():
         if isinstance(spec, SinkWindowSpec):
@@ -463,28 +459,14 @@ def sink_specs(runner, specs: dict, cfg: SinkConfig) -> dict:
                 "the sink KV policy re-rotates cached keys and needs an unquantised KV "
                 "cache; use --kv-cache-dtype auto"
             )
-        out[name] = SinkWindowSpec.from_full(
-            spec,
-            sink_pages=cfg.sink_pages,
-            sink_tokens=cfg.sink_tokens,
-            window=cfg.window,
-            in_flight_tokens=in_flight,
-            decode_in_flight_tokens=vc.max_concurrent_batches,
-        )
+        out[name] = SinkWindowSpec.from_full(spec, geometry)
     if out:
-        block_size = next(iter(out.values())).block_size
-        hook = attach(runner, cfg, block_size)
+        hook = attach(runner, geometry)
         if hook.r and hook._block_table().blocks_per_kv_block != 1:
             raise SinkConfigError(
-                f"a sink of {hook.S} tokens (not a whole number of {block_size}-token pages) "
+                f"a sink of {hook.S} tokens (not a whole number of {hook.B}-token pages) "
                 "needs the attention kernel to use the same block size as the KV cache; use "
                 "sink_pages (whole pages) for this model"
-            )
-        if hook.rope_limit < hook.S + cfg.window + block_size + step:
-            raise SinkConfigError(
-                f"sink + window + one page + one step ({step} tokens) exceed the model's "
-                f"{hook.rope_limit} rotary positions; lower kv_window or "
-                "max_num_batched_tokens"
             )
     return out
 
@@ -503,7 +485,7 @@ def install() -> None:
         cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
         if cfg is None or not cfg.enabled:
             return specs
-        return sink_specs(self, specs, cfg)
+        return sink_specs(self, specs)
 
     get_kv_cache_spec._vllm_sink = True
     get_kv_cache_spec.__wrapped__ = orig

@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
 
-from vllm_sink.policy import cdiv, max_step_tokens
+from vllm_sink.policy import SinkGeometry, cdiv, max_step_tokens
 
 CONFIG_KEY = "vllm_sink"
+GEOMETRY_KEY = "geometry"  # the resolved SinkGeometry, beside the settings
 POLICIES = ("full", "sink")
 DEFAULT_MAX_STREAM_LEN = 1 << 20  # 1,048,576 tokens
 DEFAULT_WINDOW_CAP = 4096
@@ -85,6 +86,12 @@ class SinkConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def geometry_from_additional_config(additional_config: Mapping[str, Any] | None) -> SinkGeometry | None:
+        """The geometry resolved at start-up (``None`` if the engine has no sink policy)."""
+        raw = (additional_config or {}).get(CONFIG_KEY) or {}
+        return SinkGeometry(**raw[GEOMETRY_KEY]) if GEOMETRY_KEY in raw else None
 
     # ----------------------------------------------------------------- validation
     def checked(self) -> "SinkConfig":

@@ -34,7 +34,7 @@ GAUGES = {
     "running_kv_pages": "KV pages held by running sequences (sink policy).",
     "free_kv_pages": "Free pages in the KV pool.",
     "kv_pool_pages": "Pages in the KV pool.",
-    "max_pages_per_sequence": "The bound on pages one sequence holds (s + ceil((W+C)/B) + 1).",
+    "max_pages_per_sequence": "The bound on pages one sequence holds (s + ceil((W-1+C)/B) + 1, C its tokens in flight).",
 }
 
 

@@ -118,11 +118,11 @@ def row_transition(first: int, w0: int, sink_tokens: int, block_size: int) -> Ro
 
 
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
-    """The contract's bound on the pages one running sequence holds.
-
-    ``s + ceil((W + C) / B) + 1`` with ``C`` the tokens of the sequence in flight.
-    """
-    return sink_pages + cdiv(window + in_flight, block_size) + 1
+    """The most pages one running sequence holds: ``s + ceil((W - 1 + C) / B) + 1`` with
+    ``C`` the tokens of the sequence in flight (the window's ``W - 1`` earlier tokens and
+    the ``C`` in flight span at most that many pages past the sink). Never above the
+    contract's ``s + ceil((W + C) / B) + 1``."""
+    return sink_pages + cdiv(window - 1 + in_flight, block_size) + 1
 
 
 def live_pages(a: int, b: int, sink_tokens: int, window: int, block_size: int) -> int:
@@ -233,6 +233,83 @@ def apply_plan(state: FrameState, plan: StepPlan) -> None:
 def max_step_tokens(sink_tokens: int, window: int, block_size: int, rope_limit: int) -> int:
     """The largest per-sequence step ``C`` with ``S + W + B + C <= P``."""
     return rope_limit - sink_tokens - window - block_size
+
+
+@dataclass(frozen=True)
+class SinkGeometry:
+    """Every number the policy derives from the settings and the engine, resolved once at
+    start-up (``vllm_sink.patches.engine_args``), carried to every process in the engine's
+    config and by the KV-cache spec, and read by the scheduler's manager, the worker and the
+    metrics alike.
+
+    ``block_size`` (``B``), ``sink_tokens`` (``S``), ``kv_window`` (``W``): the settings.
+    ``step_tokens`` (``C``): the most tokens of one sequence computed in one step.
+    ``concurrent_steps``: steps of one sequence scheduled before the earliest has settled
+    (1; 2 with asynchronous scheduling): the manager frees pages on settled tokens.
+    ``rope_limit`` (``P``): rows of the model's rotary table; ``S + W + B + C <= P``.
+    """
+
+    block_size: int
+    sink_tokens: int
+    kv_window: int
+    step_tokens: int
+    concurrent_steps: int
+    rope_limit: int
+
+    def __post_init__(self) -> None:
+        if self.sink_tokens + self.kv_window + self.block_size + self.step_tokens > self.rope_limit:
+            raise ValueError(
+                f"sink {self.sink_tokens} + window {self.kv_window} + one page "
+                f"{self.block_size} + one step {self.step_tokens} tokens exceed the "
+                f"{self.rope_limit} rotary positions"
+            )
+
+    @property
+    def sink_pages(self) -> int:
+        """``s``: pages holding the sink, the last one partly if ``partial_slots``."""
+        return sink_page_count(self.sink_tokens, self.block_size)
+
+    @property
+    def partial_slots(self) -> int:
+        """``r = S mod B``: sink slots of a partial last sink page (0: whole pages)."""
+        return self.sink_tokens % self.block_size
+
+    @property
+    def in_flight_tokens(self) -> int:
+        """Tokens of one sequence scheduled but not settled, at most."""
+        return self.concurrent_steps * self.step_tokens
+
+    def page_bound(self, in_flight: int) -> int:
+        return page_bound(self.sink_pages, self.kv_window, self.block_size, in_flight)
+
+    @property
+    def max_live_pages(self) -> int:
+        """Pages one running sequence may hold (prefill chunks in flight)."""
+        return self.page_bound(self.in_flight_tokens)
+
+    @property
+    def decode_live_pages(self) -> int:
+        """Pages one decoding sequence may hold (one token a step in flight)."""
+        return self.page_bound(self.concurrent_steps)
+
+    @property
+    def row_capacity(self) -> int:
+        """Pages a worker's block-table row may hold before it is compacted in a step:
+        the live pages plus those allocated for the step in flight."""
+        return self.max_live_pages + cdiv(self.in_flight_tokens, self.block_size) + 1
+
+    def window_start(self, a: int) -> int:
+        return window_start(a, self.sink_tokens, self.kv_window, self.block_size)
+
+    def row_transition(self, first: int, w0: int) -> "RowTransition | None":
+        return row_transition(first, w0, self.sink_tokens, self.block_size)
+
+    def plan_step(self, a: int, b: int, state: "FrameState") -> "StepPlan":
+        return plan_step(a, b, state, sink_tokens=self.sink_tokens, window=self.kv_window,
+                         block_size=self.block_size, rope_limit=self.rope_limit)
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
 
 
 def stream_plans(

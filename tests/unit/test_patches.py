@@ -44,8 +44,10 @@ def test_spec_registered_with_its_manager():
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.policy import SinkGeometry
 
-    spec = SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, sink_pages=1, window=256, in_flight_tokens=64)
+    g = SinkGeometry(block_size=16, sink_tokens=16, kv_window=256, step_tokens=64, concurrent_steps=1, rope_limit=8192)
+    spec = SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, geometry=g)
     assert KVCacheSpecRegistry.get_manager_class(spec) is StreamingSinkManager
     assert KVCacheSpecRegistry.get_uniform_type_base_spec(spec) is FullAttentionSpec
     # Built-ins still resolve (registering into an empty registry would break them).
@@ -56,7 +58,9 @@ def test_spec_registered_with_its_manager():
     merged = SinkWindowSpec.merge([spec, spec])
     assert merged == spec
     with pytest.raises(AssertionError):
-        SinkWindowSpec.merge([spec, SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, sink_pages=2, window=256, in_flight_tokens=64)])
+        SinkWindowSpec.merge([spec, SinkWindowSpec(block_size=16, num_kv_heads=3, head_size=64, dtype=torch.float32, geometry=SinkGeometry(**{**g.to_dict(), "sink_tokens": 32}))])
+    with pytest.raises(ValueError, match="16-token pages"):
+        SinkWindowSpec.from_full(FullAttentionSpec(block_size=32, num_kv_heads=3, head_size=64, dtype=torch.float32), g)
 
 
 @pytest.mark.parametrize("S", [16, 4])
@@ -68,10 +72,12 @@ def test_manager_frees_pages_leaving_the_window(S):
     from vllm.v1.core.block_pool import BlockPool
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.policy import SinkGeometry
     from vllm_sink.policy import cdiv, window_start
 
     B, s, W = 16, 1, 64
-    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=s, sink_tokens=S, window=W, in_flight_tokens=16)
+    g = SinkGeometry(block_size=B, sink_tokens=S, kv_window=W, step_tokens=16, concurrent_steps=1, rope_limit=8192)
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, geometry=g)
     pool = BlockPool(num_gpu_blocks=64, enable_caching=False, hash_block_size=B)
     mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
     free0 = pool.get_num_free_blocks()
@@ -107,9 +113,11 @@ def test_admission_reserves_the_bounded_footprint():
     from vllm.v1.core.block_pool import BlockPool
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.policy import SinkGeometry
 
     B = 16
-    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=1, window=64, in_flight_tokens=16)
+    g = SinkGeometry(block_size=B, sink_tokens=16, kv_window=64, step_tokens=16, concurrent_steps=1, rope_limit=8192)
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, geometry=g)
     footprint = spec.max_live_pages  # 1 + ceil(79/16) + 1 = 7
     pool = BlockPool(num_gpu_blocks=31, enable_caching=False, hash_block_size=B)  # 30 usable
     mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
@@ -143,9 +151,12 @@ def test_footprint_follows_request_length_and_phase():
     from vllm.v1.core.block_pool import BlockPool
 
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.policy import SinkGeometry
 
     B = 16
-    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, sink_pages=1, window=256, in_flight_tokens=1024, decode_in_flight_tokens=2)
+    # 512-token chunks, two steps in flight (asynchronous scheduling).
+    g = SinkGeometry(block_size=B, sink_tokens=16, kv_window=256, step_tokens=512, concurrent_steps=2, rope_limit=8192)
+    spec = SinkWindowSpec(block_size=B, num_kv_heads=1, head_size=8, dtype=torch.float32, geometry=g)
     pool = BlockPool(num_gpu_blocks=401, enable_caching=False, hash_block_size=B)
     mgr = StreamingSinkManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=B)
     assert spec.max_live_pages == 1 + -(-(255 + 1024) // 16) + 1  # 82

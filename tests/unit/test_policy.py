@@ -222,3 +222,18 @@ def test_row_transition_matches_a_direct_simulation(S, B):
     assert sorted(gone + row) == list(range(allocated))
     with pytest.raises(ValueError):
         row_transition(first, window_start(10_000, S, W, B), S, B).apply(row, s)
+
+
+def test_geometry_resolves_every_bound_once():
+    from vllm_sink.policy import SinkGeometry
+
+    g = SinkGeometry(block_size=16, sink_tokens=20, kv_window=256, step_tokens=64, concurrent_steps=2, rope_limit=512)
+    assert (g.sink_pages, g.partial_slots, g.in_flight_tokens) == (2, 4, 128)
+    assert g.max_live_pages == 2 + cdiv(255 + 128, 16) + 1 == page_bound(2, 256, 16, 128)
+    assert g.decode_live_pages == 2 + cdiv(255 + 2, 16) + 1
+    # Never above the contract's s + ceil((W + C) / B) + 1.
+    assert g.max_live_pages <= 2 + cdiv(256 + 128, 16) + 1
+    assert g.window_start(1000) == window_start(1000, 20, 256, 16)
+    assert SinkGeometry(**g.to_dict()) == g
+    with pytest.raises(ValueError, match="exceed the 512 rotary positions"):
+        SinkGeometry(block_size=16, sink_tokens=20, kv_window=256, step_tokens=300, concurrent_steps=1, rope_limit=512)
