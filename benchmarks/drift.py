@@ -164,7 +164,7 @@ def looped_stream(model, text: str, *, window: int, sink_tokens: int, chunk: int
     import ppl
     from transformers import AutoConfig, AutoTokenizer
 
-    from vllm_sink.patches.engine_args import rope_limit_of
+    from vllm_sink.patches.refusals import rope_limit_of
 
     text_len = len(ppl.text_tokens(AutoTokenizer.from_pretrained(model), text))
     geometry = dict(sink_tokens=sink_tokens, window=window, block_size=BLOCK,

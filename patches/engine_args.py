@@ -27,15 +27,13 @@ import shutil
 import tempfile
 from vllm.logger import init_logger
 
-from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, USER_KEYS, SinkConfig, SinkConfigError
+from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
+from vllm_sink.patches import refusals
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
-
-# rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "dynamic", "ntk"}
 
 CLI_FLAGS = {
     "kv_policy": dict(
@@ -90,104 +88,8 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
-def rope_limit_of(hf_text_config) -> int:
-    """Rows of the rotary table vLLM builds for this config (checked again on the worker)."""
-    limit = int(hf_text_config.max_position_embeddings)
-    params = getattr(hf_text_config, "rope_parameters", None) or getattr(
-        hf_text_config, "rope_scaling", None
-    ) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type in ("linear", "yarn"):
-        limit = int(limit * float(params.get("factor", 1.0)))
-    return limit
-
-
-def check_model(model_config) -> None:
-    """Refuse, before any process starts, models the policy cannot serve exactly."""
-    name = model_config.model
-    if model_config.runner_type != "generate":
-        raise SinkConfigError(
-            f"{name} runs as a {model_config.runner_type} model; the sink KV policy is for "
-            "text generation. Use --kv-policy full"
-        )
-    checks = [
-        (model_config.is_encoder_decoder, "is an encoder-decoder model"),
-        (model_config.use_mla, "uses multi-head latent attention (MLA)"),
-        (model_config.is_hybrid, "is a hybrid (Mamba/linear-attention) model"),
-        (model_config.is_attention_free, "has no attention layers"),
-        (model_config.uses_mrope, "uses M-RoPE"),
-        (model_config.uses_alibi, "uses ALiBi positions, not RoPE"),
-        (model_config.is_multimodal_model, "is multimodal"),
-    ]
-    for bad, what in checks:
-        if bad:
-            raise SinkConfigError(
-                f"{name} {what}; the sink KV policy supports decoder-only text models with "
-                "RoPE and full attention (Llama, Mistral without sliding window, Qwen2, "
-                "SmolLM2, ...). Use --kv-policy full for this model"
-            )
-    hf = model_config.hf_text_config
-    if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
-        t != "full_attention" for t in hf.layer_types
-    ):
-        raise SinkConfigError(
-            f"{name} has sliding-window or local attention layers of its own; the sink KV "
-            "policy cannot combine them with its window. Use --kv-policy full, or a config "
-            "with sliding_window: null if the model was trained without it"
-        )
-    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    if not params and getattr(hf, "rope_theta", None) is None:
-        raise SinkConfigError(
-            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE); the sink KV "
-            "policy re-positions keys by rotation. Use --kv-policy full for this model"
-        )
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise SinkConfigError(
-            f"{name} uses rope_type={rope_type!r}, whose rotation depends on more than the "
-            f"position; the sink KV policy supports {sorted(SUPPORTED_ROPE_TYPES)}. Use "
-            "--kv-policy full for this model"
-        )
-    if getattr(hf, "max_position_embeddings", None) is None:
-        raise SinkConfigError(f"{name} has no max_position_embeddings; use --kv-policy full")
-
-
-def _pre_checks(args) -> None:
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
-        raise SinkConfigError(
-            "the sink KV policy runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
-            "asks for V2; unset VLLM_USE_V2_MODEL_RUNNER (the plugin picks V1 for sink engines)"
-        )
-    if args.enable_prefix_caching:
-        raise SinkConfigError(
-            "prefix caching cannot be combined with the sink KV policy (evicted, re-rotated "
-            "pages cannot be shared by hash); drop --enable-prefix-caching"
-        )
-    if args.speculative_config:
-        raise SinkConfigError(
-            "speculative decoding is not supported with the sink KV policy; drop "
-            "--speculative-config"
-        )
-    if args.kv_transfer_config:
-        raise SinkConfigError(
-            "KV connectors are not supported with the sink KV policy (they would save and "
-            "load whole prefixes); drop --kv-transfer-config"
-        )
-    if str(args.kv_cache_dtype) not in ("auto", "bfloat16", "float16", "float32", "half", "float"):
-        raise SinkConfigError(
-            f"kv_cache_dtype={args.kv_cache_dtype!r}: the sink KV policy re-rotates cached "
-            "keys and needs an unquantised KV cache; use --kv-cache-dtype auto"
-        )
-    if args.decode_context_parallel_size > 1 or getattr(args, "prefill_context_parallel_size", 1) > 1:
-        raise SinkConfigError(
-            "context parallelism is not supported with the sink KV policy; use tensor "
-            "parallelism"
-        )
-    if args.pipeline_parallel_size > 1:
-        raise SinkConfigError(
-            "pipeline parallelism is not supported with the sink KV policy yet; use "
-            "--tensor-parallel-size"
-        )
+# EngineArgs fields that sink_engine_config sets for vLLM (restored after the call).
+SINK_OVERRIDES = ("additional_config", "max_model_len", "enable_prefix_caching", "disable_cascade_attn")
 
 
 def sink_engine_config(args, orig_create, *a, **kw):
@@ -195,16 +97,10 @@ def sink_engine_config(args, orig_create, *a, **kw):
     ours, rest = _split_user_settings(args.additional_config)
     cfg = SinkConfig.from_user(ours)
     if not cfg.enabled:
-        extra = {k: v for k, v in ours.items() if k != "kv_policy" and v is not None}
-        if extra:
-            raise SinkConfigError(
-                f"{sorted(extra)} only apply with kv_policy='sink' (kv_policy is "
-                f"{cfg.policy!r}); add kv_policy='sink' (--kv-policy sink) or drop them"
-            )
         args.additional_config = rest
         return orig_create(args, *a, **kw)
 
-    _pre_checks(args)
+    refusals.check_engine_args(args)
     user_max_model_len = args.max_model_len
     if isinstance(user_max_model_len, str):
         from vllm.utils.argparse_utils import human_readable_int
@@ -221,9 +117,9 @@ def sink_engine_config(args, orig_create, *a, **kw):
     with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
         vllm_config = orig_create(args, *a, **kw)
 
-    check_model(vllm_config.model_config)
+    refusals.check_model(vllm_config.model_config)
     block_size = vllm_config.cache_config.block_size
-    rope_limit = rope_limit_of(vllm_config.model_config.hf_text_config)
+    rope_limit = refusals.rope_limit_of(vllm_config.model_config.hf_text_config)
     resolved = cfg.resolve(
         block_size=block_size, rope_limit=rope_limit, user_max_model_len=user_max_model_len
     )
@@ -334,7 +230,14 @@ def install() -> None:
         ours, _ = _split_user_settings(self.additional_config)
         if not ours:
             return orig_create(self, *a, **kw)
-        return sink_engine_config(self, orig_create, *a, **kw)
+        # The engine is built from the user's settings with ours folded in; the arguments
+        # keep the user's settings, so a second call builds the same engine.
+        kept = {name: getattr(self, name) for name in SINK_OVERRIDES}
+        try:
+            return sink_engine_config(self, orig_create, *a, **kw)
+        finally:
+            for name, value in kept.items():
+                setattr(self, name, value)
 
     def llm_init(self, model, *a, **kwargs):
         ours = _pop_user_kwargs(kwargs)

@@ -27,9 +27,9 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm_sink.config import SinkConfigError
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
+from vllm_sink.patches import refusals
 from vllm_sink.policy import SinkGeometry, cdiv
 
 
@@ -105,8 +105,7 @@ class StreamingSinkManager(FullAttentionManager):
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
         kwargs["max_admission_blocks_per_request"] = kv_cache_spec.max_live_pages
         super().__init__(kv_cache_spec, **kwargs)
-        if self.dcp_world_size > 1 or self.pcp_world_size > 1:
-            raise SinkConfigError("the sink KV policy does not support context parallelism")
+        refusals.check_context_parallel(self.dcp_world_size, self.pcp_world_size)
         self.geometry = kv_cache_spec.geometry
         self.live: dict[str, int] = {}
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.

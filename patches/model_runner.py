@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from vllm_sink.config import SinkConfig, SinkConfigError
-from vllm_sink.patches import sampler
+from vllm_sink.config import SinkConfig
+from vllm_sink.patches import refusals, sampler
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.policy import FrameState, SinkGeometry, apply_plan
@@ -102,81 +102,6 @@ class _HostStager:
         return host.to(self.device, non_blocking=True)
 
 
-def find_rotary(model: torch.nn.Module) -> RotationTable:
-    """The model's one rotary embedding as a pure rotation table; refuses what is not a
-    plain RoPE (M-RoPE, dual-chunk, several distinct embeddings, none at all)."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-
-    found = {}
-    for module in model.modules():
-        if isinstance(module, RotaryEmbeddingBase):
-            found[id(module)] = module
-    if not found:
-        raise SinkConfigError(
-            "the sink KV policy needs a model with rotary position embeddings (RoPE); "
-            f"{type(model).__name__} has none. Use --kv-policy full for this model"
-        )
-    modules = list(found.values())
-    kinds = {type(m).__name__ for m in modules}
-    unsupported = kinds & {
-        "MRotaryEmbedding",
-        "DualChunkRotaryEmbedding",
-        "Phi3LongRoPEScaledRotaryEmbedding",
-        "XDRotaryEmbedding",
-    }
-    if unsupported:
-        raise SinkConfigError(
-            f"the sink KV policy cannot re-position keys under {sorted(unsupported)}; "
-            "use --kv-policy full for this model"
-        )
-    shapes = {(m.rotary_dim, m.is_neox_style, tuple(m.cos_sin_cache.shape)) for m in modules}
-    if len(shapes) != 1:
-        raise SinkConfigError(
-            "the sink KV policy needs one rotary embedding shared by all layers; this "
-            f"model has {len(shapes)} different ones. Use --kv-policy full"
-        )
-    m = modules[0]
-    with torch.no_grad():
-        cache = m._compute_cos_sin_cache().to("cpu", torch.float32)
-    return RotationTable(cache, m.rotary_dim, m.is_neox_style)
-
-
-def kv_layout(runner) -> str:
-    """The key layout of the runner's attention backend (see ``vllm_sink.rotary``)."""
-    backends = set()
-    for groups in getattr(runner, "attn_groups", []):
-        for group in groups:
-            backends.add(group.backend.get_name())
-    if not backends:
-        raise SinkConfigError("no attention backend found for the sink KV policy")
-    if len(backends) != 1:
-        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {backends}")
-    name = backends.pop()
-    if name == "CPU_ATTN":
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-        cfg = runner.vllm_config
-        isa = _get_attn_isa(
-            cfg.model_config.dtype,
-            cfg.cache_config.block_size,
-            cfg.model_config.get_head_size(),
-            cfg.cache_config.cache_dtype,
-        )
-        if isa not in ("vec", "vec16"):
-            raise SinkConfigError(
-                f"the sink KV policy supports the CPU attention kernels 'vec' and 'vec16', "
-                f"not {isa!r} (chosen for this dtype and block size); use dtype float32 "
-                "or a block_size that is not a multiple of 32"
-            )
-        return "cpu"
-    if name in ("FLASH_ATTN", "TRITON_ATTN"):
-        return "paged"
-    raise SinkConfigError(
-        f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
-        f"backends, not {name}; pick one with --attention-backend"
-    )
-
-
 class SinkRunnerHook:
     """Per-runner state and the two wraps. One instance per model runner."""
 
@@ -188,12 +113,8 @@ class SinkRunnerHook:
         self.s, self.r = g.sink_pages, g.partial_slots
         self.s_whole = self.S // self.B
         self.streams: dict[str, _Stream] = {}
-        self.table = find_rotary(runner.get_model())
-        if self.table.limit < g.rope_limit:
-            raise SinkConfigError(
-                f"the model's rotary table has {self.table.limit} positions, fewer than the "
-                f"{g.rope_limit} its config declares; use --kv-policy full for this model"
-            )
+        self.table = refusals.rotary_table(runner.get_model())
+        refusals.check_rotary_limit(self.table.limit, g.rope_limit)
         self.rope_limit = g.rope_limit
         self._layout: str | None = None
         self._keys: list[torch.Tensor] | None = None
@@ -220,7 +141,7 @@ class SinkRunnerHook:
     def keys(self) -> list[torch.Tensor]:
         """Logical key views of every layer's cache, built once the cache exists."""
         if self._keys is None:
-            self._layout = kv_layout(self.runner)
+            self._layout = refusals.kv_layout(self.runner)
             self._keys = [
                 key_view(kv, self._layout, self.num_kv_heads, self.head_size)
                 for kv in self.runner.kv_caches
@@ -239,8 +160,7 @@ class SinkRunnerHook:
 
     def _block_table(self):
         tables = self.runner.input_batch.block_table.block_tables
-        if len(tables) != 1:
-            raise SinkConfigError("the sink KV policy needs exactly one KV cache group")
+        refusals.check_one_kv_cache_group(len(tables))
         return tables[0]
 
     # ------------------------------------------------------------------ step 1
@@ -424,50 +344,20 @@ def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
 def sink_specs(runner, specs: dict) -> dict:
     """Turn every layer's ``FullAttentionSpec`` into a ``SinkWindowSpec``, refusing what
     the policy cannot serve exactly, and attach the runner hook."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
-
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec
 
     geometry = SinkConfig.geometry_from_additional_config(runner.vllm_config.additional_config)
-    if geometry is None:
-        raise SinkConfigError(
-            "the sink KV policy was configured without going through the plugin's engine "
-            "set-up (no resolved geometry in additional_config); pass the settings as "
-            "kv_policy='sink' (LLM keywords, --kv-policy sink or --additional-config)"
-        )
+    refusals.check_geometry(geometry)
     out = {}
     for name, spec in specs.items():
         if isinstance(spec, SinkWindowSpec):
             out[name] = spec
             continue
-        if type(spec) is not FullAttentionSpec:
-            raise SinkConfigError(
-                f"layer {name} uses {type(spec).__name__}; the sink KV policy serves only "
-                "plain full-attention layers (no MLA, Mamba/hybrid, cross-attention or "
-                "learned attention sinks). Use --kv-policy full for this model"
-            )
-        if spec.sliding_window is not None or spec.attention_chunk_size is not None:
-            raise SinkConfigError(
-                f"layer {name} has its own sliding window / chunked local attention; the "
-                "sink KV policy would measure it in compacted cache space. Use "
-                "--kv-policy full for this model"
-            )
-        if spec.non_causal:
-            raise SinkConfigError(f"layer {name} is non-causal; use --kv-policy full")
-        if spec.kv_quant_mode != KVQuantMode.NONE:
-            raise SinkConfigError(
-                "the sink KV policy re-rotates cached keys and needs an unquantised KV "
-                "cache; use --kv-cache-dtype auto"
-            )
+        refusals.check_layer_spec(name, spec)
         out[name] = SinkWindowSpec.from_full(spec, geometry)
     if out:
         hook = attach(runner, geometry)
-        if hook.r and hook._block_table().blocks_per_kv_block != 1:
-            raise SinkConfigError(
-                f"a sink of {hook.S} tokens (not a whole number of {hook.B}-token pages) "
-                "needs the attention kernel to use the same block size as the KV cache; use "
-                "sink_pages (whole pages) for this model"
-            )
+        refusals.check_partial_sink_kernel(hook.S, hook.B, hook._block_table().blocks_per_kv_block)
     return out
 
 

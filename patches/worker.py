@@ -10,11 +10,11 @@ runner, it refuses to start rather than serve without the policy.
 
 from __future__ import annotations
 
-from vllm_sink.config import SinkConfig, SinkConfigError
+from vllm_sink.config import SinkConfig
+from vllm_sink.patches import refusals
 
 
 def install() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.gpu_worker import Worker
 
     orig = Worker.get_kv_cache_spec
@@ -23,11 +23,8 @@ def install() -> None:
 
     def get_kv_cache_spec(self):
         cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
-        if cfg is not None and cfg.enabled and not isinstance(self.model_runner, GPUModelRunner):
-            raise SinkConfigError(
-                f"the sink KV policy runs on vLLM's V1 model runner, not "
-                f"{type(self.model_runner).__module__}; unset VLLM_USE_V2_MODEL_RUNNER"
-            )
+        if cfg is not None and cfg.enabled:
+            refusals.check_runner(self.model_runner)
         return orig(self)
 
     get_kv_cache_spec._vllm_sink = True

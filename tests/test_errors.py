@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 
 SMOL = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=128 << 20)
+REFUSERS = {"config.py": "vllm_sink", "refusals.py": "patches"}  # file -> its folder
 
 # (name, LLM keyword arguments, model variant or None for the real SmolLM2, expected text)
 SETTINGS = [
@@ -91,6 +93,10 @@ def test_refused_with_a_clear_error(name, kwargs, variant, expected, tmp_path_fa
     assert exc is not None, f"{name}: the engine started"
     assert isinstance(exc, SinkConfigError), f"{name}: {type(exc).__name__}: {exc}"
     assert expected in str(exc), str(exc)
+    # Refusals are made in two places: the settings (vllm_sink/config.py, no vLLM needed)
+    # and everything that looks at vLLM's objects (patches/refusals.py).
+    origin = Path(traceback.extract_tb(exc.__traceback__)[-1].filename)
+    assert origin.name in REFUSERS and origin.parent.name == REFUSERS[origin.name], origin
 
 
 def test_unknown_keyword_is_not_ignored():

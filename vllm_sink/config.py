@@ -67,6 +67,13 @@ class SinkConfig:
                 )
             if value is not None:
                 kwargs[USER_KEYS[key]] = value
+        policy = kwargs.get("policy", "full")
+        extra = sorted(k for k, v in values.items() if k != "kv_policy" and v is not None)
+        if policy != "sink" and policy in POLICIES and extra:
+            raise SinkConfigError(
+                f"{extra} only apply with kv_policy='sink' (kv_policy is {policy!r}); add "
+                "kv_policy='sink' (--kv-policy sink) or drop them"
+            )
         if "sink_pages" in kwargs and "sink_tokens" in kwargs:
             raise SinkConfigError(
                 "give the sink size once: sink_pages (whole pages) or sink_tokens (tokens), "

@@ -206,3 +206,49 @@ def test_sink_engines_get_the_v1_model_runner(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(SinkConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
         EngineArgs(model=model, dtype="float32", additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
+
+
+def test_create_engine_config_is_idempotent():
+    """Building the config twice from the same arguments builds the same sink engine (the
+    arguments keep the user's settings)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink import assets
+    from vllm_sink.config import CONFIG_KEY
+
+    args = EngineArgs(model=str(assets.model_dir()), dtype="float32", max_model_len=2048,
+                      additional_config={"kv_policy": "sink", "kv_window": 256, "other": 1})
+    first, second = args.create_engine_config(), args.create_engine_config()
+    assert args.additional_config == {"kv_policy": "sink", "kv_window": 256, "other": 1}
+    assert args.max_model_len == 2048
+    for cfg in (first, second):
+        assert cfg.additional_config[CONFIG_KEY]["geometry"]["kv_window"] == 256
+        assert cfg.additional_config["other"] == 1
+        assert cfg.model_config.max_model_len == 1 << 20  # the stream cap
+        assert not cfg.cache_config.enable_prefix_caching
+    assert first.additional_config == second.additional_config
+
+
+def test_rotary_embeddings_are_an_allow_list():
+    """vLLM's plain RoPE is served; any other rotary class, a subclass too, is refused at
+    start-up with its name (an unknown rotation could not be re-positioned exactly)."""
+    import torch
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    from vllm_sink import SinkConfigError
+    from vllm_sink.patches.refusals import rotary_table
+
+    class CustomRotaryEmbedding(RotaryEmbedding):
+        pass
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    args = dict(head_size=64, rotary_dim=64, max_position_embeddings=128, base=10000.0, is_neox_style=True, dtype=torch.float32)
+    with set_current_vllm_config(VllmConfig()):  # vLLM's custom ops are built inside one
+        plain = torch.nn.ModuleList([RotaryEmbedding(**args)])
+        custom = torch.nn.ModuleList([CustomRotaryEmbedding(**args)])
+    assert rotary_table(plain).limit == 128
+    with pytest.raises(SinkConfigError, match="not \\['CustomRotaryEmbedding'\\]"):
+        rotary_table(custom)
+    with pytest.raises(SinkConfigError, match="has none"):
+        rotary_table(torch.nn.Linear(2, 2))

@@ -1,0 +1,304 @@
+"""Every start-up refusal of the sink policy that looks at vLLM objects, in one place.
+
+Binds to vLLM 0.26.0: EngineArgs fields (enable_prefix_caching, speculative_config,
+kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
+pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
+is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,
+hf_text_config), the rotary embedding classes under
+``vllm.model_executor.layers.rotary_embedding``, ``FullAttentionSpec`` and
+``KVQuantMode``, the attention backends' names and the CPU backend's ``_get_attn_isa``.
+
+Settings that need no vLLM object are validated by ``vllm_sink.config``; everything else
+the policy cannot serve exactly is refused here, each with a ``SinkConfigError`` naming
+the fix (``tests/test_errors.py`` checks every row of the README's table against the
+function that raises it):
+
+* ``check_engine_args``: engine settings, before vLLM builds its config (API server,
+  ``LLM(...)``);
+* ``check_model``: the model's config, once vLLM has resolved it;
+* ``check_layer_spec``: each attention layer's KV-cache spec, on the worker;
+* ``rotary_table``: the model's rotary embedding (an allow-list of pure rotations);
+* ``kv_layout``: the attention backend and its key layout;
+* ``check_runner``: the worker's model runner;
+* ``check_partial_sink_kernel``: a partial sink page needs kernel block == KV block;
+* ``check_context_parallel``: the scheduler's manager, under context parallelism;
+* ``check_rotary_limit``, ``check_one_kv_cache_group``, ``check_geometry``: the worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_sink.config import SinkConfigError
+from vllm_sink.rotary import RotationTable
+
+# rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "dynamic", "ntk"}
+
+# Rotary embedding classes whose cos/sin table is a rotation by a fixed angle per position
+# (times a constant scale, e.g. YaRN's mscale, which vllm_sink.rotary divides out): keys
+# can be re-positioned by rotating them. Any other class (M-RoPE, dual-chunk, LongRoPE,
+# XD-RoPE, a new one) is refused.
+PURE_ROTARY_CLASSES = frozenset({
+    "RotaryEmbedding",
+    "LinearScalingRotaryEmbedding",
+    "Llama3RotaryEmbedding",
+    "NTKScalingRotaryEmbedding",
+    "DynamicNTKScalingRotaryEmbedding",
+    "DynamicNTKAlphaRotaryEmbedding",
+    "YaRNScalingRotaryEmbedding",
+})
+
+
+def rope_limit_of(hf_text_config) -> int:
+    """Rows of the rotary table vLLM builds for this config (checked again on the worker)."""
+    limit = int(hf_text_config.max_position_embeddings)
+    params = getattr(hf_text_config, "rope_parameters", None) or getattr(
+        hf_text_config, "rope_scaling", None
+    ) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("linear", "yarn"):
+        limit = int(limit * float(params.get("factor", 1.0)))
+    return limit
+
+
+def check_model(model_config) -> None:
+    """Refuse, before any process starts, models the policy cannot serve exactly."""
+    name = model_config.model
+    if model_config.runner_type != "generate":
+        raise SinkConfigError(
+            f"{name} runs as a {model_config.runner_type} model; the sink KV policy is for "
+            "text generation. Use --kv-policy full"
+        )
+    checks = [
+        (model_config.is_encoder_decoder, "is an encoder-decoder model"),
+        (model_config.use_mla, "uses multi-head latent attention (MLA)"),
+        (model_config.is_hybrid, "is a hybrid (Mamba/linear-attention) model"),
+        (model_config.is_attention_free, "has no attention layers"),
+        (model_config.uses_mrope, "uses M-RoPE"),
+        (model_config.uses_alibi, "uses ALiBi positions, not RoPE"),
+        (model_config.is_multimodal_model, "is multimodal"),
+    ]
+    for bad, what in checks:
+        if bad:
+            raise SinkConfigError(
+                f"{name} {what}; the sink KV policy supports decoder-only text models with "
+                "RoPE and full attention (Llama, Mistral without sliding window, Qwen2, "
+                "SmolLM2, ...). Use --kv-policy full for this model"
+            )
+    hf = model_config.hf_text_config
+    if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
+        t != "full_attention" for t in hf.layer_types
+    ):
+        raise SinkConfigError(
+            f"{name} has sliding-window or local attention layers of its own; the sink KV "
+            "policy cannot combine them with its window. Use --kv-policy full, or a config "
+            "with sliding_window: null if the model was trained without it"
+        )
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    if not params and getattr(hf, "rope_theta", None) is None:
+        raise SinkConfigError(
+            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE); the sink KV "
+            "policy re-positions keys by rotation. Use --kv-policy full for this model"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise SinkConfigError(
+            f"{name} uses rope_type={rope_type!r}, whose rotation depends on more than the "
+            f"position; the sink KV policy supports {sorted(SUPPORTED_ROPE_TYPES)}. Use "
+            "--kv-policy full for this model"
+        )
+    if getattr(hf, "max_position_embeddings", None) is None:
+        raise SinkConfigError(f"{name} has no max_position_embeddings; use --kv-policy full")
+
+
+def check_engine_args(args) -> None:
+    """Refuse, before vLLM builds anything, engine settings the policy cannot serve."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
+        raise SinkConfigError(
+            "the sink KV policy runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+            "asks for V2; unset VLLM_USE_V2_MODEL_RUNNER (the plugin picks V1 for sink engines)"
+        )
+    if args.enable_prefix_caching:
+        raise SinkConfigError(
+            "prefix caching cannot be combined with the sink KV policy (evicted, re-rotated "
+            "pages cannot be shared by hash); drop --enable-prefix-caching"
+        )
+    if args.speculative_config:
+        raise SinkConfigError(
+            "speculative decoding is not supported with the sink KV policy; drop "
+            "--speculative-config"
+        )
+    if args.kv_transfer_config:
+        raise SinkConfigError(
+            "KV connectors are not supported with the sink KV policy (they would save and "
+            "load whole prefixes); drop --kv-transfer-config"
+        )
+    if str(args.kv_cache_dtype) not in ("auto", "bfloat16", "float16", "float32", "half", "float"):
+        raise SinkConfigError(
+            f"kv_cache_dtype={args.kv_cache_dtype!r}: the sink KV policy re-rotates cached "
+            "keys and needs an unquantised KV cache; use --kv-cache-dtype auto"
+        )
+    if args.decode_context_parallel_size > 1 or getattr(args, "prefill_context_parallel_size", 1) > 1:
+        raise SinkConfigError(
+            "context parallelism is not supported with the sink KV policy; use tensor "
+            "parallelism"
+        )
+    if args.pipeline_parallel_size > 1:
+        raise SinkConfigError(
+            "pipeline parallelism is not supported with the sink KV policy yet; use "
+            "--tensor-parallel-size"
+        )
+
+
+def rotary_table(model: torch.nn.Module) -> RotationTable:
+    """The model's one rotary embedding as a pure rotation table; refuses what is not a
+    plain RoPE (M-RoPE, dual-chunk, several distinct embeddings, none at all)."""
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    found = {}
+    for module in model.modules():
+        if isinstance(module, RotaryEmbeddingBase):
+            found[id(module)] = module
+    if not found:
+        raise SinkConfigError(
+            "the sink KV policy needs a model with rotary position embeddings (RoPE); "
+            f"{type(model).__name__} has none. Use --kv-policy full for this model"
+        )
+    modules = list(found.values())
+    kinds = {type(m).__name__ for m in modules}
+    unsupported = kinds - PURE_ROTARY_CLASSES
+    if unsupported:
+        raise SinkConfigError(
+            f"the sink KV policy re-positions keys by pure rotation and supports the rotary "
+            f"embeddings {sorted(PURE_ROTARY_CLASSES)}, not {sorted(unsupported)}; "
+            "use --kv-policy full for this model"
+        )
+    shapes = {(m.rotary_dim, m.is_neox_style, tuple(m.cos_sin_cache.shape)) for m in modules}
+    if len(shapes) != 1:
+        raise SinkConfigError(
+            "the sink KV policy needs one rotary embedding shared by all layers; this "
+            f"model has {len(shapes)} different ones. Use --kv-policy full"
+        )
+    m = modules[0]
+    with torch.no_grad():
+        cache = m._compute_cos_sin_cache().to("cpu", torch.float32)
+    return RotationTable(cache, m.rotary_dim, m.is_neox_style)
+
+
+def kv_layout(runner) -> str:
+    """The key layout of the runner's attention backend (see ``vllm_sink.rotary``)."""
+    backends = set()
+    for groups in getattr(runner, "attn_groups", []):
+        for group in groups:
+            backends.add(group.backend.get_name())
+    if not backends:
+        raise SinkConfigError("no attention backend found for the sink KV policy")
+    if len(backends) != 1:
+        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {backends}")
+    name = backends.pop()
+    if name == "CPU_ATTN":
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cfg = runner.vllm_config
+        isa = _get_attn_isa(
+            cfg.model_config.dtype,
+            cfg.cache_config.block_size,
+            cfg.model_config.get_head_size(),
+            cfg.cache_config.cache_dtype,
+        )
+        if isa not in ("vec", "vec16"):
+            raise SinkConfigError(
+                f"the sink KV policy supports the CPU attention kernels 'vec' and 'vec16', "
+                f"not {isa!r} (chosen for this dtype and block size); use dtype float32 "
+                "or a block_size that is not a multiple of 32"
+            )
+        return "cpu"
+    if name in ("FLASH_ATTN", "TRITON_ATTN"):
+        return "paged"
+    raise SinkConfigError(
+        f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
+        f"backends, not {name}; pick one with --attention-backend"
+    )
+
+
+def check_layer_spec(name: str, spec) -> None:
+    """A layer's KV-cache spec: plain causal full attention with an unquantised cache."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode
+
+    if type(spec) is not FullAttentionSpec:
+        raise SinkConfigError(
+            f"layer {name} uses {type(spec).__name__}; the sink KV policy serves only "
+            "plain full-attention layers (no MLA, Mamba/hybrid, cross-attention or "
+            "learned attention sinks). Use --kv-policy full for this model"
+        )
+    if spec.sliding_window is not None or spec.attention_chunk_size is not None:
+        raise SinkConfigError(
+            f"layer {name} has its own sliding window / chunked local attention; the "
+            "sink KV policy would measure it in compacted cache space. Use "
+            "--kv-policy full for this model"
+        )
+    if spec.non_causal:
+        raise SinkConfigError(f"layer {name} is non-causal; use --kv-policy full")
+    if spec.kv_quant_mode != KVQuantMode.NONE:
+        raise SinkConfigError(
+            "the sink KV policy re-rotates cached keys and needs an unquantised KV "
+            "cache; use --kv-cache-dtype auto"
+        )
+
+
+def check_runner(model_runner) -> None:
+    """The worker's model runner is vLLM's V1 runner, the one the policy binds to."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if not isinstance(model_runner, GPUModelRunner):
+        raise SinkConfigError(
+            f"the sink KV policy runs on vLLM's V1 model runner, not "
+            f"{type(model_runner).__module__}; unset VLLM_USE_V2_MODEL_RUNNER"
+        )
+
+
+def check_partial_sink_kernel(sink_tokens: int, block_size: int, blocks_per_kv_block: int) -> None:
+    if sink_tokens % block_size and blocks_per_kv_block != 1:
+        raise SinkConfigError(
+            f"a sink of {sink_tokens} tokens (not a whole number of {block_size}-token pages) "
+            "needs the attention kernel to use the same block size as the KV cache; use "
+            "sink_pages (whole pages) for this model"
+        )
+
+
+def check_context_parallel(dcp_world_size: int, pcp_world_size: int) -> None:
+    if dcp_world_size > 1 or pcp_world_size > 1:
+        raise SinkConfigError(
+            "context parallelism is not supported with the sink KV policy; use tensor "
+            "parallelism"
+        )
+
+
+def check_rotary_limit(table_rows: int, rope_limit: int) -> None:
+    if table_rows < rope_limit:
+        raise SinkConfigError(
+            f"the model's rotary table has {table_rows} positions, fewer than the "
+            f"{rope_limit} its config declares; use --kv-policy full for this model"
+        )
+
+
+def check_one_kv_cache_group(groups: int) -> None:
+    if groups != 1:
+        raise SinkConfigError(
+            f"the sink KV policy needs exactly one KV cache group, this model has {groups}; "
+            "use --kv-policy full for this model"
+        )
+
+
+def check_geometry(geometry) -> None:
+    """The worker found the sink policy configured without the geometry the plugin
+    resolves at start-up (settings put straight into ``additional_config["vllm_sink"]``)."""
+    if geometry is None:
+        raise SinkConfigError(
+            "the sink KV policy was configured without going through the plugin's engine "
+            "set-up (no resolved geometry in additional_config); pass the settings as "
+            "kv_policy='sink' (LLM keywords, --kv-policy sink or --additional-config)"
+        )
