@@ -93,6 +93,10 @@ SCRIPT = textwrap.dedent(
                            use_tqdm=False)[0]
         run = time.time() - t0
         lps = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+        # Workers publish their counters at most every 0.25 s, and at once on the step that
+        # tells them a request finished: one more request brings that step, so the
+        # snapshots read below hold the whole stream whatever the timing.
+        llm.generate([{"prompt_token_ids": ids[:8]}], SamplingParams(max_tokens=1), use_tqdm=False)
         # The engine core runs here: its counters are this process's. Each worker publishes
         # its own into the directory the plugin named in VLLMSINK_METRICS_DIR (handed to the
         # Ray workers with the driver's environment by vLLM's Ray executor).
