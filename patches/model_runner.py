@@ -44,7 +44,7 @@ from vllm_sink.patches import refusals, sampler
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.policy import FrameState, SinkGeometry, apply_plan
-from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
+from vllm_sink.rotary import key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
