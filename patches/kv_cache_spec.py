@@ -111,6 +111,7 @@ class StreamingSinkManager(FullAttentionManager):
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.
         self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
+        self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
         SINK_STATS.max_live_pages_allowed = self.geometry.max_live_pages
@@ -184,7 +185,7 @@ class StreamingSinkManager(FullAttentionManager):
             SINK_STATS.observe_live(request_id, self.live[request_id])
             SINK_STATS.pages_evicted += len(leaving)
             SINK_STATS.tokens_evicted += len(leaving) * self.block_size
-        if ROW_LOG.enabled():
+        if self.check_rows:
             ROW_LOG.record_manager(request_id, processed_computed_tokens, [b.block_id for b in blocks if not b.is_null])
 
     def pop_blocks_for_free(self, request_id):

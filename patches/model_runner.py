@@ -126,6 +126,7 @@ class SinkRunnerHook:
         # read in _prepare_inputs by request id (rows may be reordered in between).
         self.offsets: dict[str, tuple[int, int]] = {}
         self.any_offset = False
+        self.check_rows = ROW_LOG.enabled()  # read once, not per row per step
         self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
         self.stager = _HostStager(self.device)
         if SINK_STATS.role == "process":
@@ -200,7 +201,7 @@ class SinkRunnerHook:
                 block_ids[:], _ = move.apply(block_ids, self.s)
                 self._write_row(row, block_ids)
                 stream.first_live_block = move.last
-            if ROW_LOG.enabled():
+            if self.check_rows:
                 ROW_LOG.record_worker(rid, a, self.runner.requests[rid].block_ids[0])
             if plan.window_shift:
                 self._epoch(row, plan.window_shift)
