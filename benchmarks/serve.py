@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from throughput import LLAMA3_8B  # noqa: E402
+from workers import prometheus_values, wait_healthy  # noqa: E402
 
 SERVED = "llama3-8b-shape"
 WORKLOADS = {
@@ -70,12 +70,7 @@ def model_dir(tokenizer_dir: Path, config: dict = LLAMA3_8B) -> Path:
 def metrics(url: str) -> dict[str, float]:
     import requests
 
-    values: dict[str, float] = {}
-    for line in requests.get(url + "/metrics", timeout=30).text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-        if m:
-            values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
-    return values
+    return prometheus_values(requests.get(url + "/metrics", timeout=30).text)
 
 
 class Server:
@@ -90,19 +85,7 @@ class Server:
                                      start_new_session=True, cwd=tempfile.gettempdir())
 
     def wait(self, timeout: float = 900) -> float:
-        import requests
-
-        start = time.time()
-        while time.time() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return time.time() - start
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        raise TimeoutError(self.log.read_text()[-3000:])
+        return wait_healthy(self.proc, self.url, self.log, timeout)
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)

@@ -39,11 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from workers import emit, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -87,7 +87,7 @@ def cpu_engine_kwargs(task: dict) -> dict:
 
 
 def cpu_name() -> str:
-    from llamacpp_shift import machine
+    from quiet_cpu import machine
 
     m = machine()
     return f"{m.get('cpu', m['machine'])} ({m['cpu_count']} cores)"
@@ -204,7 +204,7 @@ def worker(task: dict) -> dict:
             params = SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True)
             engine.add_request(f"pos-{pos}", prompt(pos), params)
             rows.append(dict(position=pos, **decode_step_ms(engine, torch.cuda.synchronize)))
-            print(json.dumps(rows[-1]), flush=True)
+            emit("note", rows[-1])
         out.update(rows=rows)
     elif kind == "recompute":
         W, batch = task["window"], task["batch"]
@@ -255,18 +255,8 @@ def run_task(task: dict, vanilla_runner: str = "default") -> dict:
     else:
         env.pop("VLLM_USE_V2_MODEL_RUNNER", None)
     task = dict(task, model_runner="V1" if env.get("VLLM_USE_V2_MODEL_RUNNER") == "0" else "default")
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(task)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = None
-    for line in proc.stdout:
-        if line.startswith("RESULT "):
-            result = json.loads(line[7:])
-        elif line.startswith("{") or "Error" in line or "error" in line[:80]:
-            print("   ", line.rstrip()[:300], flush=True)
-    proc.wait()
-    if result is None:
-        raise RuntimeError(f"task failed: {task}")
-    return result
+    return spawn(__file__, task, env=env, on_note=lambda row: print("   ", json.dumps(row), flush=True),
+                 label=f"{task['kind']} {task['policy']}")
 
 
 def main() -> None:
@@ -294,7 +284,7 @@ def main() -> None:
         report(json.loads(Path(args.report).read_text())["results"], Path(args.out))
         return
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        serve_worker(worker, args.worker)
         return
 
     from tqdm import tqdm

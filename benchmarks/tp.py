@@ -61,12 +61,11 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from workers import WorkerFailed, serve_worker, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -258,32 +257,11 @@ def run_task(task: dict, timeout: int) -> dict:
         # machine has one: one core per rank instead.
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(task["tp"])))
     t0 = time.time()
-    # Its own session, so that a timeout ends the engine's worker processes too.
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(task)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    def kill():
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    timer = threading.Timer(timeout, kill)
-    timer.start()
-    result, tail = None, []
     try:
-        for line in proc.stdout:
-            if line.startswith("RESULT "):
-                result = json.loads(line[7:])
-                continue
-            tail = (tail + [line.rstrip()[:400]])[-40:]
-            if "Error" in line or "error" in line[:80] or "Traceback" in line:
-                print("   ", line.rstrip()[:300], flush=True)
-        proc.wait()
-    finally:
-        timer.cancel()
-    if result is None:
-        why = "timed out" if time.time() - t0 >= timeout else f"exit {proc.returncode}"
-        return dict(task=task, error=f"no result ({why}, {time.time() - t0:.0f} s)", tail=tail)
+        # Its own session, so that a timeout ends the engine's worker processes too.
+        result = spawn(__file__, task, env=env, timeout=timeout, new_session=True)
+    except WorkerFailed as e:
+        return dict(task=task, error=f"no result ({e.why}, {time.time() - t0:.0f} s)", tail=e.tail)
     result["task"] = task
     result["wall_s"] = time.time() - t0
     return result
@@ -427,9 +405,7 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        res = run_worker(json.loads(args.worker))
-        print("RESULT " + json.dumps(res), flush=True)
-        if json.loads(args.worker)["backend"] == "ray":
+        if serve_worker(run_worker, args.worker)["backend"] == "ray":
             import ray
 
             ray.shutdown()

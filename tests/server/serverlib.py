@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# benchmarks/workers.py: the health wait and /metrics parsing, shared with benchmarks/serve.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from workers import prometheus_values, wait_healthy  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "smol"
@@ -52,22 +56,7 @@ class Server:
              "--port", str(self.port), *BASE_ARGS, *sink_args, *auth, *extra_args],
             stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
         )
-        self._wait()
-
-    def _wait(self, timeout: float = 600):
-        import requests
-
-        start = time.time()
-        while time.time() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(2)
-        raise TimeoutError(f"vllm serve did not start:\n{self.log()[-4000:]}")
+        wait_healthy(self.proc, self.url, log_path, timeout=600)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -81,13 +70,7 @@ class Server:
         """``name{labels} value`` lines of /metrics, summed over label sets per name."""
         import requests
 
-        text = requests.get(self.url + "/metrics", timeout=10).text
-        values: dict[str, float] = {}
-        for line in text.splitlines():
-            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", line)
-            if m:
-                values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
-        return values
+        return prometheus_values(requests.get(self.url + "/metrics", timeout=10).text)
 
     def wait_idle(self, timeout: float = 120) -> dict[str, float]:
         """Wait until no sequence holds pages; return the metrics then."""
