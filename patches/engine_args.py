@@ -13,6 +13,9 @@ Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``)
   LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
                                           max_stream_len into additional_config
   envs.VLLM_RAY_EXTRA_ENV_VARS_TO_COPY    extended with VLLMSINK_METRICS_DIR (Ray workers)
+  envs._is_envs_cache_enabled,            lifted while VLLM_ALLOW_LONG_MAX_MODEL_LEN is set
+  envs.disable/enable_envs_cache          for create_engine_config (the cache an engine
+                                          already running in the process took)
 
 Every wrap passes through untouched when no sink setting is given.
 """
@@ -76,8 +79,17 @@ def _split_user_settings(additional_config: dict | None) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def _env(**values: str):
+    """Environment variables set for vLLM while the block runs. vLLM caches its variables
+    once an engine has started (``vllm.envs.enable_envs_cache``), so a second engine in
+    the process would read the first one's values: the cache is lifted meanwhile and
+    taken again, from the restored environment, after."""
+    from vllm import envs
+
+    cached = envs._is_envs_cache_enabled()
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
+    if cached:
+        envs.disable_envs_cache()
     try:
         yield
     finally:
@@ -86,6 +98,8 @@ def _env(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if cached:
+            envs.enable_envs_cache()
 
 
 # EngineArgs fields that sink_engine_config sets for vLLM (restored after the call).

@@ -98,7 +98,9 @@ def check_model(model_config) -> None:
             "with sliding_window: null if the model was trained without it"
         )
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
-    if not params and getattr(hf, "rope_theta", None) is None:
+    # GPT-J's config names its RoPE only by ``rotary_dim`` (vLLM builds a plain,
+    # GPT-J-style RotaryEmbedding from it; the worker checks the module it built).
+    if not params and getattr(hf, "rope_theta", None) is None and not getattr(hf, "rotary_dim", None):
         raise SinkConfigError(
             f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE); the sink KV "
             "policy re-positions keys by rotation. Use --kv-policy full for this model"

@@ -34,7 +34,9 @@ class EngineCache:
         self.name = None
         self.llm = None
 
-    def get(self, name: str):
+    def get(self, name: str, model=None, **config):
+        """The engine ``name``: a configuration of ``ENGINES`` on the real model, or, given
+        ``model`` (a directory), that model with ``COMMON`` and ``config``."""
         if self.name == name:
             return self.llm
         self.close()
@@ -42,7 +44,9 @@ class EngineCache:
 
         from vllm_sink import assets
 
-        self.llm = LLM(str(assets.model_dir()), **{**COMMON, **ENGINES[name]})
+        if model is None:
+            model, config = assets.model_dir(), ENGINES[name]
+        self.llm = LLM(str(model), **{**COMMON, **config})
         self.name = name
         return self.llm
 

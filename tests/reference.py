@@ -1,4 +1,5 @@
-"""An independent, plain-PyTorch implementation of StreamingLLM for Llama models.
+"""An independent, plain-PyTorch implementation of StreamingLLM, for Llama models here and
+for the other families in ``tests/reference_families.py``.
 
 It does not import vLLM or vllm_sink. It follows the paper's semantics directly, the way
 the research code does: keys are cached *before* RoPE, and at every step the visible keys
@@ -9,6 +10,11 @@ The contract (MISSION.md): a step computes tokens ``[a, b)``; the window starts 
 pages); query ``t`` sees the sink ``[0, S)`` and the
 window ``[w0, t]``; sink token ``j`` sits at position ``j``, window token ``p`` at
 ``S + (p - w0)`` and query ``t`` at ``S + (t - w0)``. ``window=None`` is dense attention.
+
+:class:`StreamingReference` is that contract, family-agnostic: the visible set, the
+positions, the pre-RoPE cache and the attention over it. A family subclass gives the
+architecture (``embed``, ``layer``, ``head``), calling ``attend(i, q, k, v)`` for the
+attention of layer ``i`` with its pre-RoPE queries, keys and values.
 """
 
 from __future__ import annotations
@@ -28,89 +34,112 @@ def contract_w0(a: int, sink_tokens: int, window: int, block_size: int) -> int:
     return max(sink_tokens, math.floor((a - window + 1 - r) / block_size) * block_size + r)
 
 
-class ReferenceLlama:
+def rope_params(cfg: dict) -> dict:
+    """The config's RoPE parameters (``rope_parameters``, or the older ``rope_scaling`` and
+    ``rope_theta``), with ``rope_type`` and ``rope_theta`` always present."""
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    return rope
+
+
+def rope_inv_freq(rotary_dim: int, rope: dict) -> torch.Tensor:
+    """Inverse frequencies (float64) of the ``rotary_dim // 2`` rotated pairs: plain RoPE,
+    or Llama 3's (``rope_type: llama3``: long wavelengths divided by ``factor``, a smooth
+    ramp between ``original / low_freq_factor`` and ``original / high_freq_factor``)."""
+    inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    kind = rope["rope_type"]
+    if kind == "default":
+        return inv
+    if kind != "llama3":
+        raise NotImplementedError(f"the reference implements plain and llama3 RoPE, not {kind!r}")
+    factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old / wavelen - lo) / (hi - lo)
+    ramp = (1 - smooth) * inv / factor + smooth * inv
+    return torch.where(wavelen > old / lo, inv / factor, torch.where(wavelen < old / hi, inv, ramp))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, neox: bool) -> torch.Tensor:
+    """x: [n, heads, head_dim] rotated at ``positions`` [n] on its first ``2 * len(inv_freq)``
+    channels (partial rotary leaves the rest), pairs ``(i, i + half)`` (neox, rotate-half) or
+    ``(2i, 2i + 1)`` (GPT-J, interleaved); angles in float64."""
+    ang = torch.outer(positions.to(torch.float64), inv_freq)
+    cos = ang.cos().to(x.dtype)[:, None, :]
+    sin = ang.sin().to(x.dtype)[:, None, :]
+    rot, rest = x[..., : 2 * inv_freq.numel()], x[..., 2 * inv_freq.numel():]
+    if neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, rest], dim=-1)
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def layer_norm(x, weight, bias, eps):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+class StreamingReference:
+    """The contract's streaming attention over a pre-RoPE cache, for any family.
+
+    A subclass sets ``n_layers``, ``n_heads``, ``n_kv``, ``head_dim``, ``inv_freq`` (its
+    length fixes the rotary channels) and ``neox``, and implements
+    ``embed(ids)``, ``layer(i, x, attend)`` and ``head(x)`` from the weights ``self.w``
+    (the model's Hugging Face names, in ``dtype``)."""
+
+    neox = True
+
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
         model_dir = Path(model_dir)
-        cfg = json.loads((model_dir / "config.json").read_text())
-        self.n_layers = cfg["num_hidden_layers"]
-        self.n_heads = cfg["num_attention_heads"]
-        self.n_kv = cfg["num_key_value_heads"]
-        self.hidden = cfg["hidden_size"]
-        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
-        self.eps = cfg["rms_norm_eps"]
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            raise NotImplementedError("the reference implements plain RoPE only")
-        self.inv_freq = 1.0 / (
-            theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
-        )
+        self.cfg = json.loads((model_dir / "config.json").read_text())
         self.dtype = dtype
         w = load_file(str(model_dir / "model.safetensors"))
         self.w = {k: v.to(dtype) for k, v in w.items()}
-        if "lm_head.weight" not in self.w:
-            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
 
-    # ------------------------------------------------------------------ pieces
-    def _norm(self, x, weight):
-        var = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(var + self.eps) * weight
+    def linear(self, x, name: str):
+        """``x @ W.T (+ b)`` for the weights ``name.weight`` (and ``name.bias`` if saved)."""
+        y = x @ self.w[name + ".weight"].T
+        bias = self.w.get(name + ".bias")
+        return y if bias is None else y + bias
 
-    def _rope(self, x, positions):
-        """x: [n, heads, head_dim]; positions: [n] (int). Neox (rotate-half) style."""
-        ang = torch.outer(positions.to(torch.float64), self.inv_freq)
-        cos = ang.cos().to(self.dtype)[:, None, :]
-        sin = ang.sin().to(self.dtype)[:, None, :]
-        half = self.head_dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    def heads(self, x, n: int):
+        return x.view(x.shape[0], n, self.head_dim)
 
     # ------------------------------------------------------------------ streaming
     @torch.no_grad()
-    def stream_logprobs(
-        self,
-        tokens: list[int],
-        steps: list[tuple[int, int]],
-        *,
-        sink_tokens: int,
-        window: int | None,
-        block_size: int,
-    ) -> torch.Tensor:
-        """Run ``tokens`` through the given steps ``[(a, b), ...]`` (contiguous from 0) and
+    def stream_logprobs(self, tokens: list[int], steps: list[tuple[int, int]], **contract) -> torch.Tensor:
+        """Run ``tokens`` through the given steps ``[(a, b), ...]`` (contiguous from 0; the
+        keywords ``sink_tokens``, ``window``, ``block_size`` of :meth:`stream_logits`) and
         return ``lp[t] = log p(tokens[t + 1] | the tokens visible to query t)`` for every
         computed query ``t`` with a next token (length ``len(tokens) - 1``, NaN where no
         step computed ``t``)."""
         out = torch.full((len(tokens) - 1,), float("nan"), dtype=torch.float64)
-        for a, b, logits in self.stream_logits(
-            tokens, steps, sink_tokens=sink_tokens, window=window, block_size=block_size
-        ):
+        for a, b, logits in self.stream_logits(tokens, steps, **contract):
             logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
             for t in range(a, min(b, len(tokens) - 1)):
                 out[t] = logp[t - a, tokens[t + 1]]
         return out
 
     @torch.no_grad()
-    def stream_logits(
-        self,
-        tokens: list[int],
-        steps: list[tuple[int, int]],
-        *,
-        sink_tokens: int,
-        window: int | None,
-        block_size: int,
-    ):
+    def stream_logits(self, tokens: list[int], steps: list[tuple[int, int]], *,
+                      sink_tokens: int, window: int | None, block_size: int):
         """The same run, yielding ``(a, b, logits)`` per step: the next-token logits of
         queries ``a..b-1`` (``[b - a, vocab]``, in the reference's dtype)."""
         S, B = sink_tokens, block_size
-        L = self.n_layers
         # Pre-RoPE keys and values of every token seen so far, per layer.
-        k_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(L)]
-        v_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(L)]
+        k_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
+        v_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
         ids = torch.tensor(tokens)
         rep = self.n_heads // self.n_kv
         for a, b in steps:
             if window is None:
-                w0 = S
                 keys_idx = torch.arange(0, b)
                 key_pos = keys_idx.clone()
                 q_pos = torch.arange(a, b)
@@ -121,29 +150,71 @@ class ReferenceLlama:
                 q_pos = S + torch.arange(a, b) - w0
             # Query t sees key j iff j <= t (the visible set is shared by the step).
             mask = keys_idx[None, :] <= torch.arange(a, b)[:, None]
-            x = self.w["model.embed_tokens.weight"][ids[a:b]]
-            for i in range(L):
-                p = f"model.layers.{i}."
-                h = self._norm(x, self.w[p + "input_layernorm.weight"])
-                q = (h @ self.w[p + "self_attn.q_proj.weight"].T).view(-1, self.n_heads, self.head_dim)
-                k = (h @ self.w[p + "self_attn.k_proj.weight"].T).view(-1, self.n_kv, self.head_dim)
-                v = (h @ self.w[p + "self_attn.v_proj.weight"].T).view(-1, self.n_kv, self.head_dim)
+
+            def attend(i, q, k, v):
+                """Layer ``i``'s attention output ``[b - a, n_heads * head_dim]`` from its
+                pre-RoPE ``q`` [b - a, n_heads, head_dim], ``k`` and ``v`` [b - a, n_kv,
+                head_dim]; ``k`` and ``v`` join the cache."""
                 k_cache[i] = torch.cat([k_cache[i], k])
                 v_cache[i] = torch.cat([v_cache[i], v])
-                kk = self._rope(k_cache[i][keys_idx], key_pos)
-                vv = v_cache[i][keys_idx]
-                qq = self._rope(q, q_pos)
+                kk = rope(k_cache[i][keys_idx], key_pos, self.inv_freq, self.neox)
                 kk = kk.repeat_interleave(rep, dim=1)
-                vv = vv.repeat_interleave(rep, dim=1)
+                vv = v_cache[i][keys_idx].repeat_interleave(rep, dim=1)
+                qq = rope(q, q_pos, self.inv_freq, self.neox)
                 scores = torch.einsum("qhd,khd->hqk", qq, kk) / math.sqrt(self.head_dim)
                 scores = scores.masked_fill(~mask[None], float("-inf"))
-                attn = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(b - a, -1)
-                x = x + attn @ self.w[p + "self_attn.o_proj.weight"].T
-                h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
-                gate = h @ self.w[p + "mlp.gate_proj.weight"].T
-                up = h @ self.w[p + "mlp.up_proj.weight"].T
-                x = x + (torch.nn.functional.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
-            yield a, b, self._norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
+                return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(b - a, -1)
+
+            x = self.embed(ids[a:b])
+            for i in range(self.n_layers):
+                x = self.layer(i, x, attend)
+            yield a, b, self.head(x)
+
+
+class ReferenceLlama(StreamingReference):
+    """Llama (also Mistral without sliding window, SmolLM2; Llama 3 rope scaling); Qwen3 and
+    Gemma in ``reference_families`` are small variations of it."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
+        super().__init__(model_dir, dtype)
+        cfg = self.cfg
+        self.n_layers = cfg["num_hidden_layers"]
+        self.n_heads = cfg["num_attention_heads"]
+        self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
+        self.hidden = cfg["hidden_size"]
+        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
+        self.eps = cfg["rms_norm_eps"]
+        self.inv_freq = rope_inv_freq(self.head_dim, rope_params(cfg))
+        if "lm_head.weight" not in self.w:
+            self.w["lm_head.weight"] = self.w["model.embed_tokens.weight"]
+
+    def _norm(self, x, weight):
+        return rms_norm(x, weight, self.eps)
+
+    def _act(self, gate):
+        return torch.nn.functional.silu(gate)
+
+    def qk(self, p, h):
+        """Layer prefix ``p``'s pre-RoPE queries and keys of ``h``."""
+        q = self.heads(self.linear(h, p + "self_attn.q_proj"), self.n_heads)
+        k = self.heads(self.linear(h, p + "self_attn.k_proj"), self.n_kv)
+        return q, k
+
+    def embed(self, ids):
+        return self.w["model.embed_tokens.weight"][ids]
+
+    def layer(self, i, x, attend):
+        p = f"model.layers.{i}."
+        h = self._norm(x, self.w[p + "input_layernorm.weight"])
+        q, k = self.qk(p, h)
+        v = self.heads(self.linear(h, p + "self_attn.v_proj"), self.n_kv)
+        x = x + self.linear(attend(i, q, k, v), p + "self_attn.o_proj")
+        h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
+        mlp = self._act(self.linear(h, p + "mlp.gate_proj")) * self.linear(h, p + "mlp.up_proj")
+        return x + self.linear(mlp, p + "mlp.down_proj")
+
+    def head(self, x):
+        return self._norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T
 
 
 def chunked_steps(n_prompt: int, chunk: int, n_total: int) -> list[tuple[int, int]]:

@@ -229,6 +229,26 @@ def test_create_engine_config_is_idempotent():
     assert first.additional_config == second.additional_config
 
 
+def test_engine_config_with_vllm_env_cache_taken():
+    """Once an engine has started, vLLM caches its environment variables; a sink engine
+    built next in the same process still gets VLLM_ALLOW_LONG_MAX_MODEL_LEN for its config
+    (the stream cap is past the model's positions), and the cache is taken again after."""
+    from vllm import envs
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink import assets
+
+    envs.enable_envs_cache()  # what a running engine leaves behind
+    try:
+        assert not envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN
+        cfg = EngineArgs(model=str(assets.model_dir()), dtype="float32",
+                         additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
+        assert cfg.model_config.max_model_len == 1 << 20
+        assert envs._is_envs_cache_enabled() and not envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN
+    finally:
+        envs.disable_envs_cache()
+
+
 def test_rotary_embeddings_are_an_allow_list():
     """vLLM's plain RoPE is served; any other rotary class, a subclass too, is refused at
     start-up with its name (an unknown rotation could not be re-positioned exactly)."""
