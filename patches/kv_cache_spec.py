@@ -111,6 +111,7 @@ class StreamingSinkManager(FullAttentionManager):
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.
         self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
+        self.settled: set[str] = set()  # requests whose footprint no longer changes
         self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
@@ -131,12 +132,17 @@ class StreamingSinkManager(FullAttentionManager):
 
     def note_request(self, request) -> None:
         """Record the footprint of ``request`` (called before each of its allocations)."""
+        rid = request.request_id
+        if rid in self.settled:  # decoding: its footprint is final
+            return
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         g = self.geometry
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
         bound = g.decode_live_pages if decoding else g.max_live_pages
         whole = cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
-        self.footprints[request.request_id] = min(bound, whole)
+        self.footprints[rid] = min(bound, whole)
+        if decoding:
+            self.settled.add(rid)
 
     def outstanding_pages(self) -> int:
         """Pages admitted sequences may still claim, up to their footprints."""
@@ -192,6 +198,7 @@ class StreamingSinkManager(FullAttentionManager):
         self.live.pop(request_id, None)
         self.footprints.pop(request_id, None)
         self.first_live_block.pop(request_id, None)
+        self.settled.discard(request_id)
         SINK_STATS.forget(request_id)
         return super().pop_blocks_for_free(request_id)
 

@@ -33,7 +33,6 @@ Per step and per sequence (``vllm_sink.policy.plan_step``):
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,24 +42,86 @@ from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals, sampler
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
-from vllm_sink.policy import FrameState, SinkGeometry, apply_plan
+from vllm_sink.page_writer import PageWriter
+from vllm_sink.policy import SinkGeometry
 from vllm_sink.rotary import key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
 
 
-@dataclass
-class _Stream:
-    """Worker-side state of one sequence."""
+class _StreamTable:
+    """Worker-side state of every sequence: one slot per sequence, numpy arrays indexed by
+    slot, so that a step is planned for the whole batch at once (``plan_steps``) and only the
+    rows whose window moves take a Python path.
 
-    frame: FrameState = field(default_factory=FrameState)
-    first_live_block: int = 0  # logical block held at row position `sink_pages`
-    # Sink keys as first written, every layer: [L, whole sink pages, H, B, D] and, with a
-    # partial sink page, the keys and values of its first r slots [L, H, r, D].
-    pristine: torch.Tensor | None = None
-    pristine_partial: torch.Tensor | None = None
-    pristine_partial_values: torch.Tensor | None = None
+    Per slot: ``base`` (epoch base), ``sink_angle`` (rotation now applied to the sink keys,
+    relative to their pristine copy), ``first_live`` (logical block held at row position
+    ``sink_pages``), and this step's ``slot_offset``/``frame_base`` with the step they were
+    planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
+    H, B, D]`` and, with a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
+    """
+
+    def __init__(self, sink_pages: int, capacity: int = 64):
+        self.sink_pages = sink_pages
+        self.slot_of: dict[str, int] = {}
+        self.free: list[int] = []
+        self.step = 0
+        self.pristine: dict[int, torch.Tensor] = {}
+        self.pristine_partial: dict[int, torch.Tensor] = {}
+        self.pristine_partial_values: dict[int, torch.Tensor] = {}
+        self.capacity = 0
+        self.base = self.sink_angle = self.first_live = self.slot_offset = self.frame_base = None
+        self.planned = None
+        self._grow(capacity)
+
+    def _grow(self, capacity: int) -> None:
+        def grown(old, fill):
+            new = np.full(capacity, fill, dtype=np.int64)
+            if old is not None:
+                new[: len(old)] = old
+            return new
+
+        self.base = grown(self.base, 0)
+        self.sink_angle = grown(self.sink_angle, 0)
+        self.first_live = grown(self.first_live, self.sink_pages)
+        self.slot_offset = grown(self.slot_offset, 0)
+        self.frame_base = grown(self.frame_base, 0)
+        self.planned = grown(self.planned, -1)
+        self.capacity = capacity
+
+    def slot(self, rid: str) -> int:
+        """The slot of ``rid``, a fresh one for a sequence not seen before."""
+        slot = self.slot_of.get(rid)
+        if slot is None:
+            if not self.free:
+                self.free = list(range(2 * self.capacity - 1, self.capacity - 1, -1))
+                self._grow(2 * self.capacity)
+            slot = self.slot_of[rid] = self.free.pop()
+            self._clear(slot)
+        return slot
+
+    def _clear(self, slot: int) -> None:
+        self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = self.frame_base[slot] = 0
+        self.first_live[slot] = self.sink_pages
+        self.planned[slot] = -1
+        self.pristine.pop(slot, None)
+        self.pristine_partial.pop(slot, None)
+        self.pristine_partial_values.pop(slot, None)
+
+    def reset(self, rid: str) -> None:
+        """A sequence (re)starts from token 0 in fresh pages (new, or resumed after a
+        preemption: vLLM recomputes it)."""
+        self._clear(self.slot(rid))
+
+    def drop(self, rid: str) -> None:
+        slot = self.slot_of.pop(rid, None)
+        if slot is not None:
+            self._clear(slot)
+            self.free.append(slot)
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
 
 
 class _HostStager:
@@ -112,7 +173,7 @@ class SinkRunnerHook:
         self.B, self.S, self.W = g.block_size, g.sink_tokens, g.kv_window
         self.s, self.r = g.sink_pages, g.partial_slots
         self.s_whole = self.S // self.B
-        self.streams: dict[str, _Stream] = {}
+        self.streams = _StreamTable(self.s)
         self.table = refusals.rotary_table(runner.get_model())
         refusals.check_rotary_limit(self.table.limit, g.rope_limit)
         self.rope_limit = g.rope_limit
@@ -122,10 +183,11 @@ class SinkRunnerHook:
         mc = runner.vllm_config.model_config
         self.num_kv_heads = mc.get_num_kv_heads(runner.vllm_config.parallel_config)
         self.head_size = mc.get_head_size()
-        # request id -> (slot offset, frame base) of this step, set after _update_states and
-        # read in _prepare_inputs by request id (rows may be reordered in between).
-        self.offsets: dict[str, tuple[int, int]] = {}
+        # Whether any row of this step has a slot offset or frame base; the offsets
+        # themselves are kept by request (its slot), planned after _update_states and read
+        # in _prepare_inputs (rows may be reordered in between).
         self.any_offset = False
+        self._writers: tuple[PageWriter, PageWriter] | None = None
         self.check_rows = ROW_LOG.enabled()  # read once, not per row per step
         self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
         self.stager = _HostStager(self.device)
@@ -165,54 +227,81 @@ class SinkRunnerHook:
         return tables[0]
 
     # ------------------------------------------------------------------ step 1
+    def writers(self) -> tuple[PageWriter, PageWriter]:
+        """Sink page writers for the keys and the values of every layer (one kernel launch
+        per step on CUDA; ``vllm_sink.page_writer``)."""
+        if self._writers is None:
+            self._writers = (PageWriter(self.keys()), PageWriter(self.values()))
+        return self._writers
+
+    # ------------------------------------------------------------------ step 1
     def after_update_states(self, scheduler_output) -> None:
+        """Plan the step for every scheduled row at once, then carry out what it asks: the
+        rows whose window moved are compacted (and the pages that left are the ones the
+        scheduler's manager freed: both apply ``row_transition``), epochs rotate the window,
+        moved sinks are re-anchored in one write for all rows and layers."""
+        table = self.streams
         for rid in scheduler_output.finished_req_ids:
-            self.streams.pop(rid, None)
+            table.drop(rid)
         SINK_STATS.publish(force=bool(scheduler_output.finished_req_ids))
         for new in scheduler_output.scheduled_new_reqs:
-            self.streams[new.req_id] = _Stream(first_live_block=self.s)
+            table.reset(new.req_id)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-            # Preempted: vLLM recomputes it from token 0 into fresh pages.
-            self.streams[rid] = _Stream(first_live_block=self.s)
+            table.reset(rid)
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
         self.any_offset = False
-        self.offsets.clear()
         self.stager.reset()
-        anchors: list[tuple[int, _Stream, int, int]] = []  # (row, stream, old, new sink angle)
-        for row in range(num_reqs):
-            rid = ib.req_ids[row]
-            n = scheduler_output.num_scheduled_tokens.get(rid, 0)
-            stream = self.streams.setdefault(rid, _Stream(first_live_block=self.s))
-            if n == 0:
-                continue
-            a = int(ib.num_computed_tokens_cpu[row])
-            plan = self.geometry.plan_step(a, a + n, stream.frame)
-            move = self.geometry.row_transition(stream.first_live_block, plan.w0)
-            if move is not None:
-                block_ids = self.runner.requests[rid].block_ids[0]
-                if move.swap_sink and stream.pristine_partial is None:
-                    # The old partial sink page leaves; its sink slots [0, r) are first
-                    # kept, as written, for re-anchoring in the page that replaces it.
-                    old_sink = block_ids[self.s - 1]
-                    stream.pristine_partial = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
-                    stream.pristine_partial_values = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
-                block_ids[:], _ = move.apply(block_ids, self.s)
-                self._write_row(row, block_ids)
-                stream.first_live_block = move.last
-            if self.check_rows:
-                ROW_LOG.record_worker(rid, a, self.runner.requests[rid].block_ids[0])
-            if plan.window_shift:
-                self._epoch(row, plan.window_shift)
-            if self.S and ((move is not None and move.swap_sink) or plan.sink_angle != stream.frame.sink_angle):
-                anchors.append((row, stream, stream.frame.sink_angle, plan.sink_angle))
-            apply_plan(stream.frame, plan)
-            self.offsets[rid] = (plan.slot_offset, plan.base)
-            if plan.slot_offset or plan.base:
-                self.any_offset = True
-        if anchors:
-            self._reanchor(anchors)
+        table.step += 1
+        if not num_reqs:
+            return
+        rids = ib.req_ids[:num_reqs]
+        sched = scheduler_output.num_scheduled_tokens
+        n = np.fromiter((sched.get(rid, 0) for rid in rids), dtype=np.int64, count=num_reqs)
+        rows = np.flatnonzero(n)
+        if not len(rows):
+            return
+        slots = np.fromiter((table.slot(rids[row]) for row in rows), dtype=np.int64, count=len(rows))
+        a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
+        plans = self.geometry.plan_steps(a, a + n[rows], table.base[slots])
+
+        moving = np.flatnonzero(-(-plans.w0 // self.B) > table.first_live[slots])
+        for i in moving.tolist():
+            self._move(int(rows[i]), rids[rows[i]], int(slots[i]), int(plans.w0[i]))
+        if self.check_rows:
+            for i, row in enumerate(rows.tolist()):
+                ROW_LOG.record_worker(rids[row], int(a[i]), self.runner.requests[rids[row]].block_ids[0])
+        for i in np.flatnonzero(plans.window_shift).tolist():
+            self._epoch(int(rows[i]), int(plans.window_shift[i]))
+        if self.S:
+            anchor = plans.sink_angle != table.sink_angle[slots]
+            if self.r:
+                anchor[moving] = True  # a new partial sink page: its sink slots are empty
+            idx = np.flatnonzero(anchor)
+            if len(idx):
+                self._reanchor(rows[idx], slots[idx], table.sink_angle[slots[idx]], plans.sink_angle[idx])
+        table.base[slots] = plans.base
+        table.sink_angle[slots] = plans.sink_angle
+        table.slot_offset[slots] = plans.slot_offset
+        table.frame_base[slots] = plans.base
+        table.planned[slots] = table.step
+        self.any_offset = bool(plans.slot_offset.any() or plans.base.any())
+
+    def _move(self, row: int, rid: str, slot: int, w0: int) -> None:
+        """Compact the row of a sequence whose window start moved to ``w0``."""
+        table = self.streams
+        move = self.geometry.row_transition(int(table.first_live[slot]), w0)
+        block_ids = self.runner.requests[rid].block_ids[0]
+        if move.swap_sink and slot not in table.pristine_partial:
+            # The old partial sink page leaves; its sink slots [0, r) are first kept, as
+            # written, for re-anchoring in the page that replaces it.
+            old_sink = block_ids[self.s - 1]
+            table.pristine_partial[slot] = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
+            table.pristine_partial_values[slot] = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
+        block_ids[:], _ = move.apply(block_ids, self.s)
+        self._write_row(row, block_ids)
+        table.first_live[slot] = move.last
 
     def _write_row(self, row: int, block_ids: list[int]) -> None:
         """Write a request's KV block ids into its block-table row (in kernel blocks: each
@@ -251,58 +340,54 @@ class SinkRunnerHook:
                 k[part, :, r:] = rotate(k[part, :, r:], cos, sin, rd, neox)
         SINK_STATS.epochs += 1
 
-    def _reanchor(self, anchors: list[tuple[int, "_Stream", int, int]]) -> None:
-        """Rewrite the sink keys of every stream in ``anchors`` as its pristine keys rotated
-        by its new angle: one gather-rotate-scatter per layer for the whole step, however
-        many streams moved their window (a stream's window start moves every B tokens).
-        With a partial sink page (which is a new page whenever the window moved), its ``r``
-        sink values are written with the keys."""
+    def _reanchor(self, rows: np.ndarray, slots: np.ndarray, old_angles: np.ndarray,
+                  new_angles: np.ndarray) -> None:
+        """Rewrite the sink keys of the given rows as their pristine keys rotated by their
+        new angles: one write for every row and layer of the step (a stream's window start
+        moves every B tokens). With a partial sink page (a new page whenever the window
+        moved), its ``r`` sink values are written with the keys."""
+        table = self.streams
         bt = self._block_table()
-        table = bt.block_table.np
+        block_table = bt.block_table.np
         nw = self.s_whole * bt.blocks_per_kv_block
         keys = self.keys()
-        r, rd, neox = self.r, self.table.rotary_dim, self.table.is_neox_style
-        rows = [a[0] for a in anchors]
-        whole_ids = self.stager.put(table[rows, :nw]) if nw else None
-        part_ids = self.stager.put(table[rows, self.s - 1]) if r else None
-        for i, (_, stream, old_angle, _) in enumerate(anchors):
-            if nw and stream.pristine is None:
+        rows_l = rows.tolist()
+        whole_ids = self.stager.put(block_table[rows_l, :nw]).view(len(rows_l), nw) if nw else None
+        for i, slot in enumerate(slots.tolist()):
+            if nw and slot not in table.pristine:
                 # The sink slots still hold the keys as written at positions 0..S-1.
-                assert old_angle == 0, "sink keys moved before their pristine copy was taken"
-                ids = whole_ids[i * nw : (i + 1) * nw]
-                stream.pristine = torch.stack([k[ids] for k in keys])
+                assert old_angles[i] == 0, "sink keys moved before their pristine copy was taken"
+                table.pristine[slot] = torch.stack([k[whole_ids[i]] for k in keys])
             # A partial sink page's are taken when the window first moves (it moves first).
-            assert not r or stream.pristine_partial is not None
-        cos, sin = self._angles([a[3] for a in anchors])
+            assert not self.r or slot in table.pristine_partial
+        cos, sin = self._angles(new_angles.tolist())
+        key_writer, value_writer = self.writers()
+        rd, neox = self.table.rotary_dim, self.table.is_neox_style
         if nw:
-            # [R, L, nw, H, B, D] rotated by each stream's angle.
-            src = torch.stack([a[1].pristine for a in anchors])
-            out = rotate(src, cos[:, None, None, None, None, :], sin[:, None, None, None, None, :], rd, neox)
-            for layer, k in enumerate(keys):
-                k[whole_ids] = out[:, layer].flatten(0, 1)
-        if r:
-            # [R, L, H, r, D]
-            src = torch.stack([a[1].pristine_partial for a in anchors])
-            out = rotate(src, cos[:, None, None, None, :], sin[:, None, None, None, :], rd, neox)
-            vals = torch.stack([a[1].pristine_partial_values for a in anchors])
-            for layer, (k, v) in enumerate(zip(keys, self.values())):
-                k[part_ids, :, :r] = out[:, layer]
-                v[part_ids, :, :r] = vals[:, layer]
-        SINK_STATS.sink_rotations += len(anchors)
+            src = torch.stack([table.pristine[slot] for slot in slots.tolist()])  # [R, L, nw, H, B, D]
+            key_writer.write(whole_ids, src, cos, sin, rd, neox)
+        if self.r:
+            part_ids = self.stager.put(block_table[rows_l, self.s - 1]).view(len(rows_l), 1)
+            src = torch.stack([table.pristine_partial[slot] for slot in slots.tolist()])[:, :, None]
+            key_writer.write(part_ids, src, cos, sin, rd, neox)  # [R, L, 1, H, r, D]
+            vals = torch.stack([table.pristine_partial_values[slot] for slot in slots.tolist()])[:, :, None]
+            value_writer.write(part_ids, vals, cos, sin, 0, neox)
+        SINK_STATS.sink_rotations += len(rows_l)
 
     # ------------------------------------------------------------------ step 2
     def after_prepare_inputs(self, scheduler_output) -> None:
         if not self.any_offset:
             return
         r = self.runner
+        table = self.streams
         num_reqs = r.input_batch.num_reqs
         T = scheduler_output.total_num_scheduled_tokens
-        offsets = np.array(
-            [self.offsets.get(rid, (0, 0)) for rid in r.input_batch.req_ids[:num_reqs]], dtype=np.int64
-        ).reshape(num_reqs, 2)
-        slot_off_np = offsets[:, 0]
+        slots = np.fromiter((table.slot(rid) for rid in r.input_batch.req_ids[:num_reqs]), dtype=np.int64,
+                            count=num_reqs)
+        planned = table.planned[slots] == table.step  # rows not scheduled this step: no offset
+        slot_off_np = np.where(planned, table.slot_offset[slots], 0)
         slot_off = self.stager.put(slot_off_np)
-        rope_off = self.stager.put(offsets[:, 1])
+        rope_off = self.stager.put(np.where(planned, table.frame_base[slots], 0))
         req_idx = r.req_indices.gpu[:T].long()
         positions = r.positions[:T]
         r.input_batch.block_table.compute_slot_mapping(

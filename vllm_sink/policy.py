@@ -222,6 +222,47 @@ def plan_step(
     )
 
 
+@dataclass(frozen=True)
+class StepPlans:
+    """:class:`StepPlan` for a batch of sequences: one numpy array per field, one entry per
+    sequence (``int64``)."""
+
+    w0: "np.ndarray"
+    slot_offset: "np.ndarray"
+    base: "np.ndarray"
+    window_shift: "np.ndarray"
+    sink_angle: "np.ndarray"
+
+    def __getitem__(self, i: int) -> StepPlan:
+        return StepPlan(w0=int(self.w0[i]), slot_offset=int(self.slot_offset[i]), base=int(self.base[i]),
+                        window_shift=int(self.window_shift[i]), sink_angle=int(self.sink_angle[i]))
+
+
+def plan_steps(a, b, base, *, sink_tokens: int, window: int, block_size: int, rope_limit: int) -> StepPlans:
+    """:func:`plan_step` for many sequences at once: ``a``, ``b`` and each sequence's epoch
+    ``base`` are integer arrays of one length; entry ``i`` of the result equals
+    ``plan_step(a[i], b[i], FrameState(base=base[i]), ...)`` (the worker's per-step plan for
+    a whole batch, without a Python loop over its rows). Raises ``ValueError`` as
+    :func:`plan_step` does, for the first sequence that cannot be served."""
+    import numpy as np
+
+    a, b, base = (np.asarray(x, dtype=np.int64) for x in (a, b, base))
+    S, B = sink_tokens, block_size
+    if (b <= a).any():
+        i = int(np.flatnonzero(b <= a)[0])
+        raise ValueError(f"empty step [{a[i]}, {b[i]})")
+    r = S % B
+    w0 = np.maximum(S, ((a - window + 1 - r) // B) * B + r)
+    new_epoch = b - 1 - base >= rope_limit
+    new_base = np.where(new_epoch, w0 - S, base)
+    if (b - 1 - new_base >= rope_limit).any():
+        i = int(np.flatnonzero(b - 1 - new_base >= rope_limit)[0])
+        plan_step(int(a[i]), int(b[i]), FrameState(base=int(base[i])), sink_tokens=S, window=window,
+                  block_size=B, rope_limit=rope_limit)  # raises, with the message
+    return StepPlans(w0=w0, slot_offset=w0 - S, base=new_base, window_shift=base - new_base,
+                     sink_angle=w0 - S - new_base)
+
+
 def apply_plan(state: FrameState, plan: StepPlan) -> None:
     """Record in ``state`` that ``plan``'s rotations have been carried out."""
     if plan.window_shift:
@@ -307,6 +348,10 @@ class SinkGeometry:
     def plan_step(self, a: int, b: int, state: "FrameState") -> "StepPlan":
         return plan_step(a, b, state, sink_tokens=self.sink_tokens, window=self.kv_window,
                          block_size=self.block_size, rope_limit=self.rope_limit)
+
+    def plan_steps(self, a, b, base) -> "StepPlans":
+        return plan_steps(a, b, base, sink_tokens=self.sink_tokens, window=self.kv_window,
+                          block_size=self.block_size, rope_limit=self.rope_limit)
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}

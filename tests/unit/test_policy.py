@@ -237,3 +237,37 @@ def test_geometry_resolves_every_bound_once():
     assert SinkGeometry(**g.to_dict()) == g
     with pytest.raises(ValueError, match="exceed the 512 rotary positions"):
         SinkGeometry(block_size=16, sink_tokens=20, kv_window=256, step_tokens=300, concurrent_steps=1, rope_limit=512)
+
+
+@pytest.mark.parametrize("S,B,W,P", [(16, 16, 64, 160), (4, 16, 64, 120), (0, 16, 48, 100), (20, 8, 40, 90)])
+def test_plan_steps_equals_plan_step_row_by_row(S, B, W, P):
+    """The worker's batched plan is the per-sequence plan, entry by entry, across epochs."""
+    import random
+
+    np = pytest.importorskip("numpy")
+    from vllm_sink.policy import plan_steps
+
+    rng = random.Random(S * 1000 + B)
+    C = P - S - W - B
+    states = [FrameState() for _ in range(40)]
+    pos = [rng.randrange(0, 50) for _ in states]
+    for _ in range(60):
+        n = [rng.randrange(1, C + 1) for _ in states]
+        a = np.array(pos)
+        plans = plan_steps(a, a + np.array(n), np.array([st.base for st in states]),
+                           sink_tokens=S, window=W, block_size=B, rope_limit=P)
+        for i, st in enumerate(states):
+            one = plan_step(pos[i], pos[i] + n[i], st, sink_tokens=S, window=W, block_size=B, rope_limit=P)
+            assert plans[i] == one
+            apply_plan(st, one)
+            pos[i] += n[i]
+    assert sum(st.epochs for st in states) > 0
+
+
+def test_plan_steps_refuses_like_plan_step():
+    np = pytest.importorskip("numpy")
+    from vllm_sink.policy import plan_steps
+
+    with pytest.raises(ValueError, match="rotary positions"):
+        plan_steps(np.array([0, 0]), np.array([10, 600]), np.array([0, 0]),
+                   sink_tokens=16, window=256, block_size=16, rope_limit=512)
