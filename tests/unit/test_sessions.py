@@ -1,0 +1,99 @@
+"""Kept streams (vllm_sink.sessions): the resume rule and the LRU index, without vLLM."""
+
+import random
+
+import pytest
+
+from vllm_sink.policy import SinkGeometry, contract_positions
+from vllm_sink.sessions import (
+    DIVERGES_BEFORE_WINDOW,
+    DIVERGES_IN_SINK,
+    NO_MATCH,
+    KeptStream,
+    KeptStreams,
+    common_prefix_len,
+    resume_point,
+)
+
+
+def geometry(S=16, W=64, B=16, C=32):
+    return SinkGeometry(block_size=B, sink_tokens=S, kv_window=W, step_tokens=C, concurrent_steps=1,
+                        rope_limit=4096)
+
+
+def test_common_prefix_len():
+    a = list(range(2000))
+    assert common_prefix_len(a, a) == 2000
+    assert common_prefix_len(a, a[:700]) == 700
+    b = a[:1300] + [-1] + a[1301:]
+    assert common_prefix_len(a, b) == 1300
+    assert common_prefix_len(a, [5]) == 0 and common_prefix_len([], a) == 0
+
+
+def run(g, n, chunk):
+    """A stream of n tokens computed chunk tokens a step: its last step's start."""
+    return max(range(0, n, chunk))
+
+
+@pytest.mark.parametrize("S,B", [(16, 16), (4, 16), (0, 16), (20, 8)])
+def test_a_resumed_step_sees_only_held_tokens(S, B):
+    """Whatever the kept stream and the new prompt, a resumed step at ``a`` sees only tokens
+    the kept stream still holds (the sink, and its window from its last window start on) or
+    tokens it computes itself (``>= a``): never an evicted one."""
+    g = geometry(S=S, B=B)
+    rng = random.Random(S * 100 + B)
+    resumed = 0
+    for _ in range(400):
+        n = rng.randrange(1, 600)
+        tokens = [rng.randrange(1000) for _ in range(n)]
+        computed = n - 1  # the last sampled token's KV is never computed
+        if computed < 1:
+            continue
+        last = run(g, computed, rng.choice([1, 16, 32]))
+        kept_w0 = g.window_start(last)
+        # The next turn: the history (maybe edited somewhere) plus new tokens.
+        prompt = list(tokens)
+        if rng.random() < 0.5:
+            prompt[rng.randrange(len(prompt))] = -1
+        prompt += [rng.randrange(1000) for _ in range(rng.randrange(1, 50))]
+        a, why = resume_point(g, tokens, computed, kept_w0, prompt)
+        if not a:
+            assert why in (NO_MATCH, DIVERGES_IN_SINK, DIVERGES_BEFORE_WINDOW)
+            continue
+        resumed += 1
+        assert a % B == 0 and max(S, 1) <= a <= computed and a < len(prompt)
+        assert prompt[:a] == tokens[:a]
+        keys, _, _ = contract_positions(a, min(a + g.step_tokens, len(prompt)), S, g.kv_window, B)
+        for t in keys:
+            assert t < S or t >= a or t >= kept_w0, (t, a, kept_w0)
+    assert resumed > 50
+
+
+def test_resume_point_reasons():
+    g = geometry()
+    tokens = list(range(1, 401))
+    w0 = g.window_start(398)
+    assert resume_point(g, tokens, 399, w0, tokens + [7, 8]) == (384, "")
+    assert resume_point(g, tokens, 399, w0, [0] + tokens[1:]) == (0, DIVERGES_IN_SINK)
+    edited = tokens[:100] + [0] + tokens[101:]
+    assert resume_point(g, tokens, 399, w0, edited) == (0, DIVERGES_BEFORE_WINDOW)
+    # An edit inside the last page: resume before it, in the same window.
+    late = tokens[:390] + [0] + tokens[391:]
+    assert resume_point(g, tokens, 399, w0, late) == (384, "")
+
+
+def test_kept_streams_lru_and_cap():
+    g = geometry()
+    kept = KeptStreams(g, max_pages=20)
+    for i in range(3):
+        assert kept.keep(KeptStream(f"s{i}", tuple(range(i, i + 300)), 299, 224, pages=6)) == []
+    assert kept.pages == 18 and len(kept) == 3
+    released = kept.keep(KeptStream("s3", tuple(range(3, 303)), 299, 224, pages=6))
+    assert [s.key for s in released] == ["s0"] and kept.pages == 18
+    assert [s.key for s in kept.keep(KeptStream("big", (1,), 0, 0, pages=21))] == ["big"]
+    stream, a, why = kept.best_match(list(range(2, 302)) + [9])
+    assert stream.key == "s2" and a == 288 and why == ""
+    assert kept.take("s2").pages == 6 and kept.pages == 12 and "s2" not in kept
+    assert kept.best_match([5000, 1]) == (None, 0, NO_MATCH)
+    assert kept.release_lru().key == "s1" and kept.release_lru().key == "s3" and kept.release_lru() is None
+    assert kept.pages == 0

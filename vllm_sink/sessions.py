@@ -1,0 +1,153 @@
+"""Kept streams: resuming a sink stream from its held state (a chat's next turn).
+
+A chat client re-sends the whole conversation every turn. With the sink policy the state a
+finished stream leaves behind is small (its sink pages, its window pages, its frame state),
+so it can be kept; a later request whose prompt extends the stream's token history then
+prefills only what is new, from that state, exactly as if the stream had never stopped.
+
+This module is the pure part, usable without vLLM:
+
+* :func:`resume_point`: from which token a prompt can resume a kept stream *exactly*, or why
+  it cannot (the decision; the engine's scheduler side carries it out);
+* :class:`KeptStreams`: the index of kept streams, least recently used first, within a cap
+  on the pages they may hold.
+
+**The resume rule.** A kept stream computed the KV of ``tokens[:computed]``; its last step
+started at a token whose window start was ``window_start``, so it holds the sink pages and
+the pages from ``window_start``'s page on. A new prompt matching ``tokens`` for its first
+``m`` tokens resumes at the largest ``a`` with
+
+* ``a <= min(m, computed, len(prompt) - 1)``: only tokens the stream computed and the prompt
+  repeats are reused, and at least one prompt token is computed (for its logits);
+* ``a`` a multiple of the page size ``B`` (vLLM's engine counts reused tokens in whole pages;
+  the tokens of a partly reused page are computed again, into the same slots, with the same
+  positions: the same values);
+* ``a >= S`` past the sink (``a > 0`` for a window-only stream): the sink is complete;
+* ``window_start(a) >= window_start``: the step at ``a`` sees only tokens the stream still
+  holds (a window that would reach back into evicted pages cannot be served exactly).
+
+Otherwise the request is prefilled from token 0 (a *fallback*, with its reason). A resumed
+step is any other step of the stream: same positions, same eviction, same rotations.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vllm_sink.policy import SinkGeometry
+
+# Fallback reasons, as metrics labels.
+NO_MATCH = "no_kept_stream"
+DIVERGES_IN_SINK = "diverges_in_sink"
+DIVERGES_BEFORE_WINDOW = "diverges_before_window"
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int], chunk: int = 512) -> int:
+    """Length of the longest common prefix of two token sequences (chunked slice compares:
+    C-speed list equality over each chunk, a Python scan only inside the first chunk that
+    differs)."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n:
+        j = min(i + chunk, n)
+        if list(a[i:j]) != list(b[i:j]):
+            while a[i] == b[i]:
+                i += 1
+            return i
+        i = j
+    return n
+
+
+def resume_point(geometry: SinkGeometry, tokens: Sequence[int], computed: int, window_start: int,
+                 prompt: Sequence[int]) -> tuple[int, str]:
+    """``(a, "")``: resume at token ``a`` (the rule in the module docstring), or ``(0, reason)``."""
+    B, S = geometry.block_size, geometry.sink_tokens
+    m = common_prefix_len(tokens[:computed], prompt)
+    a = min(m, computed, len(prompt) - 1)
+    a -= a % B
+    if a < max(S, 1):
+        return 0, DIVERGES_IN_SINK if a < S else NO_MATCH
+    if geometry.window_start(a) < window_start:
+        return 0, DIVERGES_BEFORE_WINDOW
+    return a, ""
+
+
+@dataclass
+class KeptStream:
+    """A finished stream's state, held for resumption. ``tokens``: its token history (the
+    KV of ``tokens[:computed]`` is held); ``window_start``: the window start of its last
+    step; ``pages``: the KV pages it holds; ``handle``: what the engine needs to hand the
+    state over (its page list, for instance)."""
+
+    key: str
+    tokens: tuple[int, ...]
+    computed: int
+    window_start: int
+    pages: int
+    handle: object = None
+
+
+class KeptStreams:
+    """Kept streams, least recently used first, holding at most ``max_pages`` pages.
+
+    Invariants: ``pages`` is the sum of the kept streams' pages and never exceeds
+    ``max_pages`` after :meth:`keep` returns; a stream is either kept here or was handed
+    back by :meth:`keep` (over the cap), :meth:`take` or :meth:`release_lru` (its pages
+    are the caller's to free)."""
+
+    def __init__(self, geometry: SinkGeometry, max_pages: int):
+        self.geometry = geometry
+        self.max_pages = max_pages
+        self.pages = 0
+        self._kept: OrderedDict[str, KeptStream] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._kept
+
+    def keep(self, stream: KeptStream) -> list[KeptStream]:
+        """Keep ``stream`` (most recently used); return the streams released to stay within
+        the cap (``stream`` itself if it alone is over it)."""
+        if stream.pages > self.max_pages:
+            return [stream]
+        self._kept[stream.key] = stream
+        self.pages += stream.pages
+        released = []
+        while self.pages > self.max_pages:
+            released.append(self.release_lru())
+        return released
+
+    def best_match(self, prompt: Sequence[int]) -> tuple[KeptStream | None, int, str]:
+        """The kept stream ``prompt`` resumes furthest into: ``(stream, a, "")``, or
+        ``(None, 0, reason)`` (the reason of the longest match)."""
+        best: tuple[KeptStream | None, int, str] = (None, 0, NO_MATCH)
+        best_match_len = 0
+        for stream in self._kept.values():
+            if not prompt or not stream.tokens or stream.tokens[0] != prompt[0]:
+                continue
+            a, why = resume_point(self.geometry, stream.tokens, stream.computed, stream.window_start, prompt)
+            if a > best[1]:
+                best = (stream, a, "")
+            elif not best[1] and why != NO_MATCH:
+                m = common_prefix_len(stream.tokens, prompt)
+                if m > best_match_len:
+                    best, best_match_len = (None, 0, why), m
+        return best
+
+    def take(self, key: str) -> KeptStream:
+        """Hand a kept stream over (to the request resuming it)."""
+        stream = self._kept.pop(key)
+        self.pages -= stream.pages
+        return stream
+
+    def release_lru(self) -> KeptStream | None:
+        """Release the least recently used kept stream (``None`` if none is kept)."""
+        if not self._kept:
+            return None
+        _, stream = self._kept.popitem(last=False)
+        self.pages -= stream.pages
+        return stream
