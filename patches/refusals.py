@@ -4,9 +4,10 @@ Binds to vLLM 0.26.0: EngineArgs fields (enable_prefix_caching, speculative_conf
 kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
 pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
 is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,
-hf_text_config), the rotary embedding classes under
-``vllm.model_executor.layers.rotary_embedding``, ``FullAttentionSpec`` and
-``KVQuantMode``, the attention backends' names and the CPU backend's ``_get_attn_isa``.
+hf_text_config, model_arch_config.derived_max_model_len_and_key), the rotary embedding
+classes under ``vllm.model_executor.layers.rotary_embedding``, ``FullAttentionSpec`` and
+``KVQuantMode``, ``get_layers_from_vllm_config`` with ``AttentionLayerBase.get_attn_backend``,
+the attention backends' names and the CPU backend's ``_get_attn_isa``.
 
 Settings that need no vLLM object are validated by ``vllm_sink.config``; everything else
 the policy cannot serve exactly is refused here, each with a ``SinkConfigError`` naming
@@ -15,10 +16,12 @@ function that raises it):
 
 * ``check_engine_args``: engine settings, before vLLM builds its config (API server,
   ``LLM(...)``);
-* ``check_model``: the model's config, once vLLM has resolved it;
+* ``check_model``: the model's config, once vLLM has resolved it (RoPE or ALiBi);
+* ``position_limits``: the rotary positions and the context the default window comes from;
 * ``check_layer_spec``: each attention layer's KV-cache spec, on the worker;
 * ``rotary_table``: the model's rotary embedding (an allow-list of pure rotations);
 * ``kv_layout``: the attention backend and its key layout;
+* ``check_alibi_backend``: ALiBi models only on backends that bias by index in the row;
 * ``check_runner``: the worker's model runner;
 * ``check_partial_sink_kernel``: a partial sink page needs kernel block == KV block;
 * ``check_context_parallel``: the scheduler's manager, under context parallelism;
@@ -32,6 +35,7 @@ import os
 import torch
 
 from vllm_sink.config import SinkConfigError
+from vllm_sink.policy import NO_ROTARY_LIMIT
 from vllm_sink.rotary import RotationTable
 
 # rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
@@ -64,6 +68,27 @@ def rope_limit_of(hf_text_config) -> int:
     return limit
 
 
+# ALiBi architectures whose sink-policy output is checked against a reference
+# (tests/test_families.py); other ALiBi models (Falcon-RW, Baichuan-13B, ...) are refused.
+ALIBI_ARCHITECTURES = ("MPTForCausalLM", "BloomForCausalLM")
+
+# vLLM's assumption for a config that names no maximum length (``_get_and_verify_max_len``).
+VLLM_DEFAULT_MAX_LEN = 2048
+
+
+def position_limits(model_config) -> tuple[int, int]:
+    """``(rope_limit, context)``: rows of the model's rotary table and the positions the
+    default window is half of. An ALiBi model has no rotary table (``NO_ROTARY_LIMIT``: no
+    epoch ever starts); its context is the maximum length vLLM derives from its config
+    (MPT's ``max_seq_len``; 2048 for a config with none, e.g. BLOOM's), not the stream cap
+    the sink policy sets as ``max_model_len``."""
+    if model_config.uses_alibi:
+        derived, _ = model_config.model_arch_config.derived_max_model_len_and_key
+        return NO_ROTARY_LIMIT, VLLM_DEFAULT_MAX_LEN if derived == float("inf") else int(derived)
+    limit = rope_limit_of(model_config.hf_text_config)
+    return limit, limit
+
+
 def check_model(model_config) -> None:
     """Refuse, before any process starts, models the policy cannot serve exactly."""
     name = model_config.model
@@ -78,14 +103,13 @@ def check_model(model_config) -> None:
         (model_config.is_hybrid, "is a hybrid (Mamba/linear-attention) model"),
         (model_config.is_attention_free, "has no attention layers"),
         (model_config.uses_mrope, "uses M-RoPE"),
-        (model_config.uses_alibi, "uses ALiBi positions, not RoPE"),
         (model_config.is_multimodal_model, "is multimodal"),
     ]
     for bad, what in checks:
         if bad:
             raise SinkConfigError(
                 f"{name} {what}; the sink KV policy supports decoder-only text models with "
-                "RoPE and full attention (Llama, Mistral without sliding window, Qwen2, "
+                "RoPE or ALiBi and full attention (Llama, Mistral without sliding window, Qwen2, "
                 "SmolLM2, ...). Use --kv-policy full for this model"
             )
     hf = model_config.hf_text_config
@@ -97,13 +121,25 @@ def check_model(model_config) -> None:
             "policy cannot combine them with its window. Use --kv-policy full, or a config "
             "with sliding_window: null if the model was trained without it"
         )
+    if model_config.uses_alibi:
+        # Keys carry no position; the kernel biases by index in the compacted row, i.e. by
+        # the contract's cache positions (the worker checks the backend: check_alibi_backend).
+        archs = set(getattr(model_config, "architectures", None) or ())
+        if not archs & set(ALIBI_ARCHITECTURES):
+            raise SinkConfigError(
+                f"{name} ({', '.join(sorted(archs))}) uses ALiBi in an architecture vllm-sink "
+                f"has not checked against its reference (checked: {', '.join(ALIBI_ARCHITECTURES)}). "
+                "Use --kv-policy full for this model"
+            )
+        return
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     # GPT-J's config names its RoPE only by ``rotary_dim`` (vLLM builds a plain,
     # GPT-J-style RotaryEmbedding from it; the worker checks the module it built).
     if not params and getattr(hf, "rope_theta", None) is None and not getattr(hf, "rotary_dim", None):
         raise SinkConfigError(
-            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE); the sink KV "
-            "policy re-positions keys by rotation. Use --kv-policy full for this model"
+            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE) and no ALiBi; "
+            "the sink KV policy re-positions keys by rotation (RoPE) or by their place in the "
+            "cache (ALiBi), not learned absolute positions. Use --kv-policy full for this model"
         )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -224,6 +260,38 @@ def kv_layout(runner) -> str:
         f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
         f"backends, not {name}; pick one with --attention-backend"
     )
+
+
+# Backends whose ALiBi bias is ``slope * (kv_idx - q_idx)`` with ``kv_idx`` the key's index
+# in the block-table row and ``q_idx = seq_len - q_len + i``: with a compacted row that is
+# the contract's cache positions (CPU: ``apply_alibi_slopes``; Triton:
+# ``triton_attention_helpers``). Others (FLASH_ATTN, ...) are not verified.
+ALIBI_BACKENDS = ("CPU_ATTN", "TRITON_ATTN")
+
+
+def attention_backend(runner) -> str:
+    """The name of the one attention backend of the runner's attention layers (known as
+    soon as the model is built, before the KV cache and ``runner.attn_groups`` exist)."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layers = get_layers_from_vllm_config(runner.vllm_config, AttentionLayerBase)
+    names = {layer.get_attn_backend().get_name() for layer in layers.values()}
+    if len(names) != 1:
+        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {sorted(names)}")
+    return names.pop()
+
+
+def check_alibi_backend(backend: str) -> None:
+    """An ALiBi model is served exactly only where the kernel's ALiBi distance is the key's
+    index in the (compacted) row."""
+    if backend not in ALIBI_BACKENDS:
+        raise SinkConfigError(
+            f"this ALiBi model runs on the {backend} attention backend; the sink KV policy "
+            "needs the ALiBi bias computed from each key's index in the cache, verified for "
+            f"{' and '.join(ALIBI_BACKENDS)} only. Use --attention-backend TRITON_ATTN (or "
+            "--kv-policy full)"
+        )
 
 
 def check_layer_spec(name: str, spec) -> None:

@@ -21,6 +21,7 @@ POSITIONS = 512  # small, so a 1,000-token stream crosses several epochs
 SEED = 0
 INIT = 0.15  # initializer_range: attention far from uniform
 PERTURB = 0.2  # noise added to every 1-D parameter (norm weights and biases, biases)
+CLIP_QKV = 3.0  # MPT's clip_qkv
 
 _COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=POSITIONS,
                initializer_range=INIT, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -61,11 +62,17 @@ FAMILIES = {
     "gptj": ("GPTJConfig", dict(n_embd=128, n_head=4, rotary_dim=16)),
 }
 
-# Families with ALiBi positions instead of RoPE: the sink policy refuses them.
+# Families with ALiBi positions instead of RoPE, with no max_position_embeddings (MPT names
+# its context max_seq_len; BLOOM names none: vLLM assumes 2048). 6 heads, not a power of
+# two: the slopes of the extra heads follow each family's own rule.
 ALIBI_FAMILIES = {
-    "mpt": ("MptConfig", dict(d_model=128, n_heads=4, attn_config=dict(alibi=True))),
-    "bloom": ("BloomConfig", dict(hidden_size=128, n_head=4)),
+    # MPT: no biases (no_bias, MPT's default), q/k/v clamped to clip_qkv (about 15% of them
+    # at this scale), exact GELU, tied head.
+    "mpt": ("MptConfig", dict(d_model=192, n_heads=6, max_seq_len=512, attn_config=dict(alibi=True, clip_qkv=CLIP_QKV))),
+    # BLOOM: word-embedding LayerNorm, fused per-head qkv, biases everywhere.
+    "bloom": ("BloomConfig", dict(hidden_size=192, n_head=6)),
 }
+_ALIBI_COMMON = {k: v for k, v in _COMMON.items() if k != "max_position_embeddings"}
 
 
 def tokenizer_dir() -> Path:
@@ -74,11 +81,18 @@ def tokenizer_dir() -> Path:
     return assets.model_dir()
 
 
+def _spec(name: str) -> tuple[str, dict, dict]:
+    """(config class, common arguments, the family's arguments)."""
+    alibi = name in ALIBI_FAMILIES
+    cls, kwargs = (ALIBI_FAMILIES if alibi else FAMILIES)[name]
+    return cls, _ALIBI_COMMON if alibi else _COMMON, kwargs
+
+
 def config_of(name: str):
     import transformers
 
-    cls, kwargs = {**FAMILIES, **ALIBI_FAMILIES}[name]
-    return getattr(transformers, cls)(**{**_COMMON, **kwargs})
+    cls, common, kwargs = _spec(name)
+    return getattr(transformers, cls)(**{**common, **kwargs})
 
 
 def model_dir(name: str) -> Path:
@@ -87,8 +101,8 @@ def model_dir(name: str) -> Path:
 
     from vllm_sink import assets
 
-    cls, kwargs = {**FAMILIES, **ALIBI_FAMILIES}[name]
-    key = json.dumps([cls, _COMMON, kwargs, SEED, PERTURB, transformers.__version__], sort_keys=True)
+    cls, common, kwargs = _spec(name)
+    key = json.dumps([cls, common, kwargs, SEED, PERTURB, transformers.__version__], sort_keys=True)
     out = assets.home() / "families" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out

@@ -14,7 +14,9 @@ window ``[w0, t]``; sink token ``j`` sits at position ``j``, window token ``p`` 
 :class:`StreamingReference` is that contract, family-agnostic: the visible set, the
 positions, the pre-RoPE cache and the attention over it. A family subclass gives the
 architecture (``embed``, ``layer``, ``head``), calling ``attend(i, q, k, v)`` for the
-attention of layer ``i`` with its pre-RoPE queries, keys and values.
+attention of layer ``i`` with its pre-RoPE queries, keys and values; ``scores`` positions
+them (RoPE here; ALiBi families override it with a bias on the key-query distance, in the
+same contract positions).
 """
 
 from __future__ import annotations
@@ -112,6 +114,14 @@ class StreamingReference:
     def heads(self, x, n: int):
         return x.view(x.shape[0], n, self.head_dim)
 
+    def scores(self, q, k, q_pos, key_pos, q_abs, key_abs):
+        """Attention logits ``[n_heads, queries, keys]`` of the pre-RoPE queries ``q`` and
+        visible keys ``k``, at the contract's positions ``q_pos`` and ``key_pos`` (``q_abs``,
+        ``key_abs``: the tokens' absolute indices, for families that want them)."""
+        kk = rope(k, key_pos, self.inv_freq, self.neox).repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        qq = rope(q, q_pos, self.inv_freq, self.neox)
+        return torch.einsum("qhd,khd->hqk", qq, kk) / math.sqrt(self.head_dim)
+
     # ------------------------------------------------------------------ streaming
     @torch.no_grad()
     def stream_logprobs(self, tokens: list[int], steps: list[tuple[int, int]], **contract) -> torch.Tensor:
@@ -155,13 +165,12 @@ class StreamingReference:
                 """Layer ``i``'s attention output ``[b - a, n_heads * head_dim]`` from its
                 pre-RoPE ``q`` [b - a, n_heads, head_dim], ``k`` and ``v`` [b - a, n_kv,
                 head_dim]; ``k`` and ``v`` join the cache."""
-                k_cache[i] = torch.cat([k_cache[i], k])
-                v_cache[i] = torch.cat([v_cache[i], v])
-                kk = rope(k_cache[i][keys_idx], key_pos, self.inv_freq, self.neox)
-                kk = kk.repeat_interleave(rep, dim=1)
+                # Cut at ``a``: a step may start before the tokens computed so far (a
+                # resumed stream computes its last partial page again).
+                k_cache[i] = torch.cat([k_cache[i][:a], k])
+                v_cache[i] = torch.cat([v_cache[i][:a], v])
                 vv = v_cache[i][keys_idx].repeat_interleave(rep, dim=1)
-                qq = rope(q, q_pos, self.inv_freq, self.neox)
-                scores = torch.einsum("qhd,khd->hqk", qq, kk) / math.sqrt(self.head_dim)
+                scores = self.scores(q, k_cache[i][keys_idx], q_pos, key_pos, torch.arange(a, b), keys_idx)
                 scores = scores.masked_fill(~mask[None], float("-inf"))
                 return torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(b - a, -1)
 

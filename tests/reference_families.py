@@ -1,17 +1,25 @@
 """The plain-PyTorch StreamingLLM reference (``tests/reference.py``) for the paper's model
-families (GPT-NeoX/Pythia, Falcon) and today's (Qwen3, Gemma, Phi-2, GPT-J, and Llama with
-Llama 3 rope scaling, which ``ReferenceLlama`` itself covers).
+families (GPT-NeoX/Pythia, Falcon, and with ALiBi positions MPT and BLOOM) and today's
+(Qwen3, Gemma, Phi-2, GPT-J, and Llama with Llama 3 rope scaling, which ``ReferenceLlama``
+itself covers).
 
 Each class is one family's layers written from its Hugging Face definition, on the weights
 under their Hugging Face names; the streaming (visible set, positions, pre-RoPE cache,
 attention) is ``reference.StreamingReference``'s, shared by all. Like ``reference.py`` this
 imports neither vLLM nor vllm_sink. ``reference_for(model_dir)`` picks the class from the
 config's ``architectures``.
+
+ALiBi (MPT, BLOOM): keys carry no position; the score of query ``t`` for key ``j`` gets
+``slope_h * (pos(j) - pos(t))`` with the contract's cache positions (sink token ``j`` at
+``j``, window token ``p`` at ``S + p - w0``, the query at ``S + t - w0``), or, with
+``alibi_positions="absolute"`` (the negative check), the tokens' absolute indices.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +115,8 @@ class ReferenceFalcon(_LayerNormFamily):
     """Falcon with RoPE: fused qkv in one of three layouts (7B's multi-query ``[q heads, k,
     v]``; 40B's ``new_decoder_architecture``, per KV group ``[its q heads, k, v]``; else per
     head ``[q, k, v]``), attention and MLP in parallel off one LayerNorm (7B) or two
-    (``ln_attn``, ``ln_mlp``: 40B), or sequential; tied head. ALiBi Falcons are refused."""
+    (``ln_attn``, ``ln_mlp``: 40B), or sequential; tied head. ALiBi Falcons are not covered
+    here (the plugin serves them as it serves MPT and BLOOM; no test)."""
 
     def __init__(self, model_dir, dtype=torch.float32):
         super().__init__(model_dir, dtype)
@@ -210,6 +219,116 @@ class ReferenceGPTJ(_LayerNormFamily):
         return self.linear(self.ln(x, "transformer.ln_f"), "lm_head")
 
 
+def mpt_alibi_slopes(n_heads: int, bias_max: float = 8.0) -> torch.Tensor:
+    """MPT's slopes (transformers' ``build_mpt_alibi_tensor``, vLLM's ``mpt._get_alibi_slopes``):
+    ``2^-(k * bias_max / n2)`` for ``k = 1..n2``, ``n2`` the next power of two; with fewer
+    heads, the odd-indexed slopes then the even ones, the first ``n_heads``."""
+    n2 = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, n2 + 1, dtype=torch.float32) * (bias_max / n2))
+    return torch.cat([slopes[1::2], slopes[::2]])[:n_heads] if n2 != n_heads else slopes
+
+
+def bloom_alibi_slopes(n_heads: int) -> torch.Tensor:
+    """BLOOM's slopes (the ALiBi paper's): for ``n`` the largest power of two ``<= n_heads``,
+    ``(2^(-8/n))^k``, ``k = 1..n``; the remaining heads take the odd powers of
+    ``2^(-8/(2n))`` (``k = 1, 3, 5, ...``)."""
+    n = 2 ** math.floor(math.log2(n_heads))
+    slopes = torch.pow(torch.tensor(2 ** (-8 / n), dtype=torch.float32), torch.arange(1, n + 1))
+    if n != n_heads:
+        extra = torch.tensor(2 ** (-8 / (2 * n)), dtype=torch.float32)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * min(n, n_heads - n), 2))])
+    return slopes
+
+
+class _AlibiFamily(_LayerNormFamily):
+    """Families positioned by ALiBi: no rotary channels; ``scores`` adds ``slope_h *
+    (key position - query position)`` (the contract's cache positions, or the absolute
+    token indices with ``alibi_positions="absolute"``)."""
+
+    def __init__(self, model_dir, dtype=torch.float32, alibi_positions: str = "cache"):
+        super().__init__(model_dir, dtype)
+        if alibi_positions not in ("cache", "absolute"):
+            raise ValueError(f"alibi_positions={alibi_positions!r}: 'cache' or 'absolute'")
+        self.absolute = alibi_positions == "absolute"
+
+    def _setup_alibi(self, slopes, **kw):
+        self._setup(partial=0.0, **kw)  # no rotary channels
+        self.slopes = slopes.to(self.dtype)
+
+    def scores(self, q, k, q_pos, key_pos, q_abs, key_abs):
+        if self.absolute:
+            q_pos, key_pos = q_abs, key_abs
+        s = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(self.n_heads // self.n_kv, dim=1))
+        distance = (key_pos[None, :] - q_pos[:, None]).to(self.dtype)
+        return s / math.sqrt(self.head_dim) + self.slopes[:, None, None] * distance[None]
+
+
+class ReferenceMPT(_AlibiFamily):
+    """MPT: LayerNorms (bias only if saved: ``no_bias`` configs have none), fused ``Wqkv``
+    laid out ``[q heads, k heads, v heads]`` and clamped to ``clip_qkv``, sequential
+    residual, exact GELU, tied head; MPT's ALiBi slopes (``alibi_bias_max``). The reference
+    implements neither ``qk_ln`` nor a ``softmax_scale`` (transformers' MPT ignores the first;
+    vLLM's the second)."""
+
+    def __init__(self, model_dir, dtype=torch.float32, alibi_positions: str = "cache"):
+        super().__init__(model_dir, dtype, alibi_positions)
+        c, attn = self.cfg, self.cfg.get("attn_config") or {}
+        if attn.get("qk_ln") or attn.get("softmax_scale") or not attn.get("alibi", False):
+            raise NotImplementedError("the reference implements ALiBi MPT without qk_ln or softmax_scale")
+        self._setup_alibi(mpt_alibi_slopes(c["n_heads"], attn.get("alibi_bias_max", 8)), layers=c["n_layers"],
+                          heads=c["n_heads"], hidden=c["d_model"], eps=c.get("layer_norm_epsilon", 1e-5), act="gelu")
+        self.clip = attn.get("clip_qkv")
+
+    def embed(self, ids):
+        return self.w["transformer.wte.weight"][ids]
+
+    def layer(self, i, x, attend):
+        p = f"transformer.blocks.{i}."
+        qkv = self.linear(self.ln(x, p + "norm_1"), p + "attn.Wqkv")
+        if self.clip:
+            qkv = qkv.clamp(-self.clip, self.clip)
+        q, k, v = (self.heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))
+        x = x + self.linear(attend(i, q, k, v), p + "attn.out_proj")
+        return x + self.mlp(self.ln(x, p + "norm_2"), p + "ffn.up_proj", p + "ffn.down_proj")
+
+    def head(self, x):
+        return self.ln(x, "transformer.norm_f") @ self.w["transformer.wte.weight"].T
+
+
+class ReferenceBloom(_AlibiFamily):
+    """BLOOM: a LayerNorm on the word embeddings, fused ``query_key_value`` laid out per head
+    ``[heads, 3, head_dim]``, residual from before the LayerNorms (or after them:
+    ``apply_residual_connection_post_layernorm``), tied head; the ALiBi paper's slopes.
+
+    ``gelu``: transformers' BLOOM computes the tanh approximation (``"tanh"``, the default:
+    the reference is transformers' model), vLLM's BLOOM the exact erf GELU (``"exact"``: what
+    the engine computes, for comparing the engine)."""
+
+    def __init__(self, model_dir, dtype=torch.float32, alibi_positions: str = "cache", gelu: str = "tanh"):
+        super().__init__(model_dir, dtype, alibi_positions)
+        c = self.cfg
+        self._setup_alibi(bloom_alibi_slopes(c["n_head"]), layers=c["n_layer"], heads=c["n_head"],
+                          hidden=c["hidden_size"], eps=c["layer_norm_epsilon"],
+                          act={"tanh": "gelu_pytorch_tanh", "exact": "gelu"}[gelu])
+        self.post_ln_residual = c.get("apply_residual_connection_post_layernorm", False)
+        if "lm_head.weight" not in self.w:
+            self.w["lm_head.weight"] = self.w["transformer.word_embeddings.weight"]
+
+    def embed(self, ids):
+        return self.ln(self.w["transformer.word_embeddings.weight"][ids], "transformer.word_embeddings_layernorm")
+
+    def layer(self, i, x, attend):
+        p = f"transformer.h.{i}."
+        h = self.ln(x, p + "input_layernorm")
+        q, k, v = self.linear(h, p + "self_attention.query_key_value").view(len(x), self.n_heads, 3, self.head_dim).unbind(2)
+        x = self.linear(attend(i, q, k, v), p + "self_attention.dense") + (h if self.post_ln_residual else x)
+        h = self.ln(x, p + "post_attention_layernorm")
+        return self.mlp(h, p + "mlp.dense_h_to_4h", p + "mlp.dense_4h_to_h") + (h if self.post_ln_residual else x)
+
+    def head(self, x):
+        return self.ln(x, "transformer.ln_f") @ self.w["lm_head.weight"].T
+
+
 FAMILIES = {
     "LlamaForCausalLM": ReferenceLlama,
     "MistralForCausalLM": ReferenceLlama,
@@ -219,14 +338,17 @@ FAMILIES = {
     "FalconForCausalLM": ReferenceFalcon,
     "PhiForCausalLM": ReferencePhi,
     "GPTJForCausalLM": ReferenceGPTJ,
+    "MptForCausalLM": ReferenceMPT,
+    "BloomForCausalLM": ReferenceBloom,
 }
 
 
-def reference_for(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> StreamingReference:
-    """The reference of the model's family (its config's ``architectures[0]``)."""
+def reference_for(model_dir: str | Path, dtype: torch.dtype = torch.float32, **options) -> StreamingReference:
+    """The reference of the model's family (its config's ``architectures[0]``); ``options``
+    go to its class (ALiBi families: ``alibi_positions``; BLOOM: ``gelu``)."""
     import json
 
     arch = json.loads((Path(model_dir) / "config.json").read_text())["architectures"][0]
     if arch not in FAMILIES:
         raise NotImplementedError(f"no reference for {arch}")
-    return FAMILIES[arch](model_dir, dtype)
+    return FAMILIES[arch](model_dir, dtype, **options)

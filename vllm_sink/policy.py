@@ -271,6 +271,11 @@ def apply_plan(state: FrameState, plan: StepPlan) -> None:
     state.sink_angle = plan.sink_angle
 
 
+# ``rope_limit`` of a model without rotary positions (ALiBi: keys carry no position, the
+# kernel biases by index in the cache): no step ever reaches it, so no epoch ever starts.
+NO_ROTARY_LIMIT = 1 << 62
+
+
 def max_step_tokens(sink_tokens: int, window: int, block_size: int, rope_limit: int) -> int:
     """The largest per-sequence step ``C`` with ``S + W + B + C <= P``."""
     return rope_limit - sink_tokens - window - block_size
@@ -287,7 +292,8 @@ class SinkGeometry:
     ``step_tokens`` (``C``): the most tokens of one sequence computed in one step.
     ``concurrent_steps``: steps of one sequence scheduled before the earliest has settled
     (1; 2 with asynchronous scheduling): the manager frees pages on settled tokens.
-    ``rope_limit`` (``P``): rows of the model's rotary table; ``S + W + B + C <= P``.
+    ``rope_limit`` (``P``): rows of the model's rotary table; ``S + W + B + C <= P``
+    (``NO_ROTARY_LIMIT`` for ALiBi models: no epochs).
     """
 
     block_size: int
