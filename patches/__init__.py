@@ -6,6 +6,8 @@ Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing els
 * ``kv_cache_spec``: our KV-cache spec + manager, through KVCacheSpecRegistry; the
   admission hook on KVCacheManager.allocate_slots
 * ``model_runner``:  V1 GPUModelRunner (compacted rows, frame positions, rotations)
+* ``sessions``:      KVCacheManager.free/get_computed_blocks, Scheduler.schedule (kept
+  streams resumed through vLLM's prefix-hit path)
 * ``sampler``:       V1 GPUModelRunner._sample/_bookkeeping_sync (seeded sampling across
   prefill chunks on the CPU)
 * ``vllm_config``:   VllmConfig.use_v2_model_runner (sink engines get the V1 runner)
@@ -31,11 +33,12 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, vllm_config, worker
+    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, sessions, vllm_config, worker
 
     vllm_config.install()
     engine_args.install()
     kv_cache_spec.register()
     kv_cache_spec.install_admission_hook()
+    sessions.install()
     model_runner.install()
     worker.install()

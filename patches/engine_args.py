@@ -59,12 +59,23 @@ CLI_FLAGS = {
     "kv_window": dict(
         type=int,
         help="[--kv-policy sink] Recent tokens kept per sequence, a multiple of the block "
-        "size. Default: half the model's rotary positions, at most 4096.",
+        "size. Default: half the model's rotary positions (ALiBi models: half its "
+        "context), at most 4096.",
     ),
     "max_stream_len": dict(
         type=int,
         help="[--kv-policy sink] Cap on one request's prompt + output tokens (default "
         "1048576). Costs about 5 bytes of host memory per token per running sequence.",
+    ),
+    "kv_sessions": dict(
+        action=argparse.BooleanOptionalAction,
+        help="[--kv-policy sink] Keep finished streams so that a request whose prompt "
+        "extends one's history (a chat's next turn) prefills only what is new. Kept streams "
+        "give way to new requests when the KV pool runs short. Default off.",
+    ),
+    "kv_session_pages": dict(
+        type=int,
+        help="[--kv-sessions] Most KV pages kept streams may hold (default: no cap).",
     ),
 }
 
@@ -133,9 +144,10 @@ def sink_engine_config(args, orig_create, *a, **kw):
 
     refusals.check_model(vllm_config.model_config)
     block_size = vllm_config.cache_config.block_size
-    rope_limit = refusals.rope_limit_of(vllm_config.model_config.hf_text_config)
+    rope_limit, context = refusals.position_limits(vllm_config.model_config)
     resolved = cfg.resolve(
-        block_size=block_size, rope_limit=rope_limit, user_max_model_len=user_max_model_len
+        block_size=block_size, rope_limit=rope_limit, user_max_model_len=user_max_model_len,
+        context=context,
     )
     sched = vllm_config.scheduler_config
     step_cap = max_step_tokens(resolved.sink_tokens, resolved.window, block_size, rope_limit)

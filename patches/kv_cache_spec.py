@@ -43,6 +43,9 @@ class SinkWindowSpec(FullAttentionSpec):
     """
 
     geometry: SinkGeometry
+    # Pages that finished streams may keep for resumption (0: sessions off; see
+    # ``patches.sessions``).
+    kept_pages: int = 0
 
     @property
     def max_live_pages(self) -> int:
@@ -64,17 +67,18 @@ class SinkWindowSpec(FullAttentionSpec):
         assert all(isinstance(s, SinkWindowSpec) for s in specs), (
             "every layer of a sink-managed KV cache group must be SinkWindowSpec"
         )
-        geometries = {s.geometry for s in specs}
+        geometries = {(s.geometry, s.kept_pages) for s in specs}
         assert len(geometries) == 1, f"layers disagree on the sink geometry: {geometries}"
-        return cls.from_full(FullAttentionSpec.merge(specs), geometries.pop())
+        geometry, kept_pages = geometries.pop()
+        return cls.from_full(FullAttentionSpec.merge(specs), geometry, kept_pages)
 
     @classmethod
-    def from_full(cls, spec: FullAttentionSpec, geometry: SinkGeometry) -> "SinkWindowSpec":
+    def from_full(cls, spec: FullAttentionSpec, geometry: SinkGeometry, kept_pages: int = 0) -> "SinkWindowSpec":
         """This spec with every ``FullAttentionSpec`` field of ``spec`` and ``geometry``."""
         if geometry.block_size != spec.block_size:
             raise ValueError(f"sink geometry for {geometry.block_size}-token pages, spec has {spec.block_size}")
         base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**base, geometry=geometry)
+        return cls(**base, geometry=geometry, kept_pages=kept_pages)
 
 
 class StreamingSinkManager(FullAttentionManager):
@@ -113,6 +117,12 @@ class StreamingSinkManager(FullAttentionManager):
         self.first_live_block: dict[str, int] = {}
         self.settled: set[str] = set()  # requests whose footprint no longer changes
         self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
+        # Kept streams (finished streams held for resumption), if sessions are on.
+        self.sessions = None
+        if kv_cache_spec.kept_pages:
+            from vllm_sink.patches.sessions import SchedulerSessions
+
+            self.sessions = SchedulerSessions(self, kv_cache_spec.kept_pages)
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
         SINK_STATS.max_live_pages_allowed = self.geometry.max_live_pages
@@ -158,7 +168,22 @@ class StreamingSinkManager(FullAttentionManager):
         if request_id in self.live:  # admitted and running: its reservation covers it
             return needed
         footprint = self.footprints.get(request_id, self.geometry.max_live_pages)
-        return max(needed, footprint) + self.outstanding_pages()
+        if self.sessions is None:
+            return max(needed, footprint) + self.outstanding_pages()
+        # A resuming request adopts kept pages: they are part of its footprint, not new.
+        total = max(needed, footprint - self.sessions.pending_pages(request_id)) + self.outstanding_pages()
+        self.sessions.release_for(total)  # kept streams give way to admission
+        return total
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
+                                  num_external_computed_tokens):
+        """A resuming request adopts its kept stream's pages (``patches.sessions``); with
+        prefix caching off there are no other computed blocks."""
+        if self.sessions is not None and request_id in self.sessions.pending:
+            self.sessions.adopt(request_id, list(new_computed_blocks))
+            return
+        super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
+                                          num_external_computed_tokens)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)

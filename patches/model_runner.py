@@ -28,6 +28,14 @@ Per step and per sequence (``vllm_sink.policy.plan_step``):
      (``t - (w0 - S)``), shrink ``seq_lens`` by the same offset and turn positions into frame
      positions (``t - base``). All three are the runner's persistent buffers, changed in
      place, so CUDA graphs and every attention backend see an ordinary short sequence.
+
+ALiBi models (MPT, BLOOM; no rotary table: ``SinkRunnerHook.table is None``): keys carry no
+position and the attention kernel biases each key by its index in the compacted row
+(``refusals.check_alibi_backend``), which *is* the contract's cache position. So nothing
+rotates: no epoch ever starts (``policy.NO_ROTARY_LIMIT``; frame positions stay ``t``, and
+the model ignores them), whole sink pages are never rewritten, and only a partial sink page
+that takes over from the old one gets the sink's ``r`` pristine keys and values copied into
+its slots ``[0, r)``.
 """
 
 from __future__ import annotations
@@ -40,14 +48,16 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals, sampler
+from vllm_sink.patches.sessions import META_ATTR as SESSION_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.policy import SinkGeometry
-from vllm_sink.rotary import key_view, rotate, rotate_blocks_, value_view
+from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
+
 
 
 class _StreamTable:
@@ -65,6 +75,7 @@ class _StreamTable:
     def __init__(self, sink_pages: int, capacity: int = 64):
         self.sink_pages = sink_pages
         self.slot_of: dict[str, int] = {}
+        self.kept: dict[str, int] = {}  # kept stream id -> slot (``patches.sessions``)
         self.free: list[int] = []
         self.step = 0
         self.pristine: dict[int, torch.Tensor] = {}
@@ -116,6 +127,29 @@ class _StreamTable:
 
     def drop(self, rid: str) -> None:
         slot = self.slot_of.pop(rid, None)
+        if slot is not None:
+            self._clear(slot)
+            self.free.append(slot)
+
+    def keep(self, rid: str) -> None:
+        """A finished sequence's state is kept (the scheduler kept its pages), under its id."""
+        slot = self.slot_of.pop(rid, None)
+        if slot is not None:
+            self.kept[rid] = slot
+
+    def resume(self, rid: str, key: str) -> int:
+        """``rid`` takes over the kept state ``key`` (the scheduler handed it the pages)."""
+        slot = self.kept.pop(key)
+        self.slot_of[rid] = slot
+        self.planned[slot] = -1
+        if slot in self.pristine or slot in self.pristine_partial:
+            # The sink is rewritten at the first step: the row the scheduler hands over
+            # may name an earlier sink page than the one this state last wrote.
+            self.sink_angle[slot] = -1
+        return slot
+
+    def release(self, key: str) -> None:
+        slot = self.kept.pop(key, None)
         if slot is not None:
             self._clear(slot)
             self.free.append(slot)
@@ -174,8 +208,13 @@ class SinkRunnerHook:
         self.s, self.r = g.sink_pages, g.partial_slots
         self.s_whole = self.S // self.B
         self.streams = _StreamTable(self.s)
-        self.table = refusals.rotary_table(runner.get_model())
-        refusals.check_rotary_limit(self.table.limit, g.rope_limit)
+        # The rotary table, or None for an ALiBi model (nothing rotates: module docstring).
+        self.table: RotationTable | None = None
+        if runner.vllm_config.model_config.uses_alibi:
+            refusals.check_alibi_backend(refusals.attention_backend(runner))
+        else:
+            self.table = refusals.rotary_table(runner.get_model())
+            refusals.check_rotary_limit(self.table.limit, g.rope_limit)
         self.rope_limit = g.rope_limit
         self._layout: str | None = None
         self._keys: list[torch.Tensor] | None = None
@@ -194,10 +233,10 @@ class SinkRunnerHook:
         if SINK_STATS.role == "process":
             SINK_STATS.role = "worker"
         logger.info(
-            "vllm-sink worker: sink %d tokens, window %d tokens, %d rotary positions",
+            "vllm-sink worker: sink %d tokens, window %d tokens, %s",
             self.S,
             self.W,
-            self.rope_limit,
+            f"{self.rope_limit} rotary positions" if self.table else "ALiBi (no rotation)",
         )
 
     # ------------------------------------------------------------------ helpers
@@ -241,11 +280,24 @@ class SinkRunnerHook:
         scheduler's manager freed: both apply ``row_transition``), epochs rotate the window,
         moved sinks are re-anchored in one write for all rows and layers."""
         table = self.streams
+        # The scheduler's session decisions (``patches.sessions``): keep, resume, release.
+        meta = getattr(scheduler_output, SESSION_META, None)
+        kept = set(meta.kept) if meta else ()
         for rid in scheduler_output.finished_req_ids:
-            table.drop(rid)
+            if rid in kept:
+                table.keep(rid)
+            else:
+                table.drop(rid)
         SINK_STATS.publish(force=bool(scheduler_output.finished_req_ids))
+        resumed = meta.resumed if meta else {}
         for new in scheduler_output.scheduled_new_reqs:
-            table.reset(new.req_id)
+            if new.req_id in resumed:
+                table.resume(new.req_id, resumed[new.req_id])
+                self._adopt_row(new.req_id, meta.first_live[new.req_id])
+            else:
+                table.reset(new.req_id)
+        for key in meta.released if meta else ():
+            table.release(key)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
             table.reset(rid)
 
@@ -275,7 +327,10 @@ class SinkRunnerHook:
         for i in np.flatnonzero(plans.window_shift).tolist():
             self._epoch(int(rows[i]), int(plans.window_shift[i]))
         if self.S:
-            anchor = plans.sink_angle != table.sink_angle[slots]
+            if self.table is None:  # ALiBi: the sink keys never change
+                anchor = np.zeros(len(rows), dtype=bool)
+            else:
+                anchor = plans.sink_angle != table.sink_angle[slots]
             if self.r:
                 anchor[moving] = True  # a new partial sink page: its sink slots are empty
             idx = np.flatnonzero(anchor)
@@ -287,6 +342,12 @@ class SinkRunnerHook:
         table.frame_base[slots] = plans.base
         table.planned[slots] = table.step
         self.any_offset = bool(plans.slot_offset.any() or plans.base.any())
+
+    def _adopt_row(self, rid: str, first_live: int) -> None:
+        """A resumed request's row: the scheduler ships it compacted (its sink pages, then
+        its held window pages, from logical page ``first_live``, cut at the resume token),
+        so both sides apply the same row transitions from here."""
+        self.streams.first_live[self.streams.slot_of[rid]] = first_live
 
     def _move(self, row: int, rid: str, slot: int, w0: int) -> None:
         """Compact the row of a sequence whose window start moved to ``w0``."""
@@ -327,6 +388,7 @@ class SinkRunnerHook:
 
     def _epoch(self, row: int, shift: int) -> None:
         """Re-rotate the window keys of ``row`` by ``shift`` positions (an epoch starts)."""
+        assert self.table is not None, "an epoch started for a model without rotary positions"
         bt = self._block_table()
         count = int(bt.num_blocks_per_row[row])
         window_ids = self.stager.put(bt.block_table.np[row, self.s * bt.blocks_per_kv_block : count])
@@ -345,11 +407,13 @@ class SinkRunnerHook:
         """Rewrite the sink keys of the given rows as their pristine keys rotated by their
         new angles: one write for every row and layer of the step (a stream's window start
         moves every B tokens). With a partial sink page (a new page whenever the window
-        moved), its ``r`` sink values are written with the keys."""
+        moved), its ``r`` sink values are written with the keys. Without a rotary table
+        (ALiBi) only that partial page is written, its ``r`` keys copied as they are."""
         table = self.streams
         bt = self._block_table()
         block_table = bt.block_table.np
-        nw = self.s_whole * bt.blocks_per_kv_block
+        rotating = self.table is not None
+        nw = self.s_whole * bt.blocks_per_kv_block if rotating else 0
         keys = self.keys()
         rows_l = rows.tolist()
         whole_ids = self.stager.put(block_table[rows_l, :nw]).view(len(rows_l), nw) if nw else None
@@ -360,9 +424,13 @@ class SinkRunnerHook:
                 table.pristine[slot] = torch.stack([k[whole_ids[i]] for k in keys])
             # A partial sink page's are taken when the window first moves (it moves first).
             assert not self.r or slot in table.pristine_partial
-        cos, sin = self._angles(new_angles.tolist())
+        if rotating:
+            cos, sin = self._angles(new_angles.tolist())
+            rd, neox = self.table.rotary_dim, self.table.is_neox_style
+        else:  # rotary_dim 0: a copy (cos and sin are not read)
+            cos = sin = torch.zeros(len(rows_l), 1, device=self.device)
+            rd, neox = 0, True
         key_writer, value_writer = self.writers()
-        rd, neox = self.table.rotary_dim, self.table.is_neox_style
         if nw:
             src = torch.stack([table.pristine[slot] for slot in slots.tolist()])  # [R, L, nw, H, B, D]
             key_writer.write(whole_ids, src, cos, sin, rd, neox)
@@ -372,7 +440,8 @@ class SinkRunnerHook:
             key_writer.write(part_ids, src, cos, sin, rd, neox)  # [R, L, 1, H, r, D]
             vals = torch.stack([table.pristine_partial_values[slot] for slot in slots.tolist()])[:, :, None]
             value_writer.write(part_ids, vals, cos, sin, 0, neox)
-        SINK_STATS.sink_rotations += len(rows_l)
+        if rotating:
+            SINK_STATS.sink_rotations += len(rows_l)
 
     # ------------------------------------------------------------------ step 2
     def after_prepare_inputs(self, scheduler_output) -> None:
@@ -433,6 +502,7 @@ def sink_specs(runner, specs: dict) -> dict:
     from vllm_sink.patches.kv_cache_spec import SinkWindowSpec
 
     geometry = SinkConfig.geometry_from_additional_config(runner.vllm_config.additional_config)
+    config = SinkConfig.from_additional_config(runner.vllm_config.additional_config)
     refusals.check_geometry(geometry)
     out = {}
     for name, spec in specs.items():
@@ -440,7 +510,7 @@ def sink_specs(runner, specs: dict) -> dict:
             out[name] = spec
             continue
         refusals.check_layer_spec(name, spec)
-        out[name] = SinkWindowSpec.from_full(spec, geometry)
+        out[name] = SinkWindowSpec.from_full(spec, geometry, config.kept_pages)
     if out:
         hook = attach(runner, geometry)
         refusals.check_partial_sink_kernel(hook.S, hook.B, hook._block_table().blocks_per_kv_block)

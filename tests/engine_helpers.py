@@ -24,6 +24,12 @@ ENGINES = {
     "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # "sink16" in bfloat16: the tolerance the GPU runs are held to (benchmarks/gpu_correctness.py).
     "sink16_bf16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
+    # "sink16" and "sink20_p512" keeping finished streams for resumption (sessions).
+    "sink16_sessions": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True),
+    "sink20_p512_sessions": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, kv_sessions=True),
+    # "sink16_sessions" in a pool of 50 pages (737,280 bytes each): two kept conversations
+    # leave too little for a third stream's footprint (22 pages).
+    "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280),
     # Vanilla vLLM, same block size and chunking as "sink16".
     "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
 }

@@ -26,6 +26,8 @@ USER_KEYS = {
     "sink_tokens": "sink_tokens",
     "kv_window": "window",
     "max_stream_len": "max_stream_len",
+    "kv_sessions": "sessions",
+    "kv_session_pages": "session_pages",
 }
 
 
@@ -39,8 +41,11 @@ class SinkConfig:
     start of every sequence. ``sink_tokens``: the sink in tokens instead (any count, e.g.
     the paper's 4; ``None``: ``sink_pages`` whole pages). ``window``: recent tokens kept
     (None: chosen from the model's context at start-up). ``max_stream_len``: the
-    per-request length cap (prompt + output). After :meth:`resolve`, both sink fields are
-    set: ``sink_pages = ceil(sink_tokens / block_size)``.
+    per-request length cap (prompt + output). ``sessions``: keep finished streams so that a
+    request extending one's token history resumes from it (``vllm_sink.sessions``);
+    ``session_pages``: the most pages kept streams may hold (``None``: as many as the pool
+    has free; kept streams always give way to new requests). After :meth:`resolve`, both
+    sink fields are set: ``sink_pages = ceil(sink_tokens / block_size)``.
     """
 
     policy: str = "full"
@@ -48,6 +53,8 @@ class SinkConfig:
     window: int | None = None
     max_stream_len: int = DEFAULT_MAX_STREAM_LEN
     sink_tokens: int | None = None
+    sessions: bool = False
+    session_pages: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -129,7 +136,25 @@ class SinkConfig:
             raise SinkConfigError(f"kv_window={self.window} must be positive")
         if self.max_stream_len <= 0:
             raise SinkConfigError(f"max_stream_len={self.max_stream_len} must be positive")
+        if not isinstance(self.sessions, bool):
+            raise SinkConfigError(f"kv_sessions must be true or false, got {self.sessions!r}")
+        if self.session_pages is not None and (
+            not isinstance(self.session_pages, int) or isinstance(self.session_pages, bool)
+            or self.session_pages < 1
+        ):
+            raise SinkConfigError(
+                f"kv_session_pages must be a positive number of pages, got {self.session_pages!r}"
+            )
+        if self.session_pages is not None and not self.sessions:
+            raise SinkConfigError("kv_session_pages caps kept sessions; add kv_sessions=True or drop it")
         return self
+
+    @property
+    def kept_pages(self) -> int:
+        """Pages kept streams may hold (0: sessions off)."""
+        if not self.sessions:
+            return 0
+        return self.session_pages or (1 << 62)
 
     def resolve(
         self,
@@ -137,19 +162,23 @@ class SinkConfig:
         block_size: int,
         rope_limit: int,
         user_max_model_len: int | None = None,
+        context: int | None = None,
     ) -> "SinkConfig":
         """Fill the default window and check the settings against the model.
 
         ``rope_limit``: rows of the model's rotary table (``max_position_embeddings``
-        times a linear factor). The per-sequence step size is clamped by the caller to
-        ``policy.max_step_tokens`` (see ``vllm_sink.patches.engine_args``).
+        times a linear factor; ``policy.NO_ROTARY_LIMIT`` for ALiBi models). ``context``:
+        the positions the default window is half of (at most 4096); ``rope_limit`` if
+        ``None`` (ALiBi models give their trained context). The per-sequence step size is
+        clamped by the caller to ``policy.max_step_tokens`` (see
+        ``vllm_sink.patches.engine_args``).
         """
         B = block_size
         S = self.sink_pages * B if self.sink_tokens is None else self.sink_tokens
         s = cdiv(S, B)
         window = self.window
         if window is None:
-            window = min(DEFAULT_WINDOW_CAP, (rope_limit // 2) // B * B)
+            window = min(DEFAULT_WINDOW_CAP, ((context or rope_limit) // 2) // B * B)
             if user_max_model_len is not None:
                 window = min(window, (user_max_model_len - S) // B * B)
         if window < B:
@@ -191,4 +220,6 @@ class SinkConfig:
             sink_tokens=S,
             window=window,
             max_stream_len=self.max_stream_len,
+            sessions=self.sessions,
+            session_pages=self.session_pages,
         )

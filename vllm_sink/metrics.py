@@ -29,12 +29,22 @@ COUNTERS = {
     "tokens_evicted": "Tokens whose KV was freed because they left the window.",
     "epochs": "Epochs started: the window's cached keys re-rotated once to a new position base.",
     "sink_rotations": "Sink re-anchorings: sink keys rewritten from their pristine copy.",
+    "session_resumes": "Requests that resumed a kept stream (kv_sessions): only their new tokens were prefilled.",
+    "session_tokens_reused": "Prompt tokens not prefilled again because a kept stream held them.",
+    "sessions_released_under_pressure": "Kept streams released so that a new request could be admitted.",
+}
+# Counters with a ``reason`` label: snapshot keys ``<name>:<reason>``.
+LABELLED_COUNTERS = {
+    "session_fallbacks": "Requests that matched a kept stream but could not resume it exactly "
+    "(prefilled from token 0), by reason.",
 }
 GAUGES = {
     "running_kv_pages": "KV pages held by running sequences (sink policy).",
     "free_kv_pages": "Free pages in the KV pool.",
     "kv_pool_pages": "Pages in the KV pool.",
     "max_pages_per_sequence": "The bound on pages one sequence holds (s + ceil((W-1+C)/B) + 1, C its tokens in flight).",
+    "kept_sessions": "Finished streams kept for resumption (kv_sessions).",
+    "kept_session_pages": "KV pages held by kept streams.",
 }
 
 
@@ -48,6 +58,14 @@ class SinkStats:
     pool_pages: int = 0
     free_pages: int | None = None
     max_live_pages_allowed: int = 0
+    # Kept sessions (engine side): resumes, tokens not prefilled again, fallbacks by
+    # reason, kept streams and their pages, releases under pool pressure.
+    resumes: int = 0
+    tokens_reused: int = 0
+    resume_fallbacks: dict[str, int] = field(default_factory=dict)
+    kept_streams: int = 0
+    kept_pages: int = 0
+    kept_released_for_pressure: int = 0
     # Live pages per running request, and the peak seen per request over its life.
     live_pages: dict[str, int] = field(default_factory=dict)
     peak_live_pages: dict[str, int] = field(default_factory=dict)
@@ -80,7 +98,14 @@ class SinkStats:
                 kv_pool_pages=self.pool_pages,
                 free_kv_pages=self.free_pages,
                 max_pages_per_sequence=self.max_live_pages_allowed,
+                session_resumes=self.resumes,
+                session_tokens_reused=self.tokens_reused,
+                sessions_released_under_pressure=self.kept_released_for_pressure,
+                kept_sessions=self.kept_streams,
+                kept_session_pages=self.kept_pages,
             )
+            for reason, n in self.resume_fallbacks.items():
+                snap[f"session_fallbacks:{reason}"] = n
         return snap
 
     def publish(self, force: bool = False) -> None:
@@ -132,6 +157,12 @@ class SinkCollector:
         for key, doc in COUNTERS.items():
             family = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names)
             family.add_metric(label_values, values.get(key, 0))
+            yield family
+        for key, doc in LABELLED_COUNTERS.items():
+            family = CounterMetricFamily(f"vllm_sink:{key}", doc, labels=names + ["reason"])
+            for name, value in values.items():
+                if name.startswith(key + ":"):
+                    family.add_metric(label_values + [name.split(":", 1)[1]], value)
             yield family
         for key, doc in GAUGES.items():
             if key in values:

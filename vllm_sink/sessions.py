@@ -18,10 +18,8 @@ the pages from ``window_start``'s page on. A new prompt matching ``tokens`` for 
 ``m`` tokens resumes at the largest ``a`` with
 
 * ``a <= min(m, computed, len(prompt) - 1)``: only tokens the stream computed and the prompt
-  repeats are reused, and at least one prompt token is computed (for its logits);
-* ``a`` a multiple of the page size ``B`` (vLLM's engine counts reused tokens in whole pages;
-  the tokens of a partly reused page are computed again, into the same slots, with the same
-  positions: the same values);
+  repeats are reused, and at least one prompt token is computed (for its logits); ``a``
+  may fall inside a page (the request adopts that page and fills the rest of it);
 * ``a >= S`` past the sink (``a > 0`` for a window-only stream): the sink is complete;
 * ``window_start(a) >= window_start``: the step at ``a`` sees only tokens the stream still
   holds (a window that would reach back into evicted pages cannot be served exactly).
@@ -63,10 +61,9 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int], chunk: int = 512) -> i
 def resume_point(geometry: SinkGeometry, tokens: Sequence[int], computed: int, window_start: int,
                  prompt: Sequence[int]) -> tuple[int, str]:
     """``(a, "")``: resume at token ``a`` (the rule in the module docstring), or ``(0, reason)``."""
-    B, S = geometry.block_size, geometry.sink_tokens
+    S = geometry.sink_tokens
     m = common_prefix_len(tokens[:computed], prompt)
     a = min(m, computed, len(prompt) - 1)
-    a -= a % B
     if a < max(S, 1):
         return 0, DIVERGES_IN_SINK if a < S else NO_MATCH
     if geometry.window_start(a) < window_start:

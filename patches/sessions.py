@@ -1,0 +1,246 @@
+"""Kept sink streams, scheduler side: keep a finished stream's pages, resume a request from them.
+
+Binds to vLLM 0.26.0 (``vllm/v1/core``):
+  KVCacheManager.free(request)                wrapped: a sink stream that finished normally
+                                              (stopped or length-capped) is kept, not freed
+  KVCacheManager.get_computed_blocks(request) wrapped: a waiting request whose prompt extends
+                                              a kept stream's history gets its pages as
+                                              computed blocks (vLLM's prefix-hit path)
+  Scheduler.schedule()                        wrapped: the step's decisions ride on the
+                                              ``SchedulerOutput`` (attribute ``vllm_sink_sessions``)
+  Request: request_id, status, all_token_ids, prompt_token_ids, num_computed_tokens,
+    skip_reading_prefix_cache; RequestStatus.FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
+  StreamingSinkManager (ours, ``kv_cache_spec``): add_local_computed_blocks (adoption),
+    get_num_blocks_to_allocate (kept streams released under pool pressure)
+
+The scheduler decides; the worker executes (``model_runner``): each step's
+:class:`SessionStepMeta` says which finished requests were kept (the worker keeps their
+frame state, pristine sink copies and row), which waiting requests resume which kept stream
+(the worker hands that state to them) and which kept streams were released (the worker
+drops their state). Every wrap passes through untouched unless the engine runs the sink
+policy with sessions on. The rule for *where* a request resumes is
+``vllm_sink.sessions.resume_point``.
+
+Invariants: a kept stream's pages are allocated (ref count 1, owned by the kept stream) and
+belong to no request; adopting hands them to exactly one request; releasing frees them; a
+kept stream is released before any admitted stream could be starved (``release_for``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.logger import init_logger
+
+from vllm_sink.metrics import SINK_STATS
+from vllm_sink.policy import cdiv
+from vllm_sink.sessions import KeptStream, KeptStreams
+
+logger = init_logger("vllm." + __name__)
+
+META_ATTR = "vllm_sink_sessions"
+
+
+@dataclass
+class SessionStepMeta:
+    """One step's session decisions, executed by the worker in this order: ``kept``
+    (finished request ids whose state is kept under the same id), ``resumed`` (new request
+    id -> kept stream id: the request takes that state), ``released`` (kept stream ids whose
+    state is dropped)."""
+
+    kept: list[str] = field(default_factory=list)
+    resumed: dict[str, str] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    # Resumed request id -> the logical index of its first window page (its row, as shipped
+    # in ``NewRequestData.block_ids``, is compacted: sink pages, then held window pages).
+    first_live: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.kept or self.resumed or self.released)
+
+
+@dataclass
+class _Handle:
+    blocks: list  # the manager's row (KVCacheBlock, null blocks for evicted pages)
+    first_live: int  # its first window page's logical index
+
+
+class SchedulerSessions:
+    """The kept streams of one ``StreamingSinkManager`` and the step's decisions."""
+
+    def __init__(self, manager, max_pages: int):
+        self.manager = manager
+        self.geometry = manager.geometry
+        self.kept = KeptStreams(self.geometry, max_pages)
+        self.meta = SessionStepMeta()
+        # Waiting request id -> (kept stream id, resume token): found by get_computed_blocks,
+        # adopted when the request is allocated in the same scheduling pass.
+        self.pending: dict[str, tuple[str, int]] = {}
+
+    # ------------------------------------------------------------------ finish
+    def keep(self, request) -> bool:
+        """Keep a finished request's pages and state (``False``: nothing to keep)."""
+        m, B = self.manager, self.geometry.block_size
+        rid = request.request_id
+        blocks = m.req_to_blocks.get(rid)
+        computed = request.num_computed_tokens
+        if not blocks or computed <= 0:
+            return False
+        n = cdiv(computed, B)
+        tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
+        del blocks[n:]
+        pages = sum(not b.is_null for b in blocks)
+        first_live = m.first_live_block.get(rid, self.geometry.sink_pages)
+        m.pop_blocks_for_free(rid)  # the request's bookkeeping; its pages stay allocated
+        if tail:
+            m.block_pool.free_blocks(reversed(tail))
+        stream = KeptStream(key=rid, tokens=tuple(request.all_token_ids), computed=computed,
+                            window_start=self.geometry.window_start(computed - 1), pages=pages,
+                            handle=_Handle(blocks, first_live))
+        self.meta.kept.append(rid)
+        for released in self.kept.keep(stream):
+            self._release(released)
+        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+        m._publish(force=True)  # as a freed request's pages are (the front end reads it)
+        return True
+
+    def _release(self, stream: KeptStream) -> None:
+        self.manager.block_pool.free_blocks(reversed([b for b in stream.handle.blocks if not b.is_null]))
+        self.meta.released.append(stream.key)
+        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+
+    def release_for(self, needed: int) -> None:
+        """Release kept streams, least recently used first (never one a request is about to
+        adopt), until ``needed`` pages are free or none is left to release."""
+        pool = self.manager.block_pool
+        adopting = {key for key, _ in self.pending.values()}
+        skipped = []
+        while pool.get_num_free_blocks() < needed:
+            stream = self.kept.release_lru()
+            if stream is None:
+                break
+            if stream.key in adopting:
+                skipped.append(stream)
+                continue
+            self._release(stream)
+            SINK_STATS.kept_released_for_pressure += 1
+        for stream in skipped:
+            self.kept.keep(stream)
+
+    # ------------------------------------------------------------------ resume
+    def lookup(self, request) -> tuple[list, int] | None:
+        """The kept pages and resume token for a waiting request, or ``None``."""
+        if request.skip_reading_prefix_cache or not len(self.kept):
+            return None
+        stream, a, why = self.kept.best_match(request.prompt_token_ids)
+        if stream is None:
+            if why != "no_kept_stream":
+                SINK_STATS.resume_fallbacks[why] = SINK_STATS.resume_fallbacks.get(why, 0) + 1
+            return None
+        self.pending[request.request_id] = (stream.key, a)
+        return stream.handle.blocks[: cdiv(a, self.geometry.block_size)], a
+
+    def pending_pages(self, request_id: str) -> int:
+        """Pages a waiting request will adopt instead of allocating."""
+        if request_id not in self.pending:
+            return 0
+        key, a = self.pending[request_id]
+        stream = self.kept._kept.get(key)
+        if stream is None:
+            return 0
+        return sum(not b.is_null for b in stream.handle.blocks[: cdiv(a, self.geometry.block_size)])
+
+    def adopt(self, request_id: str, blocks: list) -> None:
+        """Hand the pending kept stream's pages to ``request_id`` (its row becomes
+        ``blocks``, the kept row cut at the resume token); the rest are freed."""
+        m = self.manager
+        key, a = self.pending.pop(request_id)
+        stream = self.kept.take(key)
+        handle: _Handle = stream.handle
+        rest = [b for b in handle.blocks[len(blocks):] if not b.is_null]
+        if rest:
+            m.block_pool.free_blocks(reversed(rest))
+        m.req_to_blocks[request_id].extend(blocks)
+        m.num_cached_block[request_id] = len(blocks)
+        live = sum(not b.is_null for b in blocks)
+        m.live[request_id] = live
+        m.first_live_block[request_id] = handle.first_live
+        SINK_STATS.observe_live(request_id, live)
+        self.meta.resumed[request_id] = key
+        self.meta.first_live[request_id] = handle.first_live
+        SINK_STATS.resumes += 1
+        SINK_STATS.tokens_reused += a
+        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+
+    def take_meta(self, output) -> SessionStepMeta:
+        """This step's decisions, and the rows of resumed requests compacted in ``output``
+        (vLLM ships a new request's whole row, null pages included, which a sink row's
+        block table has no room for: the worker's rows hold live pages only)."""
+        meta, self.meta = self.meta, SessionStepMeta()
+        self.pending.clear()
+        s = self.geometry.sink_pages
+        for new in output.scheduled_new_reqs:
+            if new.req_id in meta.resumed:
+                ids = new.block_ids[0]
+                ids[s:] = [b for b in ids[s:] if b != self.manager._null_block.block_id]
+        return meta
+
+
+def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:
+    for manager in kv_cache_manager.coordinator.single_type_managers:
+        sessions = getattr(manager, "sessions", None)
+        if sessions is not None:
+            return sessions
+    return None
+
+
+def install() -> None:
+    """Wrap ``KVCacheManager.free``/``get_computed_blocks`` and ``Scheduler.schedule``
+    (idempotent); engines without kept sessions pass straight through."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.request import RequestStatus
+
+    keep_statuses = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+
+    def free(orig):
+        def free(self, request):
+            sessions = _sessions_of(self)
+            if sessions is not None and request.status in keep_statuses and sessions.keep(request):
+                return
+            return orig(self, request)
+        return free
+
+    def get_computed_blocks(orig):
+        def get_computed_blocks(self, request):
+            sessions = _sessions_of(self)
+            hit = sessions.lookup(request) if sessions is not None else None
+            if hit is None:
+                return orig(self, request)
+            blocks, a = hit
+            return self.create_kv_cache_blocks((list(blocks),)), a, 0
+        return get_computed_blocks
+
+    def schedule(orig):
+        def schedule(self, *args, **kwargs):
+            output = orig(self, *args, **kwargs)
+            sessions = _sessions_of(self.kv_cache_manager)
+            if sessions is not None:
+                setattr(output, META_ATTR, sessions.take_meta(output))
+            return output
+        return schedule
+
+    _wrap(KVCacheManager, "free", free)
+    _wrap(KVCacheManager, "get_computed_blocks", get_computed_blocks)
+    _wrap(Scheduler, "schedule", schedule)
+
+
+def _wrap(cls, name: str, make) -> None:
+    """Replace ``cls.name`` by ``make(original)``, once (marked, ``__wrapped__`` kept)."""
+    orig = getattr(cls, name)
+    if getattr(orig, "_vllm_sink", False):
+        return
+    wrapped = make(orig)
+    wrapped._vllm_sink = True
+    wrapped.__wrapped__ = orig
+    setattr(cls, name, wrapped)

@@ -1,0 +1,35 @@
+"""A chat through the stock OpenAI client against `vllm serve --kv-policy sink --kv-sessions`:
+the client re-sends the whole conversation each turn, and the server resumes each turn from
+the stream the previous one left (only the new turn is prefilled), past the window and the
+model's 512 positions. Kept conversations' pages are accounted for in /metrics."""
+
+from __future__ import annotations
+
+SERVER_EXTRA_ARGS = ["--kv-sessions"]
+
+
+def test_chat_turns_resume(server):
+    from vllm_sink import assets
+
+    words = assets.play_text("hamlet").split()
+    client = server.client()
+    messages = [{"role": "system", "content": "You are a patient reader of Shakespeare."}]
+    m0 = server.metrics()
+    resumed = []
+    for turn in range(6):
+        messages.append({"role": "user", "content": " ".join(words[turn * 60 : (turn + 1) * 60])})
+        before = server.metrics().get("vllm_sink:session_resumes_total", 0)
+        reply = client.chat.completions.create(model="smol", messages=messages, max_tokens=24, temperature=0)
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content})
+        resumed.append(server.metrics()["vllm_sink:session_resumes_total"] - before)
+    m = server.wait_idle()
+    usage = reply.usage
+    print(f"\nsessions over HTTP: resumes per turn {resumed}, last prompt {usage.prompt_tokens} tokens, "
+          f"reused {m['vllm_sink:session_tokens_reused_total'] - m0.get('vllm_sink:session_tokens_reused_total', 0):.0f}, "
+          f"kept {m['vllm_sink:kept_sessions']:.0f} ({m['vllm_sink:kept_session_pages']:.0f} pages)")
+    assert usage.prompt_tokens > 512  # past the model's positions and the window
+    assert resumed[0] == 0 and all(r == 1 for r in resumed[1:]), resumed
+    assert m["vllm_sink:session_tokens_reused_total"] > 5 * 300
+    # Every page is free or held by a kept conversation.
+    assert m["vllm_sink:kept_sessions"] >= 1
+    assert m["vllm_sink:free_kv_pages"] + m["vllm_sink:kept_session_pages"] == m["vllm_sink:kv_pool_pages"]
