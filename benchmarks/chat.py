@@ -1,0 +1,179 @@
+"""A long chat through the real server and the stock OpenAI client: time to first token per turn.
+
+    python benchmarks/chat.py                       # CPU: SmolLM2, 200 turns, W=1024
+    python benchmarks/chat.py --turns 20 --out /tmp/chat.json     # a shorter run
+
+The client does what a chat UI does: it re-sends the whole conversation every turn (a system
+prompt, user turns of ``--words`` words of a play, the model's replies of ``--reply``
+tokens, greedy), streaming, and times each turn's first token and its end. Three servers,
+one after the other, each the stock ``vllm serve``:
+
+* ``sink+sessions``: ``--kv-policy sink --kv-window W --kv-sessions``: each turn resumes the
+  stream the previous one left, so only the new turn is prefilled;
+* ``sink``: the same without sessions: each turn prefills the whole history again, through
+  the window (``--no-resume-turns`` turns: it only grows);
+* ``vanilla``: vanilla vLLM with prefix caching (its prefill covers only the new turn, its
+  attention the whole history), until the history passes the model's context (HTTP 400).
+
+Writes JSON, a markdown table (first and last 10 turns per server) and a PNG of TTFT per turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from workers import prometheus_values, wait_healthy
+
+RESULTS = Path(__file__).parent / "results"
+SERVED = "chat-model"
+
+
+def serve(model: Path, flags: list[str], port: int, log: Path) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", SERVED, "--disable-uvicorn-access-log", *flags]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=tempfile.gettempdir())
+    wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout=900)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name: str) -> list[dict]:
+    import openai
+    import requests
+    from tqdm import tqdm
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    messages = [{"role": "system", "content": "You are a patient reader of Shakespeare. Answer briefly."}]
+    rows = []
+    for turn in tqdm(range(turns), desc=name, unit="turn"):
+        start = (turn * n_words) % max(1, len(words) - n_words)
+        messages.append({"role": "user", "content": " ".join(words[start : start + n_words])})
+        t0 = time.perf_counter()
+        first, text, usage = None, [], None
+        try:
+            stream = client.chat.completions.create(
+                model=SERVED, messages=messages, max_tokens=reply, temperature=0, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    first = first or time.perf_counter()
+                    text.append(chunk.choices[0].delta.content)
+                if chunk.usage:
+                    usage = chunk.usage
+        except openai.APIStatusError as e:
+            rows.append(dict(turn=turn + 1, error=f"HTTP {e.status_code}: {str(e.message)[:200]}"))
+            break
+        end = time.perf_counter()
+        messages.append({"role": "assistant", "content": "".join(text)})
+        m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
+        rows.append(dict(turn=turn + 1, ttft_s=(first or end) - t0, total_s=end - t0,
+                         prompt_tokens=usage.prompt_tokens if usage else None,
+                         resumes=m.get("vllm_sink:session_resumes_total"),
+                         tokens_reused=m.get("vllm_sink:session_tokens_reused_total")))
+    return rows
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summary(rows: list[dict]) -> dict:
+    ok = [r for r in rows if "ttft_s" in r]
+    first, last = [r["ttft_s"] for r in ok[:10]], [r["ttft_s"] for r in ok[-10:]]
+    return dict(turns=len(ok), first10_ttft_s=mean(first), last10_ttft_s=mean(last),
+                last_over_first=mean(last) / mean(first) if first else None,
+                last_prompt_tokens=ok[-1]["prompt_tokens"] if ok else None,
+                stopped=next((r["error"] for r in rows if "error" in r), None))
+
+
+def report(doc: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    lines = [f"Chat through `vllm serve` and the stock OpenAI client: {doc['device']}, vLLM {doc['vllm']}, "
+             f"{doc['model']}, W={doc['window']}, user turns of {doc['words']} words, replies of "
+             f"{doc['reply']} tokens; `{doc['command']}`", "",
+             "| server | turns served | mean TTFT, turns 1-10 | mean TTFT, last 10 turns | last / first | "
+             "last prompt (tokens) | stopped |", "|---|---|---|---|---|---|---|"]
+    for name, res in doc["runs"].items():
+        s = res["summary"]
+        lines.append(f"| {name} | {s['turns']} | {s['first10_ttft_s']:.2f} s | {s['last10_ttft_s']:.2f} s | "
+                     f"{s['last_over_first']:.2f}x | {s['last_prompt_tokens']} | {s['stopped'] or ''} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, res in doc["runs"].items():
+        ok = [r for r in res["rows"] if "ttft_s" in r]
+        ax.plot([r["turn"] for r in ok], [r["ttft_s"] for r in ok], label=name)
+    ax.set_xlabel("turn")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"Chat re-sending the whole history, {doc['model']}, W={doc['window']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--turns", type=int, default=200)
+    p.add_argument("--no-resume-turns", type=int, default=40, help="turns of the sink server without sessions")
+    p.add_argument("--vanilla-turns", type=int, default=200, help="turns of vanilla (it stops at its context)")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--words", type=int, default=150, help="words per user turn")
+    p.add_argument("--reply", type=int, default=40, help="tokens per reply")
+    p.add_argument("--servers", default="sink+sessions,sink,vanilla")
+    p.add_argument("--port", type=int, default=8571)
+    p.add_argument("--out", default=str(RESULTS / "chat.json"))
+    args = p.parse_args()
+    import vllm
+
+    from vllm_sink import assets
+
+    model = assets.model_dir()
+    words = assets.play_text("hamlet").split()
+    common = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(1 << 30)]
+    sink = ["--kv-policy", "sink", "--kv-window", str(args.window), "--max-stream-len", str(1 << 20)]
+    configs = {"sink+sessions": (common + sink + ["--kv-sessions"], args.turns),
+               "sink": (common + sink, args.no_resume_turns),
+               "vanilla": (common + ["--enable-prefix-caching"], args.vanilla_turns)}
+    work = Path(tempfile.mkdtemp(prefix="vllm-sink-chat-"))
+    runs = {}
+    for name in args.servers.split(","):
+        flags, turns = configs[name]
+        proc = serve(model, flags, args.port, work / f"{name}.log")
+        try:
+            rows = chat(f"http://127.0.0.1:{args.port}", turns, words, args.words, args.reply, name)
+        finally:
+            stop(proc)
+        runs[name] = dict(flags=flags, rows=rows, summary=summary(rows))
+
+    from throughput import cpu_name
+
+    doc = dict(device=cpu_name(), vllm=vllm.__version__,
+               model="SmolLM2-135M-Instruct, float32", window=args.window, words=args.words, reply=args.reply,
+               command="python benchmarks/chat.py " + " ".join(sys.argv[1:]), runs=runs)
+    report(doc, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
