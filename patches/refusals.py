@@ -70,7 +70,7 @@ def rope_limit_of(hf_text_config) -> int:
 
 # ALiBi architectures whose sink-policy output is checked against a reference
 # (tests/test_families.py); other ALiBi models (Falcon-RW, Baichuan-13B, ...) are refused.
-ALIBI_ARCHITECTURES = ("MPTForCausalLM", "BloomForCausalLM")
+ALIBI_ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM", "BloomForCausalLM")
 
 # vLLM's assumption for a config that names no maximum length (``_get_and_verify_max_len``).
 VLLM_DEFAULT_MAX_LEN = 2048
