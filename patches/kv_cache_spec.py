@@ -168,11 +168,11 @@ class StreamingSinkManager(FullAttentionManager):
         if request_id in self.live:  # admitted and running: its reservation covers it
             return needed
         footprint = self.footprints.get(request_id, self.geometry.max_live_pages)
-        if self.sessions is None:
-            return max(needed, footprint) + self.outstanding_pages()
         # A resuming request adopts kept pages: they are part of its footprint, not new.
-        total = max(needed, footprint - self.sessions.pending_pages(request_id)) + self.outstanding_pages()
-        self.sessions.release_for(total)  # kept streams give way to admission
+        adopted = self.sessions.pending_pages(request_id) if self.sessions is not None else 0
+        total = max(needed, footprint - adopted) + self.outstanding_pages()
+        if self.sessions is not None:
+            self.sessions.release_for(total)  # kept streams give way to admission
         return total
 
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,

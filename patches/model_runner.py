@@ -52,7 +52,7 @@ from vllm_sink.patches.sessions import META_ATTR as SESSION_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
-from vllm_sink.policy import SinkGeometry
+from vllm_sink.policy import SinkGeometry, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -65,10 +65,10 @@ class _StreamTable:
     slot, so that a step is planned for the whole batch at once (``plan_steps``) and only the
     rows whose window moves take a Python path.
 
-    Per slot: ``base`` (epoch base), ``sink_angle`` (rotation now applied to the sink keys,
-    relative to their pristine copy), ``first_live`` (logical block held at row position
-    ``sink_pages``), and this step's ``slot_offset``/``frame_base`` with the step they were
-    planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
+    Per slot: ``base`` (epoch base: frame position = token index - base), ``sink_angle``
+    (rotation now applied to the sink keys, relative to their pristine copy), ``first_live``
+    (logical block held at row position ``sink_pages``), and this step's ``slot_offset`` with
+    the step it was planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
     H, B, D]`` and, with a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
     """
 
@@ -82,7 +82,7 @@ class _StreamTable:
         self.pristine_partial: dict[int, torch.Tensor] = {}
         self.pristine_partial_values: dict[int, torch.Tensor] = {}
         self.capacity = 0
-        self.base = self.sink_angle = self.first_live = self.slot_offset = self.frame_base = None
+        self.base = self.sink_angle = self.first_live = self.slot_offset = None
         self.planned = None
         self._grow(capacity)
 
@@ -97,7 +97,6 @@ class _StreamTable:
         self.sink_angle = grown(self.sink_angle, 0)
         self.first_live = grown(self.first_live, self.sink_pages)
         self.slot_offset = grown(self.slot_offset, 0)
-        self.frame_base = grown(self.frame_base, 0)
         self.planned = grown(self.planned, -1)
         self.capacity = capacity
 
@@ -113,7 +112,7 @@ class _StreamTable:
         return slot
 
     def _clear(self, slot: int) -> None:
-        self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = self.frame_base[slot] = 0
+        self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = 0
         self.first_live[slot] = self.sink_pages
         self.planned[slot] = -1
         self.pristine.pop(slot, None)
@@ -265,7 +264,6 @@ class SinkRunnerHook:
         refusals.check_one_kv_cache_group(len(tables))
         return tables[0]
 
-    # ------------------------------------------------------------------ step 1
     def writers(self) -> tuple[PageWriter, PageWriter]:
         """Sink page writers for the keys and the values of every layer (one kernel launch
         per step on CUDA; ``vllm_sink.page_writer``)."""
@@ -294,6 +292,11 @@ class SinkRunnerHook:
             if new.req_id in resumed:
                 table.resume(new.req_id, resumed[new.req_id])
                 self._adopt_row(new.req_id, meta.first_live[new.req_id])
+            elif new.num_computed_tokens:
+                # Prefix caching and KV connectors are refused: only a resume (whose
+                # decision rides on the scheduler output) starts past token 0.
+                raise RuntimeError(f"vllm-sink: request {new.req_id} starts at token "
+                                   f"{new.num_computed_tokens} without a session resume")
             else:
                 table.reset(new.req_id)
         for key in meta.released if meta else ():
@@ -318,7 +321,7 @@ class SinkRunnerHook:
         a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
         plans = self.geometry.plan_steps(a, a + n[rows], table.base[slots])
 
-        moving = np.flatnonzero(-(-plans.w0 // self.B) > table.first_live[slots])
+        moving = np.flatnonzero(window_moves(table.first_live[slots], plans.w0, self.B))
         for i in moving.tolist():
             self._move(int(rows[i]), rids[rows[i]], int(slots[i]), int(plans.w0[i]))
         if self.check_rows:
@@ -339,7 +342,6 @@ class SinkRunnerHook:
         table.base[slots] = plans.base
         table.sink_angle[slots] = plans.sink_angle
         table.slot_offset[slots] = plans.slot_offset
-        table.frame_base[slots] = plans.base
         table.planned[slots] = table.step
         self.any_offset = bool(plans.slot_offset.any() or plans.base.any())
 
@@ -456,7 +458,7 @@ class SinkRunnerHook:
         planned = table.planned[slots] == table.step  # rows not scheduled this step: no offset
         slot_off_np = np.where(planned, table.slot_offset[slots], 0)
         slot_off = self.stager.put(slot_off_np)
-        rope_off = self.stager.put(np.where(planned, table.frame_base[slots], 0))
+        rope_off = self.stager.put(np.where(planned, table.base[slots], 0))
         req_idx = r.req_indices.gpu[:T].long()
         positions = r.positions[:T]
         r.input_batch.block_table.compute_slot_mapping(

@@ -100,32 +100,26 @@ class SchedulerSessions:
         self.meta.kept.append(rid)
         for released in self.kept.keep(stream):
             self._release(released)
-        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+        self._count()
         m._publish(force=True)  # as a freed request's pages are (the front end reads it)
         return True
 
     def _release(self, stream: KeptStream) -> None:
         self.manager.block_pool.free_blocks(reversed([b for b in stream.handle.blocks if not b.is_null]))
         self.meta.released.append(stream.key)
-        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+        self._count()
 
     def release_for(self, needed: int) -> None:
         """Release kept streams, least recently used first (never one a request is about to
         adopt), until ``needed`` pages are free or none is left to release."""
         pool = self.manager.block_pool
         adopting = {key for key, _ in self.pending.values()}
-        skipped = []
         while pool.get_num_free_blocks() < needed:
-            stream = self.kept.release_lru()
+            stream = self.kept.release_lru(exclude=adopting)
             if stream is None:
                 break
-            if stream.key in adopting:
-                skipped.append(stream)
-                continue
             self._release(stream)
             SINK_STATS.kept_released_for_pressure += 1
-        for stream in skipped:
-            self.kept.keep(stream)
 
     # ------------------------------------------------------------------ resume
     def lookup(self, request) -> tuple[list, int] | None:
@@ -145,7 +139,7 @@ class SchedulerSessions:
         if request_id not in self.pending:
             return 0
         key, a = self.pending[request_id]
-        stream = self.kept._kept.get(key)
+        stream = self.kept.get(key)
         if stream is None:
             return 0
         return sum(not b.is_null for b in stream.handle.blocks[: cdiv(a, self.geometry.block_size)])
@@ -170,6 +164,9 @@ class SchedulerSessions:
         self.meta.first_live[request_id] = handle.first_live
         SINK_STATS.resumes += 1
         SINK_STATS.tokens_reused += a
+        self._count()
+
+    def _count(self) -> None:
         SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
 
     def take_meta(self, output) -> SessionStepMeta:

@@ -108,13 +108,19 @@ class RowTransition:
         return row[:s] + row[s + d :], leaving
 
 
+def window_moves(first, w0, block_size: int):
+    """Whether pages leave a row whose window pages start at logical block ``first`` when
+    the window starts at ``w0`` (element-wise on numpy arrays: the worker asks for a whole
+    batch at once)."""
+    return cdiv(w0, block_size) > first
+
+
 def row_transition(first: int, w0: int, sink_tokens: int, block_size: int) -> RowTransition | None:
     """The row transition for a window that now starts at ``w0``, from a row whose window
     pages start at logical block ``first`` (``None`` if no page leaves)."""
-    last = cdiv(w0, block_size)
-    if last <= first:
+    if not window_moves(first, w0, block_size):
         return None
-    return RowTransition(first=first, last=last, swap_sink=sink_tokens % block_size != 0)
+    return RowTransition(first=first, last=cdiv(w0, block_size), swap_sink=sink_tokens % block_size != 0)
 
 
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:

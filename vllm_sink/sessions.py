@@ -135,16 +135,17 @@ class KeptStreams:
                     best, best_match_len = (None, 0, why), m
         return best
 
+    def get(self, key: str) -> KeptStream | None:
+        return self._kept.get(key)
+
     def take(self, key: str) -> KeptStream:
         """Hand a kept stream over (to the request resuming it)."""
         stream = self._kept.pop(key)
         self.pages -= stream.pages
         return stream
 
-    def release_lru(self) -> KeptStream | None:
-        """Release the least recently used kept stream (``None`` if none is kept)."""
-        if not self._kept:
-            return None
-        _, stream = self._kept.popitem(last=False)
-        self.pages -= stream.pages
-        return stream
+    def release_lru(self, exclude: frozenset[str] | set[str] = frozenset()) -> KeptStream | None:
+        """Release the least recently used kept stream not in ``exclude`` (``None`` if
+        there is none)."""
+        key = next((k for k in self._kept if k not in exclude), None)
+        return None if key is None else self.take(key)
