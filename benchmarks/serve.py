@@ -46,7 +46,7 @@ WORKLOADS = {
     "b": dict(input_len=1024, output_len=8192, num_prompts=32, concurrency=32),
 }
 POLICY_FLAGS = {"full": [], "sink": ["--kv-policy", "sink", "--kv-window", "4096"]}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "generation_config.json")
 
 

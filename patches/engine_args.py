@@ -71,7 +71,8 @@ CLI_FLAGS = {
         action=argparse.BooleanOptionalAction,
         help="[--kv-policy sink] Keep finished streams so that a request whose prompt "
         "extends one's history (a chat's next turn) prefills only what is new. Kept streams "
-        "give way to new requests when the KV pool runs short. Default off.",
+        "give way to new requests when the KV pool runs short. Default on; --no-kv-sessions "
+        "turns it off.",
     ),
     "kv_session_pages": dict(
         type=int,

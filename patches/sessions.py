@@ -9,7 +9,7 @@ Binds to vLLM 0.26.0 (``vllm/v1/core``):
   Scheduler.schedule()                        wrapped: the step's decisions ride on the
                                               ``SchedulerOutput`` (attribute ``vllm_sink_sessions``)
   Request: request_id, status, all_token_ids, prompt_token_ids, num_computed_tokens,
-    skip_reading_prefix_cache; RequestStatus.FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
+    skip_reading_prefix_cache, prompt_embeds, lora_request, cache_salt; RequestStatus.FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
   StreamingSinkManager (ours, ``kv_cache_spec``): add_local_computed_blocks (adoption),
     get_num_blocks_to_allocate (kept streams released under pool pressure)
 
@@ -84,8 +84,8 @@ class SchedulerSessions:
         rid = request.request_id
         blocks = m.req_to_blocks.get(rid)
         computed = request.num_computed_tokens
-        if not blocks or computed <= 0:
-            return False
+        if not blocks or computed <= 0 or request.prompt_embeds is not None:
+            return False  # (a prompt of embeddings has no token ids to match)
         n = cdiv(computed, B)
         tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
         del blocks[n:]
@@ -96,10 +96,11 @@ class SchedulerSessions:
             m.block_pool.free_blocks(reversed(tail))
         stream = KeptStream(key=rid, tokens=tuple(request.all_token_ids), computed=computed,
                             window_start=self.geometry.window_start(computed - 1), pages=pages,
-                            handle=_Handle(blocks, first_live))
+                            handle=_Handle(blocks, first_live), scope=_scope(request))
         self.meta.kept.append(rid)
         for released in self.kept.keep(stream):
             self._release(released)
+            SINK_STATS.kept_released_over_cap += 1
         self._count()
         m._publish(force=True)  # as a freed request's pages are (the front end reads it)
         return True
@@ -126,7 +127,7 @@ class SchedulerSessions:
         """The kept pages and resume token for a waiting request, or ``None``."""
         if request.skip_reading_prefix_cache or not len(self.kept):
             return None
-        stream, a, why = self.kept.best_match(request.prompt_token_ids)
+        stream, a, why = self.kept.best_match(request.prompt_token_ids, _scope(request))
         if stream is None:
             if why != "no_kept_stream":
                 SINK_STATS.resume_fallbacks[why] = SINK_STATS.resume_fallbacks.get(why, 0) + 1
@@ -181,6 +182,13 @@ class SchedulerSessions:
                 ids = new.block_ids[0]
                 ids[s:] = [b for b in ids[s:] if b != self.manager._null_block.block_id]
         return meta
+
+
+def _scope(request) -> tuple:
+    """What a request's KV depends on besides its token ids: its LoRA adapter and its cache
+    salt (vLLM's prefix cache hashes both in, for the same reasons)."""
+    lora = request.lora_request
+    return (lora.lora_name if lora is not None else None, request.cache_salt)
 
 
 def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:

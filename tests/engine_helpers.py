@@ -69,6 +69,15 @@ def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
+def free_or_kept(llm) -> int:
+    """Pages of the pool that no running request holds: free, or held by a kept stream (a
+    finished stream kept for resumption, released whenever a request needs the room)."""
+    kv = scheduler_of(llm).kv_cache_manager
+    kept = sum(m.sessions.kept.pages for m in kv.coordinator.single_type_managers
+               if getattr(m, "sessions", None) is not None)
+    return kv.block_pool.get_num_free_blocks() + kept
+
+
 class Memo:
     """Results computed once per session, on whichever engine they need (built on demand,
     so a test that compares two engines also runs on its own)."""

@@ -8,7 +8,7 @@ Pages are counted straight from vLLM's own KV-cache manager (non-null entries of
 import pytest
 from vllm import SamplingParams
 
-from engine_helpers import scheduler_of
+from engine_helpers import free_or_kept, scheduler_of
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import page_bound
 
@@ -21,7 +21,7 @@ def _held_pages(llm):
 
 
 def _free(llm):
-    return scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+    return free_or_kept(llm)
 
 
 @pytest.mark.engine("sink16")

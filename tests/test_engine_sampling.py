@@ -73,10 +73,9 @@ def test_seeded_parallel_sampling_and_mixed_batches(llm, hamlet_ids):
     pages come back, the seeded request repeats its text when it runs alone again."""
     from vllm import SamplingParams
 
-    from engine_helpers import scheduler_of
+    from engine_helpers import free_or_kept
 
-    pool = scheduler_of(llm).kv_cache_manager.block_pool
-    free0 = pool.get_num_free_blocks()
+    free0 = free_or_kept(llm)
     prompt = hamlet_ids[:PROMPT]
     four = _sample(llm, prompt, SEED, n=4)
     assert len(four) == 4 and all(len(c) == GEN for c in four)
@@ -88,4 +87,4 @@ def test_seeded_parallel_sampling_and_mixed_batches(llm, hamlet_ids):
         use_tqdm=False,
     )
     assert [len(o.outputs[0].token_ids) for o in outs] == [GEN, GEN]
-    assert pool.get_num_free_blocks() == free0
+    assert free_or_kept(llm) == free0

@@ -42,7 +42,8 @@ class SinkConfig:
     the paper's 4; ``None``: ``sink_pages`` whole pages). ``window``: recent tokens kept
     (None: chosen from the model's context at start-up). ``max_stream_len``: the
     per-request length cap (prompt + output). ``sessions``: keep finished streams so that a
-    request extending one's token history resumes from it (``vllm_sink.sessions``);
+    request extending one's token history resumes from it (``vllm_sink.sessions``; on by
+    default);
     ``session_pages``: the most pages kept streams may hold (``None``: as many as the pool
     has free; kept streams always give way to new requests). After :meth:`resolve`, both
     sink fields are set: ``sink_pages = ceil(sink_tokens / block_size)``.
@@ -53,7 +54,7 @@ class SinkConfig:
     window: int | None = None
     max_stream_len: int = DEFAULT_MAX_STREAM_LEN
     sink_tokens: int | None = None
-    sessions: bool = False
+    sessions: bool = True
     session_pages: int | None = None
 
     @property

@@ -32,6 +32,7 @@ COUNTERS = {
     "session_resumes": "Requests that resumed a kept stream (kv_sessions): only their new tokens were prefilled.",
     "session_tokens_reused": "Prompt tokens not prefilled again because a kept stream held them.",
     "sessions_released_under_pressure": "Kept streams released so that a new request could be admitted.",
+    "sessions_released_over_cap": "Kept streams released to keep kept streams within kv_session_pages.",
 }
 # Counters with a ``reason`` label: snapshot keys ``<name>:<reason>``.
 LABELLED_COUNTERS = {
@@ -66,6 +67,7 @@ class SinkStats:
     kept_streams: int = 0
     kept_pages: int = 0
     kept_released_for_pressure: int = 0
+    kept_released_over_cap: int = 0
     # Live pages per running request, and the peak seen per request over its life.
     live_pages: dict[str, int] = field(default_factory=dict)
     peak_live_pages: dict[str, int] = field(default_factory=dict)
@@ -101,6 +103,7 @@ class SinkStats:
                 session_resumes=self.resumes,
                 session_tokens_reused=self.tokens_reused,
                 sessions_released_under_pressure=self.kept_released_for_pressure,
+                sessions_released_over_cap=self.kept_released_over_cap,
                 kept_sessions=self.kept_streams,
                 kept_session_pages=self.kept_pages,
             )

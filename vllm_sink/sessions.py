@@ -22,7 +22,14 @@ the pages from ``window_start``'s page on. A new prompt matching ``tokens`` for 
   may fall inside a page (the request adopts that page and fills the rest of it);
 * ``a >= S`` past the sink (``a > 0`` for a window-only stream): the sink is complete;
 * ``window_start(a) >= window_start``: the step at ``a`` sees only tokens the stream still
-  holds (a window that would reach back into evicted pages cannot be served exactly).
+  holds (a window that would reach back into evicted pages cannot be served exactly);
+* ``2 a >= computed``: the prompt reuses at least half of what the stream computed.
+  Resuming hands the stream's pages to the request, so a new conversation that shares only
+  a system prompt with a kept one must not take that conversation's state to save the few
+  tokens they share (an edited last message, a regenerated reply reuse nearly all of it).
+
+A kept stream resumes only for requests of its *scope*: what its KV depends on besides
+the token ids (the LoRA adapter, the cache salt that keeps tenants apart).
 
 Otherwise the request is prefilled from token 0 (a *fallback*, with its reason). A resumed
 step is any other step of the stream: same positions, same eviction, same rotations.
@@ -40,6 +47,7 @@ from vllm_sink.policy import SinkGeometry
 NO_MATCH = "no_kept_stream"
 DIVERGES_IN_SINK = "diverges_in_sink"
 DIVERGES_BEFORE_WINDOW = "diverges_before_window"
+SHARED_PREFIX_ONLY = "shared_prefix_only"
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int], chunk: int = 512) -> int:
@@ -68,6 +76,8 @@ def resume_point(geometry: SinkGeometry, tokens: Sequence[int], computed: int, w
         return 0, DIVERGES_IN_SINK if a < S else NO_MATCH
     if geometry.window_start(a) < window_start:
         return 0, DIVERGES_BEFORE_WINDOW
+    if 2 * a < computed:
+        return 0, SHARED_PREFIX_ONLY
     return a, ""
 
 
@@ -76,7 +86,8 @@ class KeptStream:
     """A finished stream's state, held for resumption. ``tokens``: its token history (the
     KV of ``tokens[:computed]`` is held); ``window_start``: the window start of its last
     step; ``pages``: the KV pages it holds; ``handle``: what the engine needs to hand the
-    state over (its page list, for instance)."""
+    state over (its page list, for instance); ``scope``: what its KV depends on besides the
+    token ids (only a request of the same scope resumes it)."""
 
     key: str
     tokens: tuple[int, ...]
@@ -84,6 +95,7 @@ class KeptStream:
     window_start: int
     pages: int
     handle: object = None
+    scope: tuple = ()
 
 
 class KeptStreams:
@@ -118,13 +130,13 @@ class KeptStreams:
             released.append(self.release_lru())
         return released
 
-    def best_match(self, prompt: Sequence[int]) -> tuple[KeptStream | None, int, str]:
-        """The kept stream ``prompt`` resumes furthest into: ``(stream, a, "")``, or
-        ``(None, 0, reason)`` (the reason of the longest match)."""
+    def best_match(self, prompt: Sequence[int], scope: tuple = ()) -> tuple[KeptStream | None, int, str]:
+        """The kept stream of ``scope`` that ``prompt`` resumes furthest into:
+        ``(stream, a, "")``, or ``(None, 0, reason)`` (the reason of the longest match)."""
         best: tuple[KeptStream | None, int, str] = (None, 0, NO_MATCH)
         best_match_len = 0
         for stream in self._kept.values():
-            if not prompt or not stream.tokens or stream.tokens[0] != prompt[0]:
+            if stream.scope != scope or not prompt or not stream.tokens or stream.tokens[0] != prompt[0]:
                 continue
             a, why = resume_point(self.geometry, stream.tokens, stream.computed, stream.window_start, prompt)
             if a > best[1]:

@@ -83,6 +83,11 @@ class Server:
                 raise TimeoutError(f"server still busy: {m}")
             time.sleep(1)
 
+    @staticmethod
+    def free_or_kept(m: dict[str, float]) -> float:
+        """Pages no running request holds (free, or kept for a session's next turn)."""
+        return m["vllm_sink:free_kv_pages"] + m.get("vllm_sink:kept_session_pages", 0)
+
     def client(self, **kwargs):
         import openai
 

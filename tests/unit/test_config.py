@@ -36,7 +36,7 @@ def test_default_window_fits_context():
         ({"kv_policy": "sink", "kv_window": 1024}, dict(block_size=16, rope_limit=8192, user_max_model_len=512), "max-model-len"),
         ({"kv_policy": "sink", "kv_sessions": "yes"}, None, "kv_sessions must be true or false"),
         ({"kv_policy": "sink", "kv_sessions": True, "kv_session_pages": 0}, None, "positive number of pages"),
-        ({"kv_policy": "sink", "kv_session_pages": 100}, None, "add kv_sessions=True"),
+        ({"kv_policy": "sink", "kv_sessions": False, "kv_session_pages": 100}, None, "add kv_sessions=True"),
         ({"kv_sessions": True}, None, "only apply with kv_policy='sink'"),
     ],
 )
@@ -67,13 +67,14 @@ def test_roundtrip_through_additional_config():
 
 
 def test_sessions_settings_resolve_to_a_page_cap():
-    """Sessions are off unless asked for; on, kept streams may hold the given pages (no cap:
-    as many as the pool has, released whenever a new request needs them)."""
+    """Sessions are on with the sink policy unless turned off; kept streams may hold the
+    given pages (no cap: as many as the pool has, released whenever a new request needs
+    them)."""
     resolve = dict(block_size=16, rope_limit=8192)
-    assert SinkConfig.from_user({"kv_policy": "sink"}).resolve(**resolve).kept_pages == 0
-    on = SinkConfig.from_user({"kv_policy": "sink", "kv_sessions": True}).resolve(**resolve)
+    assert SinkConfig.from_user({"kv_policy": "sink", "kv_sessions": False}).resolve(**resolve).kept_pages == 0
+    on = SinkConfig.from_user({"kv_policy": "sink"}).resolve(**resolve)
     assert on.sessions and on.kept_pages >= 1 << 40
-    capped = SinkConfig.from_user({"kv_policy": "sink", "kv_sessions": True, "kv_session_pages": 300})
+    capped = SinkConfig.from_user({"kv_policy": "sink", "kv_session_pages": 300})
     assert capped.resolve(**resolve).kept_pages == 300
     again = SinkConfig.from_additional_config({"vllm_sink": capped.resolve(**resolve).to_dict()})
     assert again.kept_pages == 300

@@ -9,6 +9,7 @@ from vllm_sink.sessions import (
     DIVERGES_BEFORE_WINDOW,
     DIVERGES_IN_SINK,
     NO_MATCH,
+    SHARED_PREFIX_ONLY,
     KeptStream,
     KeptStreams,
     common_prefix_len,
@@ -58,10 +59,10 @@ def test_a_resumed_step_sees_only_held_tokens(S, B):
         prompt += [rng.randrange(1000) for _ in range(rng.randrange(1, 50))]
         a, why = resume_point(g, tokens, computed, kept_w0, prompt)
         if not a:
-            assert why in (NO_MATCH, DIVERGES_IN_SINK, DIVERGES_BEFORE_WINDOW)
+            assert why in (NO_MATCH, DIVERGES_IN_SINK, DIVERGES_BEFORE_WINDOW, SHARED_PREFIX_ONLY)
             continue
         resumed += 1
-        assert max(S, 1) <= a <= computed and a < len(prompt)
+        assert max(S, 1) <= a <= computed and a < len(prompt) and 2 * a >= computed
         assert prompt[:a] == tokens[:a]
         keys, _, _ = contract_positions(a, min(a + g.step_tokens, len(prompt)), S, g.kv_window, B)
         for t in keys:
@@ -80,6 +81,28 @@ def test_resume_point_reasons():
     # An edit inside the last page: resume before it, in the same window.
     late = tokens[:390] + [0] + tokens[391:]
     assert resume_point(g, tokens, 399, w0, late) == (390, "")
+
+
+def test_a_shared_system_prompt_does_not_take_another_conversation():
+    """A new conversation sharing only its opening (a system prompt) with a kept one, whose
+    window has not moved, does not resume it (that would hand the kept conversation's pages
+    to the newcomer for the few tokens they share); an edited last message does."""
+    g = geometry(W=256)
+    system, history = list(range(1, 29)), list(range(1, 107))
+    w0 = g.window_start(104)
+    assert w0 == g.sink_tokens  # nothing evicted yet: the window check alone would allow it
+    assert resume_point(g, history, 105, w0, system + [999] * 80) == (0, SHARED_PREFIX_ONLY)
+    assert resume_point(g, history, 105, w0, history[:90] + [999] * 20) == (90, "")
+
+
+def test_kept_streams_match_only_their_scope():
+    """A stream kept for one LoRA adapter or cache salt resumes only requests of the same."""
+    kept = KeptStreams(geometry(), max_pages=100)
+    kept.keep(KeptStream("a", tuple(range(1, 301)), 299, 224, pages=6, scope=("adapter-x", None)))
+    prompt = list(range(1, 301)) + [7]
+    assert kept.best_match(prompt)[0] is None
+    assert kept.best_match(prompt, ("adapter-x", "tenant-2"))[0] is None
+    assert kept.best_match(prompt, ("adapter-x", None))[1] == 299
 
 
 def test_kept_streams_lru_and_cap():
