@@ -10,6 +10,10 @@ Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing els
   streams resumed through vLLM's prefix-hit path)
 * ``sampler``:       V1 GPUModelRunner._sample/_bookkeeping_sync (seeded sampling across
   prefill chunks on the CPU)
+* ``chat_tokens``:  BaseRenderer._tokenize_prompt (a re-sent history tokenised once, by
+  segment between special tokens, with sessions on)
+* ``input_processor``: InputProcessor._validate_params (a request's own sink checked in
+  the front end)
 * ``vllm_config``:   VllmConfig.use_v2_model_runner (sink engines get the V1 runner)
 * ``worker``:        Worker.get_kv_cache_spec (refuses the V2 runner)
 
@@ -33,7 +37,8 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import engine_args, kv_cache_spec, model_runner, sessions, vllm_config, worker
+    from vllm_sink.patches import (chat_tokens, engine_args, input_processor, kv_cache_spec, model_runner,
+                                   sessions, vllm_config, worker)
 
     vllm_config.install()
     engine_args.install()
@@ -42,3 +47,5 @@ def install() -> None:
     sessions.install()
     model_runner.install()
     worker.install()
+    input_processor.install()
+    chat_tokens.install()

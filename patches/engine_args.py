@@ -74,6 +74,12 @@ CLI_FLAGS = {
         "give way to new requests when the KV pool runs short. Default on; --no-kv-sessions "
         "turns it off.",
     ),
+    "max_sink_tokens": dict(
+        type=int,
+        help="[--kv-policy sink] The largest sink a request may ask for itself "
+        "(vllm_xargs / SamplingParams.extra_args {\"sink_tokens\": n}). Default: the "
+        "engine's sink.",
+    ),
     "kv_session_pages": dict(
         type=int,
         help="[--kv-sessions] Most KV pages kept streams may hold (default: no cap).",
@@ -151,7 +157,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
         context=context,
     )
     sched = vllm_config.scheduler_config
-    step_cap = max_step_tokens(resolved.sink_tokens, resolved.window, block_size, rope_limit)
+    step_cap = max_step_tokens(resolved.max_sink_tokens, resolved.window, block_size, rope_limit)
     step = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
     if min(step, sched.max_num_batched_tokens) > step_cap:
         sched.long_prefill_token_threshold = step_cap
@@ -171,6 +177,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
         step_tokens=step_tokens,
         concurrent_steps=vllm_config.max_concurrent_batches,
         rope_limit=rope_limit,
+        max_sink_tokens=resolved.max_sink_tokens,
     )
     vllm_config.additional_config[CONFIG_KEY] = {**resolved.to_dict(), GEOMETRY_KEY: geometry.to_dict()}
     served = vllm_config.model_config.served_model_name

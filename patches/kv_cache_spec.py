@@ -7,6 +7,8 @@ Binds to vLLM 0.26.0:
   vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
   vllm.v1.core.kv_cache_manager.KVCacheManager.allocate_slots (wrapped: tells our manager each
     request's prompt length, max length and progress, for admission)
+  vllm.v1.request.RequestStatus.WAITING (a streaming-input session's next chunk is scheduled
+    from the waiting queue while its request still holds its pages: it is admitted again)
   SingleTypeKVCacheManager: req_to_blocks, _null_block, block_pool.free_blocks,
   _max_admission_blocks_per_request, remove_skipped_blocks, allocate_new_blocks, free
 
@@ -26,10 +28,13 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+from vllm.v1.request import RequestStatus
 
+from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.patches import refusals
+from vllm_sink.step_meta import StepMeta
 from vllm_sink.policy import SinkGeometry, cdiv
 
 
@@ -49,8 +54,9 @@ class SinkWindowSpec(FullAttentionSpec):
 
     @property
     def max_live_pages(self) -> int:
-        """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1``."""
-        return self.geometry.max_live_pages
+        """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1`` (``s``
+        of the largest sink a request may have)."""
+        return self.geometry.widest.max_live_pages
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # A sequence never holds more pages than its whole length (the stream cap) needs.
@@ -60,7 +66,7 @@ class SinkWindowSpec(FullAttentionSpec):
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         # The worker's compacted row, before it is compacted again in a step, also holds
         # the pages allocated for the step in flight.
-        return min(cdiv(max_len, self.block_size), self.geometry.row_capacity)
+        return min(cdiv(max_len, self.block_size), self.geometry.widest.row_capacity)
 
     @classmethod
     def merge(cls, specs):
@@ -94,7 +100,11 @@ class StreamingSinkManager(FullAttentionManager):
         window's first tokens) moves to block ``s - 1`` as the new sink page and the old
         sink page is freed in its place, as the worker does (``patches.model_runner``).
       * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
-        ``geometry.max_live_pages``.
+        ``geometry_of(r).max_live_pages``.
+      * each request has one sink size for its whole life (``geometries[r]``: the engine's
+        geometry with the request's own sink, ``vllm_sink.config.request_sink_tokens``),
+        decided here when it is first allocated and shipped to the worker with the step
+        that schedules it (``take_step_meta``).
       * no block is shared between requests (prefix caching is off), so
         ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
       * admission reserves each sequence's whole footprint: a request is admitted only if
@@ -104,6 +114,12 @@ class StreamingSinkManager(FullAttentionManager):
         the contract's bound for the sequence's phase (prefill chunks in flight, or decode
         tokens), and never more than its whole length (prompt + max_tokens) needs; it only
         shrinks over a sequence's life, so reservations stay valid.
+      * a streaming-input session (vLLM's ``StreamingInput``: one request id whose prompt
+        grows by a chunk at a time) keeps its pages while it waits for input; its next chunk
+        prefills again, so its footprint grows back to the prefill bound and the chunk is
+        admitted like a new request (``readmitting``): only if the growth fits beside what
+        every other admitted stream may still claim (otherwise it waits, holding its pages;
+        nothing is preempted).
     """
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
@@ -111,11 +127,17 @@ class StreamingSinkManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         refusals.check_context_parallel(self.dcp_world_size, self.pcp_world_size)
         self.geometry = kv_cache_spec.geometry
+        self.geometries: dict[str, SinkGeometry] = {}  # request id -> its geometry (own sink)
         self.live: dict[str, int] = {}
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.
         self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
-        self.settled: set[str] = set()  # requests whose footprint no longer changes
+        # Requests whose footprint no longer changes -> their prompt length then (a
+        # streaming-input session's prompt grows: its footprint changes again).
+        self.settled: dict[str, int] = {}
+        # Requests that hold pages and are scheduled again from the waiting queue (a
+        # streaming-input session's next chunk): admitted again before they allocate.
+        self.readmitting: set[str] = set()
         self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
         # Kept streams (finished streams held for resumption), if sessions are on.
         self.sessions = None
@@ -123,9 +145,10 @@ class StreamingSinkManager(FullAttentionManager):
             from vllm_sink.patches.sessions import SchedulerSessions
 
             self.sessions = SchedulerSessions(self, kv_cache_spec.kept_pages)
+        self.meta = StepMeta()  # this step's decisions for the worker (``take_step_meta``)
         SINK_STATS.role = "engine"
         SINK_STATS.pool_pages = self.block_pool.num_gpu_blocks - 1
-        SINK_STATS.max_live_pages_allowed = self.geometry.max_live_pages
+        SINK_STATS.max_live_pages_allowed = self.geometry.widest.max_live_pages
         self._publish(force=True)
 
     def _publish(self, force: bool) -> None:
@@ -140,37 +163,54 @@ class StreamingSinkManager(FullAttentionManager):
         super().free(request_id)
         self._publish(force=True)
 
+    def geometry_of(self, request_id: str) -> SinkGeometry:
+        return self.geometries.get(request_id, self.geometry)
+
+    def sink_geometry(self, request) -> SinkGeometry:
+        """The geometry of ``request``'s own sink (``vllm_sink.config.request_sink_tokens``)."""
+        params = getattr(request, "sampling_params", None)  # (None: a pooling request)
+        return self.geometry.with_sink(request_sink_tokens(params.extra_args if params else None, self.geometry))
+
     def note_request(self, request) -> None:
-        """Record the footprint of ``request`` (called before each of its allocations)."""
+        """Record the sink and footprint of ``request`` (called before each of its
+        allocations)."""
         rid = request.request_id
-        if rid in self.settled:  # decoding: its footprint is final
+        if rid in self.live and getattr(request, "status", None) == RequestStatus.WAITING:
+            self.readmitting.add(rid)  # a streaming-input session's next chunk
+        if self.settled.get(rid) == request.num_prompt_tokens:  # decoding: its footprint is final
             return
+        g = self.geometries.get(rid)
+        if g is None:
+            g = self.geometries[rid] = self.sink_geometry(request)
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
-        g = self.geometry
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
         bound = g.decode_live_pages if decoding else g.max_live_pages
         whole = cdiv(request.num_prompt_tokens + request.max_tokens, self.block_size)
         self.footprints[rid] = min(bound, whole)
         if decoding:
-            self.settled.add(rid)
+            self.settled[rid] = request.num_prompt_tokens
 
-    def outstanding_pages(self) -> int:
-        """Pages admitted sequences may still claim, up to their footprints."""
+    def outstanding_pages(self, exclude: str | None = None) -> int:
+        """Pages admitted sequences (but ``exclude``) may still claim, up to their footprints."""
+        widest = self.geometry.widest.max_live_pages
         return sum(
-            max(0, self.footprints.get(rid, self.geometry.max_live_pages) - live)
+            max(0, self.footprints.get(rid, widest) - live)
             for rid, live in self.live.items()
+            if rid != exclude
         )
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, *args, **kwargs):
         needed = super().get_num_blocks_to_allocate(
             request_id, num_tokens, new_computed_blocks, *args, **kwargs
         )
-        if request_id in self.live:  # admitted and running: its reservation covers it
-            return needed
-        footprint = self.footprints.get(request_id, self.geometry.max_live_pages)
+        held = self.live.get(request_id, 0)
+        if request_id in self.live and request_id not in self.readmitting:
+            return needed  # admitted and running: its reservation covers it
+        footprint = self.footprints.get(request_id, self.geometry.widest.max_live_pages)
         # A resuming request adopts kept pages: they are part of its footprint, not new.
         adopted = self.sessions.pending_pages(request_id) if self.sessions is not None else 0
-        total = max(needed, footprint - adopted) + self.outstanding_pages()
+        # A readmitted streaming-input session already holds ``held`` of its footprint.
+        total = max(needed, footprint - adopted - held) + self.outstanding_pages(exclude=request_id)
         if self.sessions is not None:
             self.sessions.release_for(total)  # kept streams give way to admission
         return total
@@ -187,6 +227,7 @@ class StreamingSinkManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        self.readmitting.discard(request_id)  # admitted: its reservation covers it again
         live = self.live.get(request_id, 0) + len(new_blocks)
         self.live[request_id] = live
         SINK_STATS.observe_live(request_id, live)
@@ -197,7 +238,7 @@ class StreamingSinkManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
-        g = self.geometry
+        g = self.geometry_of(request_id)
         s = g.sink_pages
         move = g.row_transition(self.first_live_block.get(request_id, s), g.window_start(processed_computed_tokens))
         if move is not None:
@@ -223,12 +264,26 @@ class StreamingSinkManager(FullAttentionManager):
         self.live.pop(request_id, None)
         self.footprints.pop(request_id, None)
         self.first_live_block.pop(request_id, None)
-        self.settled.discard(request_id)
+        self.geometries.pop(request_id, None)
+        self.settled.pop(request_id, None)
+        self.readmitting.discard(request_id)
         SINK_STATS.forget(request_id)
         return super().pop_blocks_for_free(request_id)
 
     def get_num_common_prefix_blocks(self, running_request_id: str) -> int:
         return 0
+
+    def take_step_meta(self, output) -> StepMeta:
+        """This step's decisions for the worker (kept, resumed and released streams; the
+        sinks of new requests whose sink is their own), taken once the step is scheduled."""
+        meta, self.meta = self.meta, StepMeta()
+        for new in output.scheduled_new_reqs:
+            g = self.geometry_of(new.req_id)
+            if g.sink_tokens != self.geometry.sink_tokens:
+                meta.sink_tokens[new.req_id] = g.sink_tokens
+        if self.sessions is not None:
+            self.sessions.compact_resumed(output, meta)
+        return meta
 
 
 def install_admission_hook() -> None:

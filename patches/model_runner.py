@@ -2,6 +2,9 @@
 
 Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner._update_states(scheduler_output)           wrapped per instance
+  GPUModelRunner._update_streaming_request (relied on: a streaming-input session's next chunk
+    comes as a NewRequestData under the id the runner still holds, its block_ids the
+    manager's whole row, null pages included; the runner keeps the request's state)
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
   GPUModelRunner.execute_model: both run inside ``synchronize_input_prep()`` (relied on: the
     pinned host buffer of ``_HostStager`` is reused only after the previous step's copies)
@@ -48,11 +51,11 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals, sampler
-from vllm_sink.patches.sessions import META_ATTR as SESSION_META
+from vllm_sink.step_meta import META_ATTR as STEP_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
-from vllm_sink.policy import SinkGeometry, window_moves
+from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, row_transition, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -65,16 +68,19 @@ class _StreamTable:
     slot, so that a step is planned for the whole batch at once (``plan_steps``) and only the
     rows whose window moves take a Python path.
 
-    Per slot: ``base`` (epoch base: frame position = token index - base), ``sink_angle``
-    (rotation now applied to the sink keys, relative to their pristine copy), ``first_live``
-    (logical block held at row position ``sink_pages``), and this step's ``slot_offset`` with
-    the step it was planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
+    Per slot: ``sink`` (the sequence's sink in tokens: the engine's, or its own), ``base``
+    (epoch base: frame position = token index - base), ``sink_angle`` (rotation now applied
+    to the sink keys, relative to their pristine copy), ``first_live`` (logical block held at
+    row position ``ceil(sink / B)``), and this step's ``slot_offset`` with the step it was
+    planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
     H, B, D]`` and, with a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
     """
 
-    def __init__(self, sink_pages: int, capacity: int = 64):
-        self.sink_pages = sink_pages
+    def __init__(self, sink_tokens: int, block_size: int, capacity: int = 64):
+        self.sink_tokens, self.block_size = sink_tokens, block_size
         self.slot_of: dict[str, int] = {}
+        # Streaming-input sessions whose next chunk starts this step (``before_update_states``).
+        self.continuing: set[str] = set()
         self.kept: dict[str, int] = {}  # kept stream id -> slot (``patches.sessions``)
         self.free: list[int] = []
         self.step = 0
@@ -82,7 +88,7 @@ class _StreamTable:
         self.pristine_partial: dict[int, torch.Tensor] = {}
         self.pristine_partial_values: dict[int, torch.Tensor] = {}
         self.capacity = 0
-        self.base = self.sink_angle = self.first_live = self.slot_offset = None
+        self.sink = self.base = self.sink_angle = self.first_live = self.slot_offset = None
         self.planned = None
         self._grow(capacity)
 
@@ -93,34 +99,43 @@ class _StreamTable:
                 new[: len(old)] = old
             return new
 
+        self.sink = grown(self.sink, self.sink_tokens)
         self.base = grown(self.base, 0)
         self.sink_angle = grown(self.sink_angle, 0)
-        self.first_live = grown(self.first_live, self.sink_pages)
+        self.first_live = grown(self.first_live, cdiv(self.sink_tokens, self.block_size))
         self.slot_offset = grown(self.slot_offset, 0)
         self.planned = grown(self.planned, -1)
         self.capacity = capacity
 
     def slot(self, rid: str) -> int:
-        """The slot of ``rid``, a fresh one for a sequence not seen before."""
+        """The slot of ``rid``, a fresh one (with the engine's sink) for a sequence not seen
+        before."""
         slot = self.slot_of.get(rid)
         if slot is None:
             if not self.free:
                 self.free = list(range(2 * self.capacity - 1, self.capacity - 1, -1))
                 self._grow(2 * self.capacity)
             slot = self.slot_of[rid] = self.free.pop()
+            self.sink[slot] = self.sink_tokens
             self._clear(slot)
         return slot
 
+    def start(self, rid: str, sink_tokens: int) -> None:
+        """A new sequence, with its sink (the scheduler's decision)."""
+        slot = self.slot(rid)
+        self.sink[slot] = sink_tokens
+        self._clear(slot)
+
     def _clear(self, slot: int) -> None:
         self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = 0
-        self.first_live[slot] = self.sink_pages
+        self.first_live[slot] = cdiv(int(self.sink[slot]), self.block_size)
         self.planned[slot] = -1
         self.pristine.pop(slot, None)
         self.pristine_partial.pop(slot, None)
         self.pristine_partial_values.pop(slot, None)
 
     def reset(self, rid: str) -> None:
-        """A sequence (re)starts from token 0 in fresh pages (new, or resumed after a
+        """A sequence restarts from token 0 in fresh pages, with its sink (resumed after a
         preemption: vLLM recomputes it)."""
         self._clear(self.slot(rid))
 
@@ -204,9 +219,7 @@ class SinkRunnerHook:
         self.geometry = g = geometry
         # Short names for the hot path (vllm_sink.policy's notation).
         self.B, self.S, self.W = g.block_size, g.sink_tokens, g.kv_window
-        self.s, self.r = g.sink_pages, g.partial_slots
-        self.s_whole = self.S // self.B
-        self.streams = _StreamTable(self.s)
+        self.streams = _StreamTable(self.S, self.B)
         # The rotary table, or None for an ALiBi model (nothing rotates: module docstring).
         self.table: RotationTable | None = None
         if runner.vllm_config.model_config.uses_alibi:
@@ -272,6 +285,31 @@ class SinkRunnerHook:
         return self._writers
 
     # ------------------------------------------------------------------ step 1
+    def before_update_states(self, scheduler_output) -> None:
+        """vLLM's streaming-input sessions (``AsyncLLM.generate`` fed an async generator of
+        ``StreamingInput``): a session's next chunk is scheduled as a *new* request under
+        the id whose state the runner still holds, past token 0, and its ``block_ids`` are
+        the manager's whole row, null (evicted) pages included, which the row has no room
+        for. The stream goes on where it stopped: its row becomes the one this runner holds
+        (sink pages, then its window pages from ``first_live``, before this step's
+        transition, as for any running stream) plus the pages allocated for the chunk."""
+        table = self.streams
+        table.continuing.clear()
+        finished = scheduler_output.finished_req_ids
+        for new in scheduler_output.scheduled_new_reqs:
+            rid = new.req_id
+            state = self.runner.requests.get(rid)
+            if state is None or rid in finished or not new.num_computed_tokens or rid not in table.slot_of:
+                continue
+            slot = table.slot_of[rid]
+            held = list(state.block_ids[0])
+            shipped = new.block_ids[0]
+            start = int(table.first_live[slot]) + len(held) - cdiv(int(table.sink[slot]), self.B)
+            added = shipped[start:]
+            assert start <= len(shipped) and 0 not in added, (rid, start, shipped)  # 0: the null block
+            shipped[:] = held + added
+            table.continuing.add(rid)
+
     def after_update_states(self, scheduler_output) -> None:
         """Plan the step for every scheduled row at once, then carry out what it asks: the
         rows whose window moved are compacted (and the pages that left are the ones the
@@ -279,7 +317,7 @@ class SinkRunnerHook:
         moved sinks are re-anchored in one write for all rows and layers."""
         table = self.streams
         # The scheduler's session decisions (``patches.sessions``): keep, resume, release.
-        meta = getattr(scheduler_output, SESSION_META, None)
+        meta = getattr(scheduler_output, STEP_META, None)
         kept = set(meta.kept) if meta else ()
         for rid in scheduler_output.finished_req_ids:
             if rid in kept:
@@ -292,13 +330,18 @@ class SinkRunnerHook:
             if new.req_id in resumed:
                 table.resume(new.req_id, resumed[new.req_id])
                 self._adopt_row(new.req_id, meta.first_live[new.req_id])
+            elif new.req_id in table.continuing:
+                # A streaming-input session's next chunk: its state (sink, frame base, sink
+                # rotation, pristine sink, first window page) and its row go on.
+                table.planned[table.slot_of[new.req_id]] = -1
             elif new.num_computed_tokens:
                 # Prefix caching and KV connectors are refused: only a resume (whose
-                # decision rides on the scheduler output) starts past token 0.
+                # decision rides on the scheduler output) or a streaming-input session's
+                # next chunk starts past token 0.
                 raise RuntimeError(f"vllm-sink: request {new.req_id} starts at token "
                                    f"{new.num_computed_tokens} without a session resume")
             else:
-                table.reset(new.req_id)
+                table.start(new.req_id, meta.sink_tokens.get(new.req_id, self.S) if meta else self.S)
         for key in meta.released if meta else ():
             table.release(key)
         for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
@@ -319,7 +362,9 @@ class SinkRunnerHook:
             return
         slots = np.fromiter((table.slot(rids[row]) for row in rows), dtype=np.int64, count=len(rows))
         a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
-        plans = self.geometry.plan_steps(a, a + n[rows], table.base[slots])
+        sinks = table.sink[slots]
+        plans = plan_steps(a, a + n[rows], table.base[slots], sink_tokens=sinks, window=self.W,
+                           block_size=self.B, rope_limit=self.rope_limit)
 
         moving = np.flatnonzero(window_moves(table.first_live[slots], plans.w0, self.B))
         for i in moving.tolist():
@@ -328,17 +373,18 @@ class SinkRunnerHook:
             for i, row in enumerate(rows.tolist()):
                 ROW_LOG.record_worker(rids[row], int(a[i]), self.runner.requests[rids[row]].block_ids[0])
         for i in np.flatnonzero(plans.window_shift).tolist():
-            self._epoch(int(rows[i]), int(plans.window_shift[i]))
-        if self.S:
-            if self.table is None:  # ALiBi: the sink keys never change
-                anchor = np.zeros(len(rows), dtype=bool)
-            else:
-                anchor = plans.sink_angle != table.sink_angle[slots]
-            if self.r:
-                anchor[moving] = True  # a new partial sink page: its sink slots are empty
-            idx = np.flatnonzero(anchor)
-            if len(idx):
-                self._reanchor(rows[idx], slots[idx], table.sink_angle[slots[idx]], plans.sink_angle[idx])
+            self._epoch(int(rows[i]), int(sinks[i]), int(plans.window_shift[i]))
+        if self.table is None:  # ALiBi: the sink keys never change
+            anchor = np.zeros(len(rows), dtype=bool)
+        else:
+            anchor = plans.sink_angle != table.sink_angle[slots]
+        anchor[moving] |= sinks[moving] % self.B != 0  # a new partial sink page: its sink slots are empty
+        anchor &= sinks > 0
+        if anchor.any():
+            # One write per sink size of the step (one, unless requests bring their own).
+            for sink in np.unique(sinks[anchor]).tolist():
+                idx = np.flatnonzero(anchor & (sinks == sink))
+                self._reanchor(sink, rows[idx], slots[idx], table.sink_angle[slots[idx]], plans.sink_angle[idx])
         table.base[slots] = plans.base
         table.sink_angle[slots] = plans.sink_angle
         table.slot_offset[slots] = plans.slot_offset
@@ -354,15 +400,17 @@ class SinkRunnerHook:
     def _move(self, row: int, rid: str, slot: int, w0: int) -> None:
         """Compact the row of a sequence whose window start moved to ``w0``."""
         table = self.streams
-        move = self.geometry.row_transition(int(table.first_live[slot]), w0)
+        S = int(table.sink[slot])
+        s, r = cdiv(S, self.B), S % self.B
+        move = row_transition(int(table.first_live[slot]), w0, S, self.B)
         block_ids = self.runner.requests[rid].block_ids[0]
         if move.swap_sink and slot not in table.pristine_partial:
             # The old partial sink page leaves; its sink slots [0, r) are first kept, as
             # written, for re-anchoring in the page that replaces it.
-            old_sink = block_ids[self.s - 1]
-            table.pristine_partial[slot] = torch.stack([k[old_sink, :, : self.r] for k in self.keys()])
-            table.pristine_partial_values[slot] = torch.stack([v[old_sink, :, : self.r] for v in self.values()])
-        block_ids[:], _ = move.apply(block_ids, self.s)
+            old_sink = block_ids[s - 1]
+            table.pristine_partial[slot] = torch.stack([k[old_sink, :, :r] for k in self.keys()])
+            table.pristine_partial_values[slot] = torch.stack([v[old_sink, :, :r] for v in self.values()])
+        block_ids[:], _ = move.apply(block_ids, s)
         self._write_row(row, block_ids)
         table.first_live[slot] = move.last
 
@@ -388,34 +436,38 @@ class SinkRunnerHook:
         self.table.check(*deltas)
         return self.table.angles_of(self.stager.put(deltas))
 
-    def _epoch(self, row: int, shift: int) -> None:
-        """Re-rotate the window keys of ``row`` by ``shift`` positions (an epoch starts)."""
+    def _epoch(self, row: int, sink: int, shift: int) -> None:
+        """Re-rotate the window keys of ``row`` (whose sink is ``sink`` tokens) by ``shift``
+        positions (an epoch starts)."""
         assert self.table is not None, "an epoch started for a model without rotary positions"
         bt = self._block_table()
         count = int(bt.num_blocks_per_row[row])
-        window_ids = self.stager.put(bt.block_table.np[row, self.s * bt.blocks_per_kv_block : count])
+        s, r = cdiv(sink, self.B), sink % self.B
+        window_ids = self.stager.put(bt.block_table.np[row, s * bt.blocks_per_kv_block : count])
         cos, sin = self._angles([shift])
         cos, sin = cos[0], sin[0]
-        rd, neox, r = self.table.rotary_dim, self.table.is_neox_style, self.r
-        part = int(bt.block_table.np[row, self.s - 1]) if r else None  # the partial sink page
+        rd, neox = self.table.rotary_dim, self.table.is_neox_style
+        part = int(bt.block_table.np[row, s - 1]) if r else None  # the partial sink page
         for k in self.keys():
             rotate_blocks_(k, window_ids, cos, sin, rd, neox)
             if part is not None:  # window tokens in the partial sink page's tail
                 k[part, :, r:] = rotate(k[part, :, r:], cos, sin, rd, neox)
         SINK_STATS.epochs += 1
 
-    def _reanchor(self, rows: np.ndarray, slots: np.ndarray, old_angles: np.ndarray,
+    def _reanchor(self, sink: int, rows: np.ndarray, slots: np.ndarray, old_angles: np.ndarray,
                   new_angles: np.ndarray) -> None:
-        """Rewrite the sink keys of the given rows as their pristine keys rotated by their
-        new angles: one write for every row and layer of the step (a stream's window start
-        moves every B tokens). With a partial sink page (a new page whenever the window
-        moved), its ``r`` sink values are written with the keys. Without a rotary table
-        (ALiBi) only that partial page is written, its ``r`` keys copied as they are."""
+        """Rewrite the sink keys of the given rows (whose sinks are ``sink`` tokens) as their
+        pristine keys rotated by their new angles: one write for every row and layer (a
+        stream's window start moves every B tokens). With a partial sink page (a new page
+        whenever the window moved), its ``r`` sink values are written with the keys. Without
+        a rotary table (ALiBi) only that partial page is written, its ``r`` keys copied as
+        they are."""
         table = self.streams
         bt = self._block_table()
         block_table = bt.block_table.np
         rotating = self.table is not None
-        nw = self.s_whole * bt.blocks_per_kv_block if rotating else 0
+        s, r = cdiv(sink, self.B), sink % self.B
+        nw = (sink // self.B) * bt.blocks_per_kv_block if rotating else 0
         keys = self.keys()
         rows_l = rows.tolist()
         whole_ids = self.stager.put(block_table[rows_l, :nw]).view(len(rows_l), nw) if nw else None
@@ -425,7 +477,7 @@ class SinkRunnerHook:
                 assert old_angles[i] == 0, "sink keys moved before their pristine copy was taken"
                 table.pristine[slot] = torch.stack([k[whole_ids[i]] for k in keys])
             # A partial sink page's are taken when the window first moves (it moves first).
-            assert not self.r or slot in table.pristine_partial
+            assert not r or slot in table.pristine_partial
         if rotating:
             cos, sin = self._angles(new_angles.tolist())
             rd, neox = self.table.rotary_dim, self.table.is_neox_style
@@ -436,8 +488,8 @@ class SinkRunnerHook:
         if nw:
             src = torch.stack([table.pristine[slot] for slot in slots.tolist()])  # [R, L, nw, H, B, D]
             key_writer.write(whole_ids, src, cos, sin, rd, neox)
-        if self.r:
-            part_ids = self.stager.put(block_table[rows_l, self.s - 1]).view(len(rows_l), 1)
+        if r:
+            part_ids = self.stager.put(block_table[rows_l, s - 1]).view(len(rows_l), 1)
             src = torch.stack([table.pristine_partial[slot] for slot in slots.tolist()])[:, :, None]
             key_writer.write(part_ids, src, cos, sin, rd, neox)  # [R, L, 1, H, r, D]
             vals = torch.stack([table.pristine_partial_values[slot] for slot in slots.tolist()])[:, :, None]
@@ -481,6 +533,7 @@ def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
     orig_prepare = runner._prepare_inputs
 
     def _update_states(self, scheduler_output, *args, **kwargs):
+        hook.before_update_states(scheduler_output)
         result = orig_update(scheduler_output, *args, **kwargs)
         hook.after_update_states(scheduler_output)
         return result
@@ -515,7 +568,8 @@ def sink_specs(runner, specs: dict) -> dict:
         out[name] = SinkWindowSpec.from_full(spec, geometry, config.kept_pages)
     if out:
         hook = attach(runner, geometry)
-        refusals.check_partial_sink_kernel(hook.S, hook.B, hook._block_table().blocks_per_kv_block)
+        refusals.check_partial_sink_kernel(hook.S, hook.B, hook._block_table().blocks_per_kv_block,
+                                           geometry.sink_cap)
     return out
 
 

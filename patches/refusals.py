@@ -4,7 +4,8 @@ Binds to vLLM 0.26.0: EngineArgs fields (enable_prefix_caching, speculative_conf
 kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
 pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
 is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,
-hf_text_config, model_arch_config.derived_max_model_len_and_key), the rotary embedding
+hf_text_config, model_arch_config.derived_max_model_len_and_key, architecture: the
+registry name vLLM resolved, ``Transformers*`` for its Transformers modeling backend), the rotary embedding
 classes under ``vllm.model_executor.layers.rotary_embedding``, ``FullAttentionSpec`` and
 ``KVQuantMode``, ``get_layers_from_vllm_config`` with ``AttentionLayerBase.get_attn_backend``,
 the attention backends' names and the CPU backend's ``_get_attn_isa``.
@@ -16,7 +17,9 @@ function that raises it):
 
 * ``check_engine_args``: engine settings, before vLLM builds its config (API server,
   ``LLM(...)``);
-* ``check_model``: the model's config, once vLLM has resolved it (RoPE or ALiBi);
+* ``check_model``: the model's config, once vLLM has resolved it (RoPE or ALiBi), and
+  ``check_architecture``: the architecture vLLM resolved is one a test checks
+  (``CHECKED_ARCHITECTURES``; ``scripts/registry_sweep.py`` runs both over vLLM's registry);
 * ``position_limits``: the rotary positions and the context the default window comes from;
 * ``check_layer_spec``: each attention layer's KV-cache spec, on the worker;
 * ``rotary_table``: the model's rotary embedding (an allow-list of pure rotations);
@@ -33,10 +36,13 @@ from __future__ import annotations
 import os
 
 import torch
+from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfigError
 from vllm_sink.policy import NO_ROTARY_LIMIT
 from vllm_sink.rotary import RotationTable
+
+logger = init_logger("vllm." + __name__)
 
 # rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "dynamic", "ntk"}
@@ -68,9 +74,57 @@ def rope_limit_of(hf_text_config) -> int:
     return limit
 
 
+_FAMILY = "tests/test_families.py::test_plugin_matches_family_reference"
+_ALIBI_FAMILY = "tests/test_families.py::test_alibi_plugin_matches_reference"
+
+# The architectures (vLLM registry names, as a config's ``architectures`` gives them) whose
+# output with the sink policy a test matches against an independent plain-PyTorch
+# StreamingLLM reference (tests/reference.py, tests/reference_families.py), each with that
+# test. Any other architecture is refused at start-up (``check_architecture``): the worker's
+# checks (pure rotary, full-attention layers, one backend) are necessary, not sufficient; a
+# model's own code can still place positions, norms or scales where the policy does not
+# expect them, and only a reference comparison shows it.
+TESTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "tests/test_engine_reference.py (SmolLM2-135M, real weights); "
+                        f"{_FAMILY}[llama3] (Llama-3 rope scaling)",
+    "GPTNeoXForCausalLM": f"{_FAMILY}[pythia], [neox_seq]",
+    "FalconForCausalLM": f"{_FAMILY}[falcon7b], [falcon40b] (RoPE; Falcon with ALiBi is refused)",
+    "Qwen3ForCausalLM": f"{_FAMILY}[qwen3]",
+    "GemmaForCausalLM": f"{_FAMILY}[gemma]",
+    "PhiForCausalLM": f"{_FAMILY}[phi2]",
+    "GPTJForCausalLM": f"{_FAMILY}[gptj]",
+    "MptForCausalLM": f"{_ALIBI_FAMILY}[mpt-page], [mpt-4] (ALiBi)",
+    "BloomForCausalLM": f"{_ALIBI_FAMILY}[bloom-page], [bloom-4] (ALiBi)",
+}
+
+# Other registry names that vLLM 0.26 maps to exactly the same model class (same module,
+# same class: the same attention, rotary and layer code) as a tested one; they are served
+# on the strength of that class's test, not a test of their own config
+# (tests/unit/test_allowlist.py checks each still resolves to its tested name's class).
+SAME_CLASS_ALIASES = {
+    "LLaMAForCausalLM": "LlamaForCausalLM",  # decapoda-research/llama-*
+    "InternLM3ForCausalLM": "LlamaForCausalLM",
+    "IQuestCoderForCausalLM": "LlamaForCausalLM",
+    "TeleChat3ForCausalLM": "LlamaForCausalLM",
+    "CwmForCausalLM": "LlamaForCausalLM",  # its configs' sliding layers are refused anyway
+    "RWForCausalLM": "FalconForCausalLM",  # tiiuae's original Falcon configs
+    "MPTForCausalLM": "MptForCausalLM",  # vLLM's own spelling of MPT
+}
+
+# name -> the test that checks it (for an alias: its tested name's test).
+CHECKED_ARCHITECTURES = {
+    **TESTED_ARCHITECTURES,
+    **{alias: f"same vLLM class as {target}: {TESTED_ARCHITECTURES[target]}"
+       for alias, target in SAME_CLASS_ALIASES.items()},
+}
+
 # ALiBi architectures whose sink-policy output is checked against a reference
 # (tests/test_families.py); other ALiBi models (Falcon-RW, Baichuan-13B, ...) are refused.
 ALIBI_ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM", "BloomForCausalLM")
+
+# Set to 1 to serve an architecture that is not in CHECKED_ARCHITECTURES (every other
+# start-up check still applies); the engine logs a warning that its output is unverified.
+ALLOW_UNCHECKED_ENV = "VLLMSINK_ALLOW_UNCHECKED"
 
 # vLLM's assumption for a config that names no maximum length (``_get_and_verify_max_len``).
 VLLM_DEFAULT_MAX_LEN = 2048
@@ -109,8 +163,9 @@ def check_model(model_config) -> None:
         if bad:
             raise SinkConfigError(
                 f"{name} {what}; the sink KV policy supports decoder-only text models with "
-                "RoPE or ALiBi and full attention (Llama, Mistral without sliding window, Qwen2, "
-                "SmolLM2, ...). Use --kv-policy full for this model"
+                "RoPE or ALiBi and full attention, of the architectures checked against its "
+                "reference (Llama, GPT-NeoX, Falcon, Qwen3, Gemma, Phi, GPT-J, MPT, BLOOM: "
+                "docs/families.md). Use --kv-policy full for this model"
             )
     hf = model_config.hf_text_config
     if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
@@ -124,20 +179,16 @@ def check_model(model_config) -> None:
     if model_config.uses_alibi:
         # Keys carry no position; the kernel biases by index in the compacted row, i.e. by
         # the contract's cache positions (the worker checks the backend: check_alibi_backend).
-        archs = set(getattr(model_config, "architectures", None) or ())
-        if not archs & set(ALIBI_ARCHITECTURES):
-            raise SinkConfigError(
-                f"{name} ({', '.join(sorted(archs))}) uses ALiBi in an architecture vllm-sink "
-                f"has not checked against its reference (checked: {', '.join(ALIBI_ARCHITECTURES)}). "
-                "Use --kv-policy full for this model"
-            )
+        check_architecture(architecture_of(model_config), alibi=True, model=name,
+                           transformers_backend=uses_transformers_backend(model_config))
         return
     params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     # GPT-J's config names its RoPE only by ``rotary_dim`` (vLLM builds a plain,
     # GPT-J-style RotaryEmbedding from it; the worker checks the module it built).
     if not params and getattr(hf, "rope_theta", None) is None and not getattr(hf, "rotary_dim", None):
         raise SinkConfigError(
-            f"{name} ({hf.model_type}) has no rotary position embeddings (RoPE) and no ALiBi; "
+            f"{name} ({hf.model_type}) names no rotary position embeddings (RoPE) and no ALiBi "
+            "in its config (no rope_parameters, rope_theta or rotary_dim); "
             "the sink KV policy re-positions keys by rotation (RoPE) or by their place in the "
             "cache (ALiBi), not learned absolute positions. Use --kv-policy full for this model"
         )
@@ -150,6 +201,71 @@ def check_model(model_config) -> None:
         )
     if getattr(hf, "max_position_embeddings", None) is None:
         raise SinkConfigError(f"{name} has no max_position_embeddings; use --kv-policy full")
+    check_architecture(architecture_of(model_config), model=name,
+                       transformers_backend=uses_transformers_backend(model_config))
+
+
+def architecture_of(model_config) -> str:
+    """The registry name vLLM resolved the model to (``ModelConfig.architecture``: the
+    config's first architecture vLLM serves, or its Transformers backend class)."""
+    arch = getattr(model_config, "architecture", None)
+    if not arch:
+        archs = getattr(model_config, "architectures", None) or ()
+        arch = archs[0] if archs else "(none)"
+    return arch
+
+
+def allow_unchecked() -> bool:
+    return os.environ.get(ALLOW_UNCHECKED_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def uses_transformers_backend(model_config) -> bool:
+    """Whether vLLM runs the model through its Transformers modeling backend (``model_impl``
+    transformers, or an architecture vLLM has no class of its own for)."""
+    try:
+        return bool(model_config.using_transformers_backend())
+    except Exception:  # noqa: BLE001 - a stand-in config without vLLM's registry info
+        return architecture_of(model_config).startswith("Transformers")
+
+
+def check_architecture(arch: str, alibi: bool = False, model: str | None = None,
+                       transformers_backend: bool = False) -> None:
+    """Refuse an architecture whose output with the sink policy no test checks against the
+    reference (``CHECKED_ARCHITECTURES``; for ALiBi, ``ALIBI_ARCHITECTURES``), unless
+    ``VLLMSINK_ALLOW_UNCHECKED=1`` asks for it knowingly (logged as a warning). vLLM's
+    Transformers modeling backend is another implementation than the class a test checked,
+    so it is refused even under a checked name."""
+    checked = ALIBI_ARCHITECTURES if alibi else tuple(CHECKED_ARCHITECTURES)
+    transformers_backend = transformers_backend or arch.startswith("Transformers")
+    if arch in checked and not transformers_backend:
+        return
+    who = f"{model} ({arch})" if model else arch
+    if allow_unchecked():
+        logger.warning(
+            "vllm-sink: serving %s with the sink KV policy although its architecture is not "
+            "checked against the policy's reference (%s=1): every start-up check passed, but "
+            "its output past the window is not verified",
+            who,
+            ALLOW_UNCHECKED_ENV,
+        )
+        return
+    backend = (
+        " (run by vLLM's Transformers modeling backend: model_impl='transformers', or an "
+        "architecture vLLM has no class of its own for)" if transformers_backend else ""
+    )
+    if alibi:
+        raise SinkConfigError(
+            f"{who}{backend} uses ALiBi in an architecture vllm-sink has not checked against "
+            f"its reference (checked: {', '.join(ALIBI_ARCHITECTURES)}). Use --kv-policy full "
+            f"for this model, or set {ALLOW_UNCHECKED_ENV}=1 to serve it unverified"
+        )
+    raise SinkConfigError(
+        f"architecture {arch}{backend} is not checked against the sink policy's reference; "
+        f"checked: {', '.join(TESTED_ARCHITECTURES)} (and their same-class aliases "
+        f"{', '.join(SAME_CLASS_ALIASES)}; docs/families.md). Use --kv-policy full for "
+        f"{model or 'this model'}, or set {ALLOW_UNCHECKED_ENV}=1 to serve it with the sink "
+        "policy unverified"
+    )
 
 
 def check_engine_args(args) -> None:
@@ -330,12 +446,21 @@ def check_runner(model_runner) -> None:
         )
 
 
-def check_partial_sink_kernel(sink_tokens: int, block_size: int, blocks_per_kv_block: int) -> None:
-    if sink_tokens % block_size and blocks_per_kv_block != 1:
+def check_partial_sink_kernel(sink_tokens: int, block_size: int, blocks_per_kv_block: int,
+                              max_sink_tokens: int | None = None) -> None:
+    if blocks_per_kv_block == 1:
+        return
+    if sink_tokens % block_size:
         raise SinkConfigError(
             f"a sink of {sink_tokens} tokens (not a whole number of {block_size}-token pages) "
             "needs the attention kernel to use the same block size as the KV cache; use "
             "sink_pages (whole pages) for this model"
+        )
+    if max_sink_tokens is not None and max_sink_tokens != sink_tokens:
+        raise SinkConfigError(
+            f"requests' own sinks (max_sink_tokens={max_sink_tokens}) may end inside a "
+            f"{block_size}-token page, which needs the attention kernel to use the same block "
+            "size as the KV cache; drop max_sink_tokens for this model"
         )
 
 

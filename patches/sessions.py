@@ -7,14 +7,14 @@ Binds to vLLM 0.26.0 (``vllm/v1/core``):
                                               a kept stream's history gets its pages as
                                               computed blocks (vLLM's prefix-hit path)
   Scheduler.schedule()                        wrapped: the step's decisions ride on the
-                                              ``SchedulerOutput`` (attribute ``vllm_sink_sessions``)
+                                              ``SchedulerOutput`` (``vllm_sink.step_meta``)
   Request: request_id, status, all_token_ids, prompt_token_ids, num_computed_tokens,
     skip_reading_prefix_cache, prompt_embeds, lora_request, cache_salt; RequestStatus.FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
   StreamingSinkManager (ours, ``kv_cache_spec``): add_local_computed_blocks (adoption),
     get_num_blocks_to_allocate (kept streams released under pool pressure)
 
 The scheduler decides; the worker executes (``model_runner``): each step's
-:class:`SessionStepMeta` says which finished requests were kept (the worker keeps their
+:class:`~vllm_sink.step_meta.StepMeta` says which finished requests were kept (the worker keeps their
 frame state, pristine sink copies and row), which waiting requests resume which kept stream
 (the worker hands that state to them) and which kept streams were released (the worker
 drops their state). Every wrap passes through untouched unless the engine runs the sink
@@ -28,36 +28,16 @@ kept stream is released before any admitted stream could be starved (``release_f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import cdiv
 from vllm_sink.sessions import KeptStream, KeptStreams
+from vllm_sink.step_meta import META_ATTR
 
 logger = init_logger("vllm." + __name__)
-
-META_ATTR = "vllm_sink_sessions"
-
-
-@dataclass
-class SessionStepMeta:
-    """One step's session decisions, executed by the worker in this order: ``kept``
-    (finished request ids whose state is kept under the same id), ``resumed`` (new request
-    id -> kept stream id: the request takes that state), ``released`` (kept stream ids whose
-    state is dropped)."""
-
-    kept: list[str] = field(default_factory=list)
-    resumed: dict[str, str] = field(default_factory=dict)
-    released: list[str] = field(default_factory=list)
-    # Resumed request id -> the logical index of its first window page (its row, as shipped
-    # in ``NewRequestData.block_ids``, is compacted: sink pages, then held window pages).
-    first_live: dict[str, int] = field(default_factory=dict)
-
-    def __bool__(self) -> bool:
-        return bool(self.kept or self.resumed or self.released)
-
 
 @dataclass
 class _Handle:
@@ -72,10 +52,14 @@ class SchedulerSessions:
         self.manager = manager
         self.geometry = manager.geometry
         self.kept = KeptStreams(self.geometry, max_pages)
-        self.meta = SessionStepMeta()
         # Waiting request id -> (kept stream id, resume token): found by get_computed_blocks,
         # adopted when the request is allocated in the same scheduling pass.
         self.pending: dict[str, tuple[str, int]] = {}
+
+    @property
+    def meta(self):
+        """The step's decisions (the manager's ``StepMeta``)."""
+        return self.manager.meta
 
     # ------------------------------------------------------------------ finish
     def keep(self, request) -> bool:
@@ -86,17 +70,19 @@ class SchedulerSessions:
         computed = request.num_computed_tokens
         if not blocks or computed <= 0 or request.prompt_embeds is not None:
             return False  # (a prompt of embeddings has no token ids to match)
+        g = m.geometry_of(rid)
         n = cdiv(computed, B)
         tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
         del blocks[n:]
         pages = sum(not b.is_null for b in blocks)
-        first_live = m.first_live_block.get(rid, self.geometry.sink_pages)
+        first_live = m.first_live_block.get(rid, g.sink_pages)
         m.pop_blocks_for_free(rid)  # the request's bookkeeping; its pages stay allocated
         if tail:
             m.block_pool.free_blocks(reversed(tail))
         stream = KeptStream(key=rid, tokens=tuple(request.all_token_ids), computed=computed,
-                            window_start=self.geometry.window_start(computed - 1), pages=pages,
-                            handle=_Handle(blocks, first_live), scope=_scope(request))
+                            window_start=g.window_start(computed - 1), pages=pages,
+                            handle=_Handle(blocks, first_live), scope=_scope(request, g.sink_tokens),
+                            sink_tokens=g.sink_tokens)
         self.meta.kept.append(rid)
         for released in self.kept.keep(stream):
             self._release(released)
@@ -127,7 +113,8 @@ class SchedulerSessions:
         """The kept pages and resume token for a waiting request, or ``None``."""
         if request.skip_reading_prefix_cache or not len(self.kept):
             return None
-        stream, a, why = self.kept.best_match(request.prompt_token_ids, _scope(request))
+        sink = self.manager.sink_geometry(request).sink_tokens
+        stream, a, why = self.kept.best_match(request.prompt_token_ids, _scope(request, sink))
         if stream is None:
             if why != "no_kept_stream":
                 SINK_STATS.resume_fallbacks[why] = SINK_STATS.resume_fallbacks.get(why, 0) + 1
@@ -170,33 +157,37 @@ class SchedulerSessions:
     def _count(self) -> None:
         SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
 
-    def take_meta(self, output) -> SessionStepMeta:
-        """This step's decisions, and the rows of resumed requests compacted in ``output``
-        (vLLM ships a new request's whole row, null pages included, which a sink row's
-        block table has no room for: the worker's rows hold live pages only)."""
-        meta, self.meta = self.meta, SessionStepMeta()
+    def compact_resumed(self, output, meta) -> None:
+        """Compact the rows of this step's resumed requests in ``output`` (vLLM ships a new
+        request's whole row, null pages included, which a sink row's block table has no
+        room for: the worker's rows hold live pages only)."""
         self.pending.clear()
-        s = self.geometry.sink_pages
+        null = self.manager._null_block.block_id
         for new in output.scheduled_new_reqs:
             if new.req_id in meta.resumed:
+                s = self.manager.geometry_of(new.req_id).sink_pages
                 ids = new.block_ids[0]
-                ids[s:] = [b for b in ids[s:] if b != self.manager._null_block.block_id]
-        return meta
+                ids[s:] = [b for b in ids[s:] if b != null]
 
 
-def _scope(request) -> tuple:
+def _scope(request, sink_tokens: int) -> tuple:
     """What a request's KV depends on besides its token ids: its LoRA adapter and its cache
-    salt (vLLM's prefix cache hashes both in, for the same reasons)."""
+    salt (vLLM's prefix cache hashes both in, for the same reasons), and its sink size."""
     lora = request.lora_request
-    return (lora.lora_name if lora is not None else None, request.cache_salt)
+    return (lora.lora_name if lora is not None else None, request.cache_salt, sink_tokens)
+
+
+def _sink_manager_of(kv_cache_manager):
+    """The engine's ``StreamingSinkManager`` (``None``: the engine runs no sink policy)."""
+    for manager in kv_cache_manager.coordinator.single_type_managers:
+        if hasattr(manager, "take_step_meta"):
+            return manager
+    return None
 
 
 def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:
-    for manager in kv_cache_manager.coordinator.single_type_managers:
-        sessions = getattr(manager, "sessions", None)
-        if sessions is not None:
-            return sessions
-    return None
+    manager = _sink_manager_of(kv_cache_manager)
+    return None if manager is None else manager.sessions
 
 
 def install() -> None:
@@ -229,9 +220,9 @@ def install() -> None:
     def schedule(orig):
         def schedule(self, *args, **kwargs):
             output = orig(self, *args, **kwargs)
-            sessions = _sessions_of(self.kv_cache_manager)
-            if sessions is not None:
-                setattr(output, META_ATTR, sessions.take_meta(output))
+            manager = _sink_manager_of(self.kv_cache_manager)
+            if manager is not None:
+                setattr(output, META_ATTR, manager.take_step_meta(output))
             return output
         return schedule
 

@@ -30,6 +30,9 @@ ENGINES = {
     # "sink16_sessions" in a pool of 50 pages (737,280 bytes each): two kept conversations
     # leave too little for a third stream's footprint (22 pages).
     "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280),
+    # "sink20_p512"'s shapes with a 16-token engine sink and requests that bring their own
+    # sink of up to 40 tokens (max_sink_tokens).
+    "sink16_own40_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # Vanilla vLLM, same block size and chunking as "sink16".
     "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
 }

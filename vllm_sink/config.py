@@ -28,7 +28,10 @@ USER_KEYS = {
     "max_stream_len": "max_stream_len",
     "kv_sessions": "sessions",
     "kv_session_pages": "session_pages",
+    "max_sink_tokens": "max_sink_tokens",
 }
+# A request's own sink size, in its sampling parameters' ``extra_args`` (HTTP: ``vllm_xargs``).
+REQUEST_SINK_KEY = "sink_tokens"
 
 
 class SinkConfigError(ValueError):
@@ -45,8 +48,11 @@ class SinkConfig:
     request extending one's token history resumes from it (``vllm_sink.sessions``; on by
     default);
     ``session_pages``: the most pages kept streams may hold (``None``: as many as the pool
-    has free; kept streams always give way to new requests). After :meth:`resolve`, both
-    sink fields are set: ``sink_pages = ceil(sink_tokens / block_size)``.
+    has free; kept streams always give way to new requests). ``max_sink_tokens``: the
+    largest sink a request may ask for itself (``SamplingParams(extra_args={"sink_tokens":
+    n})``, HTTP ``vllm_xargs``; ``None``: the engine's sink, the most a request may ask).
+    After :meth:`resolve`, both sink fields are set: ``sink_pages = ceil(sink_tokens /
+    block_size)``, and ``max_sink_tokens >= sink_tokens``.
     """
 
     policy: str = "full"
@@ -56,6 +62,7 @@ class SinkConfig:
     sink_tokens: int | None = None
     sessions: bool = True
     session_pages: int | None = None
+    max_sink_tokens: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -146,6 +153,11 @@ class SinkConfig:
             raise SinkConfigError(
                 f"kv_session_pages must be a positive number of pages, got {self.session_pages!r}"
             )
+        if self.max_sink_tokens is not None and (
+            not isinstance(self.max_sink_tokens, int) or isinstance(self.max_sink_tokens, bool)
+            or self.max_sink_tokens < 0
+        ):
+            raise SinkConfigError(f"max_sink_tokens must be a number of tokens (0 or more), got {self.max_sink_tokens!r}")
         if self.session_pages is not None and not self.sessions:
             raise SinkConfigError("kv_session_pages caps kept sessions; add kv_sessions=True or drop it")
         return self
@@ -192,28 +204,34 @@ class SinkConfig:
                 f"kv_window={window} is not a multiple of block_size={B}; use "
                 f"kv_window={window // B * B} or {cdiv(window, B) * B}"
             )
-        if S > window:
+        cap = S if self.max_sink_tokens is None else self.max_sink_tokens
+        if cap < S:
             raise SinkConfigError(
-                f"the sink ({S} tokens) is larger than the window "
-                f"({window} tokens); use a smaller sink (sink_pages / sink_tokens) or a "
-                "larger kv_window"
+                f"max_sink_tokens={cap} is below the engine's sink ({S} tokens); raise "
+                "max_sink_tokens or use a smaller sink_pages / sink_tokens"
             )
-        if max_step_tokens(S, window, B, rope_limit) < 1:
+        if cap > window:
             raise SinkConfigError(
-                f"sink + window + one page = {S + window + B} tokens do not fit in the "
+                f"the sink ({cap} tokens) is larger than the window "
+                f"({window} tokens); use a smaller sink (sink_pages / sink_tokens / "
+                "max_sink_tokens) or a larger kv_window"
+            )
+        if max_step_tokens(cap, window, B, rope_limit) < 1:
+            raise SinkConfigError(
+                f"sink + window + one page = {cap + window + B} tokens do not fit in the "
                 f"model's {rope_limit} rotary positions; use kv_window <= "
-                f"{(rope_limit - S - 2 * B) // B * B}"
+                f"{(rope_limit - cap - 2 * B) // B * B}"
             )
-        if user_max_model_len is not None and S + window > user_max_model_len:
+        if user_max_model_len is not None and cap + window > user_max_model_len:
             raise SinkConfigError(
-                f"sink + window = {S + window} tokens exceed --max-model-len="
+                f"sink + window = {cap + window} tokens exceed --max-model-len="
                 f"{user_max_model_len}; with the sink policy max_model_len bounds the "
                 f"attended context: raise it or lower kv_window"
             )
-        if self.max_stream_len < S + window:
+        if self.max_stream_len < cap + window:
             raise SinkConfigError(
                 f"max_stream_len={self.max_stream_len} is shorter than sink + window "
-                f"({S + window}); raise max_stream_len"
+                f"({cap + window}); raise max_stream_len"
             )
         return SinkConfig(
             policy=self.policy,
@@ -223,4 +241,21 @@ class SinkConfig:
             max_stream_len=self.max_stream_len,
             sessions=self.sessions,
             session_pages=self.session_pages,
+            max_sink_tokens=cap,
         )
+
+
+def request_sink_tokens(extra_args: Mapping[str, Any] | None, geometry: SinkGeometry) -> int:
+    """The sink of a request whose sampling parameters carry ``extra_args``: its own
+    ``sink_tokens`` if it asks for one, else the engine's. Raises :class:`SinkConfigError`
+    (the front end answers HTTP 400) for a value the engine cannot serve."""
+    if not extra_args or REQUEST_SINK_KEY not in extra_args:
+        return geometry.sink_tokens
+    n = extra_args[REQUEST_SINK_KEY]
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= geometry.sink_cap:
+        raise SinkConfigError(
+            f"sink_tokens={n!r} (this request's own sink) must be a whole number of tokens from 0 "
+            f"to {geometry.sink_cap}; start the engine with a larger max_sink_tokens "
+            "(--max-sink-tokens) to allow larger sinks"
+        )
+    return n

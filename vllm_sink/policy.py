@@ -40,7 +40,7 @@ holding ``w0`` (``a >= ceil(w0 / B) * B``, since ``W >= B``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 def cdiv(a: int, b: int) -> int:
@@ -246,14 +246,15 @@ class StepPlans:
 
 def plan_steps(a, b, base, *, sink_tokens: int, window: int, block_size: int, rope_limit: int) -> StepPlans:
     """:func:`plan_step` for many sequences at once: ``a``, ``b`` and each sequence's epoch
-    ``base`` are integer arrays of one length; entry ``i`` of the result equals
+    ``base`` are integer arrays of one length (``sink_tokens`` one number, or one per
+    sequence: sequences may have sinks of their own); entry ``i`` of the result equals
     ``plan_step(a[i], b[i], FrameState(base=base[i]), ...)`` (the worker's per-step plan for
     a whole batch, without a Python loop over its rows). Raises ``ValueError`` as
     :func:`plan_step` does, for the first sequence that cannot be served."""
     import numpy as np
 
     a, b, base = (np.asarray(x, dtype=np.int64) for x in (a, b, base))
-    S, B = sink_tokens, block_size
+    S, B = np.asarray(sink_tokens, dtype=np.int64), block_size
     if (b <= a).any():
         i = int(np.flatnonzero(b <= a)[0])
         raise ValueError(f"empty step [{a[i]}, {b[i]})")
@@ -263,8 +264,8 @@ def plan_steps(a, b, base, *, sink_tokens: int, window: int, block_size: int, ro
     new_base = np.where(new_epoch, w0 - S, base)
     if (b - 1 - new_base >= rope_limit).any():
         i = int(np.flatnonzero(b - 1 - new_base >= rope_limit)[0])
-        plan_step(int(a[i]), int(b[i]), FrameState(base=int(base[i])), sink_tokens=S, window=window,
-                  block_size=B, rope_limit=rope_limit)  # raises, with the message
+        plan_step(int(a[i]), int(b[i]), FrameState(base=int(base[i])), sink_tokens=int(np.broadcast_to(S, a.shape)[i]),
+                  window=window, block_size=B, rope_limit=rope_limit)  # raises, with the message
     return StepPlans(w0=w0, slot_offset=w0 - S, base=new_base, window_shift=base - new_base,
                      sink_angle=w0 - S - new_base)
 
@@ -300,6 +301,9 @@ class SinkGeometry:
     (1; 2 with asynchronous scheduling): the manager frees pages on settled tokens.
     ``rope_limit`` (``P``): rows of the model's rotary table; ``S + W + B + C <= P``
     (``NO_ROTARY_LIMIT`` for ALiBi models: no epochs).
+    ``max_sink_tokens``: the largest sink a request may ask for (its own sink, e.g. its system
+    prompt: :meth:`with_sink`); ``None``: ``sink_tokens``, the engine's sink for every
+    request. The engine-wide bounds (:attr:`widest`) are those of the largest sink.
     """
 
     block_size: int
@@ -308,14 +312,36 @@ class SinkGeometry:
     step_tokens: int
     concurrent_steps: int
     rope_limit: int
+    max_sink_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.sink_tokens + self.kv_window + self.block_size + self.step_tokens > self.rope_limit:
+        if self.sink_cap < self.sink_tokens:
+            raise ValueError(f"max_sink_tokens {self.max_sink_tokens} is below the sink {self.sink_tokens}")
+        if self.sink_cap + self.kv_window + self.block_size + self.step_tokens > self.rope_limit:
             raise ValueError(
-                f"sink {self.sink_tokens} + window {self.kv_window} + one page "
+                f"sink {self.sink_cap} + window {self.kv_window} + one page "
                 f"{self.block_size} + one step {self.step_tokens} tokens exceed the "
                 f"{self.rope_limit} rotary positions"
             )
+
+    @property
+    def sink_cap(self) -> int:
+        """The largest sink of any request (``max_sink_tokens``, else ``sink_tokens``)."""
+        return self.sink_tokens if self.max_sink_tokens is None else self.max_sink_tokens
+
+    def with_sink(self, sink_tokens: int) -> "SinkGeometry":
+        """This geometry for a request whose sink is ``sink_tokens`` tokens (``0 ..
+        sink_cap``): every per-sequence rule of the policy then uses that sink."""
+        if sink_tokens == self.sink_tokens:
+            return self
+        if not 0 <= sink_tokens <= self.sink_cap:
+            raise ValueError(f"a sink of {sink_tokens} tokens is outside 0 .. {self.sink_cap}")
+        return replace(self, sink_tokens=sink_tokens, max_sink_tokens=self.sink_cap)
+
+    @property
+    def widest(self) -> "SinkGeometry":
+        """The geometry of the largest sink: the engine-wide page bounds."""
+        return self.with_sink(self.sink_cap)
 
     @property
     def sink_pages(self) -> int:

@@ -96,6 +96,7 @@ class KeptStream:
     pages: int
     handle: object = None
     scope: tuple = ()
+    sink_tokens: int | None = None  # its own sink (None: the geometry's)
 
 
 class KeptStreams:
@@ -138,7 +139,8 @@ class KeptStreams:
         for stream in self._kept.values():
             if stream.scope != scope or not prompt or not stream.tokens or stream.tokens[0] != prompt[0]:
                 continue
-            a, why = resume_point(self.geometry, stream.tokens, stream.computed, stream.window_start, prompt)
+            g = self.geometry if stream.sink_tokens is None else self.geometry.with_sink(stream.sink_tokens)
+            a, why = resume_point(g, stream.tokens, stream.computed, stream.window_start, prompt)
             if a > best[1]:
                 best = (stream, a, "")
             elif not best[1] and why != NO_MATCH:

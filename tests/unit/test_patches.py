@@ -272,3 +272,17 @@ def test_rotary_embeddings_are_an_allow_list():
         rotary_table(custom)
     with pytest.raises(SinkConfigError, match="has none"):
         rotary_table(torch.nn.Linear(2, 2))
+
+
+def test_partial_sinks_need_the_kv_block_size_in_the_kernel():
+    """A sink ending inside a page (the engine's, or a request's own under max_sink_tokens)
+    is refused where the attention kernel splits KV pages into smaller blocks."""
+    from vllm_sink.config import SinkConfigError
+    from vllm_sink.patches.refusals import check_partial_sink_kernel
+
+    check_partial_sink_kernel(16, 16, 2)  # whole pages, no own sinks: fine
+    check_partial_sink_kernel(20, 16, 1, 40)  # one kernel block per page: anything goes
+    with pytest.raises(SinkConfigError, match="sink_pages"):
+        check_partial_sink_kernel(20, 16, 2)
+    with pytest.raises(SinkConfigError, match="drop max_sink_tokens"):
+        check_partial_sink_kernel(16, 16, 2, 40)

@@ -1,0 +1,30 @@
+"""The scheduler's decisions of one step, shipped to the worker on the ``SchedulerOutput``.
+
+The scheduler side decides (``vllm_sink.patches.kv_cache_spec``, ``vllm_sink.patches.sessions``);
+the worker (``vllm_sink.patches.model_runner``) executes, in this order: ``kept`` (finished
+request ids whose state is kept under the same id), ``resumed`` (new request id -> kept
+stream id: the request takes that state), ``released`` (kept stream ids whose state is
+dropped). ``sink_tokens``: the sink of each new request of the step whose sink is its own
+(not the engine's): the worker plans, compacts and re-anchors its row with that sink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The attribute of vLLM's SchedulerOutput that carries a step's StepMeta.
+META_ATTR = "vllm_sink_step"
+
+
+@dataclass
+class StepMeta:
+    kept: list[str] = field(default_factory=list)
+    resumed: dict[str, str] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
+    # Resumed request id -> the logical index of its first window page (its row, as shipped
+    # in ``NewRequestData.block_ids``, is compacted: sink pages, then held window pages).
+    first_live: dict[str, int] = field(default_factory=dict)
+    sink_tokens: dict[str, int] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.kept or self.resumed or self.released or self.sink_tokens)
