@@ -12,6 +12,8 @@ Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing els
   prefill chunks on the CPU)
 * ``chat_tokens``:  BaseRenderer._tokenize_prompt (a re-sent history tokenised once, by
   segment between special tokens, with sessions on)
+* ``chat_sink``:    OnlineRenderer.preprocess_chat (with ``sink_tokens="system"``, a chat
+  request's sink is its rendered system prompt, set as its own sink)
 * ``input_processor``: InputProcessor._validate_params (a request's own sink checked in
   the front end)
 * ``vllm_config``:   VllmConfig.use_v2_model_runner (sink engines get the V1 runner)
@@ -37,8 +39,8 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import (chat_tokens, engine_args, input_processor, kv_cache_spec, model_runner,
-                                   sessions, vllm_config, worker)
+    from vllm_sink.patches import (chat_sink, chat_tokens, engine_args, input_processor, kv_cache_spec,
+                                   model_runner, sessions, vllm_config, worker)
 
     vllm_config.install()
     engine_args.install()
@@ -49,3 +51,4 @@ def install() -> None:
     worker.install()
     input_processor.install()
     chat_tokens.install()
+    chat_sink.install()

@@ -30,13 +30,26 @@ import shutil
 import tempfile
 from vllm.logger import init_logger
 
-from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, USER_KEYS, SinkConfig
+from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
 from vllm_sink.patches import refusals
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
+
+
+def _sink_tokens_arg(value: str):
+    """``--sink-tokens``: a count of tokens, or ``system``."""
+    if value == SINK_FROM_SYSTEM:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a number of tokens nor {SINK_FROM_SYSTEM!r}"
+        ) from None
+
 
 CLI_FLAGS = {
     "kv_policy": dict(
@@ -52,9 +65,12 @@ CLI_FLAGS = {
         "as the attention sink. Default 1.",
     ),
     "sink_tokens": dict(
-        type=int,
+        type=_sink_tokens_arg,
         help="[--kv-policy sink] The attention sink in tokens instead of pages, any count "
-        "up to --kv-window (the paper uses 4). Give this or --sink-pages, not both.",
+        "up to --kv-window (the paper uses 4). Give this or --sink-pages, not both. "
+        "'system': each chat request's sink is its own rendered system prompt (first "
+        "message), up to --max-sink-tokens (default min(1024, --kv-window)), so its "
+        "instructions are never evicted; other requests get --sink-pages pages (default 1).",
     ),
     "kv_window": dict(
         type=int,
@@ -77,8 +93,9 @@ CLI_FLAGS = {
     "max_sink_tokens": dict(
         type=int,
         help="[--kv-policy sink] The largest sink a request may ask for itself "
-        "(vllm_xargs / SamplingParams.extra_args {\"sink_tokens\": n}). Default: the "
-        "engine's sink.",
+        "(vllm_xargs / SamplingParams.extra_args {\"sink_tokens\": n}), and with "
+        "--sink-tokens system the largest system prompt. Default: the engine's sink; with "
+        "--sink-tokens system, min(1024, --kv-window).",
     ),
     "kv_session_pages": dict(
         type=int,
@@ -195,6 +212,14 @@ def sink_engine_config(args, orig_create, *a, **kw):
         host_mb,
         sched.max_num_seqs,
     )
+    if resolved.system_sink:
+        logger.info(
+            "vllm-sink: sink_tokens=system: each chat request's sink is its rendered system "
+            "prompt (first message), up to %d tokens (max_sink_tokens); other requests have "
+            "the %d-token sink",
+            resolved.max_sink_tokens,
+            resolved.sink_tokens,
+        )
     return vllm_config
 
 

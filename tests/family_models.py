@@ -60,6 +60,13 @@ FAMILIES = {
                                partial_rotary_factor=0.4)),
     # GPT-J: interleaved (GPT-J style) rotary on 16 of 32 channels, parallel residual.
     "gptj": ("GPTJConfig", dict(n_embd=128, n_head=4, rotary_dim=16)),
+    # Mistral without its sliding window (MistralConfig's default is 4096: here None), GQA.
+    "mistral": ("MistralConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=256, sliding_window=None)),
+    # Qwen2: Llama with biases on q, k and v (random here: PERTURB), GQA; no sliding window
+    # (use_sliding_window=False: every layer_types entry is full_attention).
+    "qwen2": ("Qwen2Config", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=256, use_sliding_window=False)),
 }
 
 # Families with ALiBi positions instead of RoPE, with no max_position_embeddings (MPT names

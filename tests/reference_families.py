@@ -1,7 +1,7 @@
 """The plain-PyTorch StreamingLLM reference (``tests/reference.py``) for the paper's model
 families (GPT-NeoX/Pythia, Falcon, and with ALiBi positions MPT and BLOOM) and today's
-(Qwen3, Gemma, Phi-2, GPT-J, and Llama with Llama 3 rope scaling, which ``ReferenceLlama``
-itself covers).
+(Qwen2, Qwen3, Gemma, Phi-2, GPT-J, Mistral without its sliding window, and Llama with
+Llama 3 rope scaling, which ``ReferenceLlama`` itself covers).
 
 Each class is one family's layers written from its Hugging Face definition, on the weights
 under their Hugging Face names; the streaming (visible set, positions, pre-RoPE cache,
@@ -40,6 +40,34 @@ class ReferenceQwen3(ReferenceLlama):
     def qk(self, p, h):
         q, k = super().qk(p, h)
         return self._norm(q, self.w[p + "self_attn.q_norm.weight"]), self._norm(k, self.w[p + "self_attn.k_norm.weight"])
+
+
+class ReferenceMistral(ReferenceLlama):
+    """Mistral is Llama's math without the sliding window (``sliding_window: null``) and
+    without the Mistral-format position-dependent query scale (``llama_4_scaling``, which
+    vLLM's Mistral applies); the reference implements neither."""
+
+    def __init__(self, model_dir, dtype=torch.float32):
+        super().__init__(model_dir, dtype)
+        if self.cfg.get("sliding_window") is not None or self.cfg.get("llama_4_scaling"):
+            raise NotImplementedError("the reference implements Mistral without sliding_window or llama_4_scaling")
+
+
+class ReferenceQwen2(ReferenceLlama):
+    """Llama with biases on the q, k and v projections (none on ``o_proj`` or the MLP):
+    ``linear`` adds each saved bias, before RoPE, so the cache holds ``W_k h + b_k`` and the
+    key bias rotates with its key. A Qwen2 checkpoint always has them (vLLM's and
+    transformers' Qwen2 build them whatever the config says): missing ones are an error
+    here, not a silent Llama."""
+
+    def __init__(self, model_dir, dtype=torch.float32):
+        super().__init__(model_dir, dtype)
+        if self.cfg.get("use_sliding_window") or self.cfg.get("qk_norm"):
+            raise NotImplementedError("the reference implements Qwen2 without sliding window or qk_norm")
+        missing = [name for i in range(self.n_layers) for n in "qkv"
+                   if (name := f"model.layers.{i}.self_attn.{n}_proj.bias") not in self.w]
+        if missing:
+            raise ValueError(f"a Qwen2 checkpoint without its q/k/v biases: {missing[:3]}")
 
 
 class ReferenceGemma(ReferenceLlama):
@@ -331,7 +359,8 @@ class ReferenceBloom(_AlibiFamily):
 
 FAMILIES = {
     "LlamaForCausalLM": ReferenceLlama,
-    "MistralForCausalLM": ReferenceLlama,
+    "MistralForCausalLM": ReferenceMistral,
+    "Qwen2ForCausalLM": ReferenceQwen2,
     "Qwen3ForCausalLM": ReferenceQwen3,
     "GemmaForCausalLM": ReferenceGemma,
     "GPTNeoXForCausalLM": ReferenceGPTNeoX,

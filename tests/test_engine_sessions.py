@@ -25,10 +25,11 @@ def _steps(prompt_len: int, n_gen: int, start: int = 0) -> list[tuple[int, int]]
         (t, t + 1) for t in range(prompt_len, prompt_len + n_gen - 1)]
 
 
-def _chat(llm, turns):
-    """Run the turns; return (conversation tokens, plugin logprob by query index, steps,
-    resume tokens)."""
-    params = SamplingParams(max_tokens=GEN, temperature=0, logprobs=0, ignore_eos=True)
+def _chat(llm, turns, own_sink=None):
+    """Run the turns (with a sink of their own if ``own_sink``); return (conversation
+    tokens, plugin logprob by query index, steps, resume tokens)."""
+    extra = None if own_sink is None else {"sink_tokens": own_sink}
+    params = SamplingParams(max_tokens=GEN, temperature=0, logprobs=0, ignore_eos=True, extra_args=extra)
     history, plugin, steps, resumes = [], {}, [], []
     for user in turns:
         prompt = history + list(user)
@@ -44,15 +45,18 @@ def _chat(llm, turns):
     return history, plugin, steps, resumes
 
 
-@pytest.mark.parametrize("S", [
-    pytest.param(16, marks=pytest.mark.engine("sink16_sessions")),
+@pytest.mark.parametrize("S,own", [
+    pytest.param(16, False, marks=pytest.mark.engine("sink16_sessions")),
     # A partial sink page and 512 rotary positions: epochs start inside turns.
-    pytest.param(20, marks=pytest.mark.engine("sink20_p512_sessions")),
+    pytest.param(20, False, marks=pytest.mark.engine("sink20_p512_sessions")),
+    # The conversation's own sink (two pages and a partial one, as a system prompt's would
+    # be) on an engine whose sink is one page: epochs inside turns too.
+    pytest.param(36, True, marks=pytest.mark.engine("sink16_own40_p512"), id="own36"),
 ])
-def test_turns_resume_and_match_the_reference(llm, reference, hamlet_ids, S):
+def test_turns_resume_and_match_the_reference(llm, reference, hamlet_ids, S, own):
     epochs0 = SINK_STATS.epochs
     turns = [hamlet_ids[0:700], hamlet_ids[700:900], hamlet_ids[900:1010], hamlet_ids[1010:1013]]
-    history, plugin, steps, resumes = _chat(llm, turns)
+    history, plugin, steps, resumes = _chat(llm, turns, own_sink=S if own else None)
     # Every turn after the first resumed where the last one stopped computing (its last
     # sampled token was never fed).
     assert resumes[0] == (0, 0)
@@ -60,7 +64,7 @@ def test_turns_resume_and_match_the_reference(llm, reference, hamlet_ids, S):
     for turn, (n, a) in enumerate(resumes[1:], 1):
         assert (n, a) == (1, end - 1), (turn, n, a, end)
         end += len(turns[turn]) + GEN
-    if S == 20:
+    if S != 16:
         assert SINK_STATS.epochs - epochs0 >= 3
     ref = reference.stream_logprobs(history, steps, sink_tokens=S, window=W, block_size=B)
     idx = sorted(plugin)

@@ -40,7 +40,7 @@ SETTINGS = [
     ("own sliding window (Qwen2)", dict(kv_policy="sink"), "qwen2_sliding", "sliding-window"),
     ("LongRoPE", dict(kv_policy="sink"), "longrope", "rope_type='longrope'"),
     ("MLA (DeepSeek-V2)", dict(kv_policy="sink"), "deepseek_mla", "multi-head latent attention"),
-    ("architecture no test checks (Qwen2, full attention)", dict(kv_policy="sink"), "qwen2_full", "is not checked against the sink policy's reference"),
+    ("architecture no test checks (Granite, full attention)", dict(kv_policy="sink"), "granite_full", "is not checked against the sink policy's reference"),
 ]
 
 
@@ -51,7 +51,7 @@ def _variants(smol_cfg: dict) -> dict[str, dict]:
         "gpt2": dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=64, n_head=2, n_layer=2, n_positions=1024, vocab_size=smol_cfg["vocab_size"]),
         "mistral_sliding": dict(dims, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128, max_position_embeddings=8192, head_dim=64, rope_theta=1e5),
         "qwen2_sliding": dict(dims, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=True, sliding_window=128, max_window_layers=0, max_position_embeddings=8192, rope_theta=1e5),
-        "qwen2_full": dict(dims, architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False, max_position_embeddings=8192, rope_theta=1e5),
+        "granite_full": dict(dims, architectures=["GraniteForCausalLM"], model_type="granite", max_position_embeddings=8192, rope_theta=1e5),
         "longrope": dict(smol_cfg, rope_parameters=dict(rope_type="longrope", rope_theta=1e5, short_factor=[1.0] * 32, long_factor=[2.0] * 32, original_max_position_embeddings=4096)),
         "deepseek_mla": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=2, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2, max_position_embeddings=2048, vocab_size=smol_cfg["vocab_size"], rope_theta=1e4),
     }

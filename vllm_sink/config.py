@@ -18,6 +18,11 @@ GEOMETRY_KEY = "geometry"  # the resolved SinkGeometry, beside the settings
 POLICIES = ("full", "sink")
 DEFAULT_MAX_STREAM_LEN = 1 << 20  # 1,048,576 tokens
 DEFAULT_WINDOW_CAP = 4096
+# sink_tokens="system": each chat request's sink is its rendered first message (its system
+# prompt), up to max_sink_tokens, by default this many tokens (at most the window, and what
+# the model's positions leave room for).
+SINK_FROM_SYSTEM = "system"
+DEFAULT_SYSTEM_SINK_CAP = 1024
 
 # User-facing names (LLM kwargs, additional_config keys, CLI flags without "--").
 USER_KEYS = {
@@ -51,18 +56,29 @@ class SinkConfig:
     has free; kept streams always give way to new requests). ``max_sink_tokens``: the
     largest sink a request may ask for itself (``SamplingParams(extra_args={"sink_tokens":
     n})``, HTTP ``vllm_xargs``; ``None``: the engine's sink, the most a request may ask).
-    After :meth:`resolve`, both sink fields are set: ``sink_pages = ceil(sink_tokens /
-    block_size)``, and ``max_sink_tokens >= sink_tokens``.
+    ``sink_tokens="system"``: each chat request's sink is its own rendered system prompt (its
+    first message), up to ``max_sink_tokens`` (default ``min(1024, window)``, within what the
+    model's positions leave room for); every other request (Completions, token ids) has the
+    engine's sink of ``sink_pages`` pages. After :meth:`resolve`, both sink fields are set:
+    ``sink_tokens`` is the engine's sink in tokens (an int, also with "system"),
+    ``sink_pages = ceil(sink_tokens / block_size)``, ``max_sink_tokens >= sink_tokens``, and
+    ``sink_from`` is ``"system"`` for the system-prompt sinks (``None`` otherwise).
     """
 
     policy: str = "full"
     sink_pages: int = 1
     window: int | None = None
     max_stream_len: int = DEFAULT_MAX_STREAM_LEN
-    sink_tokens: int | None = None
+    sink_tokens: int | str | None = None
     sessions: bool = True
     session_pages: int | None = None
     max_sink_tokens: int | None = None
+    sink_from: str | None = None  # resolved: "system" when sink_tokens="system" was given
+
+    @property
+    def system_sink(self) -> bool:
+        """Each chat request's sink is its rendered first message (``sink_tokens="system"``)."""
+        return self.sink_from == SINK_FROM_SYSTEM or self.sink_tokens == SINK_FROM_SYSTEM
 
     @property
     def enabled(self) -> bool:
@@ -89,7 +105,7 @@ class SinkConfig:
                 f"{extra} only apply with kv_policy='sink' (kv_policy is {policy!r}); add "
                 "kv_policy='sink' (--kv-policy sink) or drop them"
             )
-        if "sink_pages" in kwargs and "sink_tokens" in kwargs:
+        if "sink_pages" in kwargs and "sink_tokens" in kwargs and kwargs["sink_tokens"] != SINK_FROM_SYSTEM:
             raise SinkConfigError(
                 "give the sink size once: sink_pages (whole pages) or sink_tokens (tokens), "
                 f"not both (got sink_pages={kwargs['sink_pages']}, "
@@ -124,11 +140,14 @@ class SinkConfig:
             )
         for name in ("sink_pages", "max_stream_len", "sink_tokens"):
             value = getattr(self, name)
-            if value is None and name == "sink_tokens":
+            if name == "sink_tokens" and value in (None, SINK_FROM_SYSTEM):
                 continue
             if not isinstance(value, int) or isinstance(value, bool):
-                raise SinkConfigError(f"{name} must be an integer, got {value!r}")
-        if self.sink_tokens is not None and self.sink_tokens < 0:
+                also = f' (or "{SINK_FROM_SYSTEM}": each chat request\'s system prompt)' if name == "sink_tokens" else ""
+                raise SinkConfigError(f"{name} must be an integer{also}, got {value!r}")
+        if self.sink_from not in (None, SINK_FROM_SYSTEM):
+            raise SinkConfigError(f"sink_from={self.sink_from!r} is not a sink source; use None or {SINK_FROM_SYSTEM!r}")
+        if isinstance(self.sink_tokens, int) and self.sink_tokens < 0:
             raise SinkConfigError(
                 f"sink_tokens={self.sink_tokens} is negative; use 0 (window only) or more"
             )
@@ -187,7 +206,8 @@ class SinkConfig:
         ``vllm_sink.patches.engine_args``).
         """
         B = block_size
-        S = self.sink_pages * B if self.sink_tokens is None else self.sink_tokens
+        system = self.system_sink
+        S = self.sink_pages * B if self.sink_tokens in (None, SINK_FROM_SYSTEM) else self.sink_tokens
         s = cdiv(S, B)
         window = self.window
         if window is None:
@@ -204,7 +224,17 @@ class SinkConfig:
                 f"kv_window={window} is not a multiple of block_size={B}; use "
                 f"kv_window={window // B * B} or {cdiv(window, B) * B}"
             )
-        cap = S if self.max_sink_tokens is None else self.max_sink_tokens
+        cap = self.max_sink_tokens
+        if cap is None and system:
+            # The largest default that fits: the window, the model's positions (leaving a
+            # page a step), --max-model-len and the stream cap; never below the engine's sink
+            # (the checks below then name the fix).
+            room = [DEFAULT_SYSTEM_SINK_CAP, window, rope_limit - window - 2 * B, self.max_stream_len - window]
+            if user_max_model_len is not None:
+                room.append(user_max_model_len - window)
+            cap = max(S, min(room))
+        elif cap is None:
+            cap = S
         if cap < S:
             raise SinkConfigError(
                 f"max_sink_tokens={cap} is below the engine's sink ({S} tokens); raise "
@@ -242,6 +272,7 @@ class SinkConfig:
             sessions=self.sessions,
             session_pages=self.session_pages,
             max_sink_tokens=cap,
+            sink_from=SINK_FROM_SYSTEM if system else None,
         )
 
 

@@ -152,6 +152,10 @@ class KeptStreams:
     def get(self, key: str) -> KeptStream | None:
         return self._kept.get(key)
 
+    def keys(self) -> list[str]:
+        """The kept streams' keys, least recently used first."""
+        return list(self._kept)
+
     def take(self, key: str) -> KeptStream:
         """Hand a kept stream over (to the request resuming it)."""
         stream = self._kept.pop(key)

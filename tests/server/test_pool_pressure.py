@@ -87,4 +87,4 @@ def test_pool_pressure_same_outputs_no_preemption(unpressured, pressured):
     assert got == expected
     assert m1["vllm:num_preemptions_total"] == 0  # no stream recomputed from token 0
     assert seen["waiting"] > 0 and seen["running"] <= 2  # the pool was the limit
-    assert server.free_or_kept(m1) == server.free_or_kept(m0)
+    assert pressured.free_or_kept(m1) == pressured.free_or_kept(m0)

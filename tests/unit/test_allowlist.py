@@ -38,7 +38,7 @@ def warnings_of_refusals():
     refusals.logger.removeHandler(handler)
 
 
-@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM", "TransformersForCausalLM"])
+@pytest.mark.parametrize("arch", ["GraniteForCausalLM", "Olmo2ForCausalLM", "Phi3ForCausalLM", "TransformersForCausalLM"])
 def test_unchecked_architecture_refused(arch, monkeypatch):
     from vllm_sink.patches.refusals import check_model
 
@@ -66,8 +66,8 @@ def test_checked_architectures_pass(monkeypatch, warnings_of_refusals):
 
 def test_real_model_config(tmp_path, monkeypatch):
     """On vLLM's own ModelConfig: SmolLM2 resolves to LlamaForCausalLM and passes; the same
-    config as a Qwen2ForCausalLM (full attention, no sliding window: every other check
-    passes) reaches the allow-list and is refused."""
+    config as a GraniteForCausalLM (Llama's layout with scaling multipliers, full attention:
+    every other check passes) reaches the allow-list and is refused."""
     import json
     import shutil
 
@@ -82,14 +82,14 @@ def test_real_model_config(tmp_path, monkeypatch):
     assert architecture_of(mc) == "LlamaForCausalLM"
     check_model(mc)
     cfg = json.loads((src / "config.json").read_text())
-    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False)
+    cfg.update(architectures=["GraniteForCausalLM"], model_type="granite")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / f, tmp_path / f)
-    qwen2 = ModelConfig(model=str(tmp_path))
-    assert architecture_of(qwen2) == "Qwen2ForCausalLM"
-    with pytest.raises(SinkConfigError, match="architecture Qwen2ForCausalLM is not checked"):
-        check_model(qwen2)
+    granite = ModelConfig(model=str(tmp_path))
+    assert architecture_of(granite) == "GraniteForCausalLM"
+    with pytest.raises(SinkConfigError, match="architecture GraniteForCausalLM is not checked"):
+        check_model(granite)
 
 
 def test_unchecked_alibi_refused(monkeypatch):
@@ -108,11 +108,11 @@ def test_escape_hatch_serves_and_warns(monkeypatch, warnings_of_refusals):
     from vllm_sink.patches.refusals import check_model
 
     monkeypatch.setenv("VLLMSINK_ALLOW_UNCHECKED", "1")
-    check_model(_model_config("MistralForCausalLM"))
+    check_model(_model_config("GraniteForCausalLM"))
     check_model(_model_config("BaichuanForCausalLM", alibi=True))
     assert len(warnings_of_refusals) == 2
     text = warnings_of_refusals[0].getMessage()
-    assert "MistralForCausalLM" in text and "not checked" in text and "VLLMSINK_ALLOW_UNCHECKED=1" in text
+    assert "GraniteForCausalLM" in text and "not checked" in text and "VLLMSINK_ALLOW_UNCHECKED=1" in text
     assert warnings_of_refusals[0].levelno == logging.WARNING
     # the escape hatch opens the allow-list only: every other refusal still applies
     with pytest.raises(SinkConfigError, match="multi-head latent attention"):
@@ -121,7 +121,7 @@ def test_escape_hatch_serves_and_warns(monkeypatch, warnings_of_refusals):
         check_model(_model_config("Phi3ForCausalLM", rope_parameters={"rope_type": "longrope"}))
     monkeypatch.setenv("VLLMSINK_ALLOW_UNCHECKED", "0")
     with pytest.raises(SinkConfigError, match="not checked"):
-        check_model(_model_config("MistralForCausalLM"))
+        check_model(_model_config("GraniteForCausalLM"))
 
 
 def test_allowlist_matches_vllm_registry():

@@ -78,3 +78,76 @@ def test_sessions_settings_resolve_to_a_page_cap():
     assert capped.resolve(**resolve).kept_pages == 300
     again = SinkConfig.from_additional_config({"vllm_sink": capped.resolve(**resolve).to_dict()})
     assert again.kept_pages == 300
+
+
+# ----------------------------------------------------------------- sink_tokens="system"
+def test_system_sink_resolves_to_the_default_sink_and_a_cap():
+    """``sink_tokens="system"``: chat requests take their system prompt as the sink, up to
+    ``max_sink_tokens`` (default min(1024, window), within the model's positions); every
+    other request has ``sink_pages`` pages. The resolved ``sink_tokens`` is that int, the mode
+    is ``sink_from``."""
+    resolve = dict(block_size=16, rope_limit=8192)
+    cfg = SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": "system"})
+    assert cfg.system_sink and cfg.sink_from is None
+    r = cfg.resolve(**resolve)
+    assert (r.sink_tokens, r.sink_pages, r.max_sink_tokens, r.sink_from, r.window) == (16, 1, 1024, "system", 4096)
+    assert isinstance(r.sink_tokens, int) and r.system_sink
+    # The cap is at most the window, and leaves the model's positions a page a step.
+    assert SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": "system", "kv_window": 256}).resolve(
+        **resolve).max_sink_tokens == 256
+    small = SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": "system"}).resolve(block_size=16, rope_limit=512)
+    assert (small.window, small.max_sink_tokens) == (256, 512 - 256 - 32)
+    capped = SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": "system", "kv_window": 1024},
+                                  ).resolve(block_size=16, rope_limit=8192, user_max_model_len=1536)
+    assert capped.max_sink_tokens == 512
+    # sink_pages gives the other requests' sink; max_sink_tokens the cap.
+    r = SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": "system", "sink_pages": 2,
+                              "max_sink_tokens": 64}).resolve(**resolve)
+    assert (r.sink_tokens, r.sink_pages, r.max_sink_tokens, r.sink_from) == (32, 2, 64, "system")
+    # Round trip through additional_config, as every process reads it.
+    again = SinkConfig.from_additional_config({"vllm_sink": r.to_dict()})
+    assert again == r and again.system_sink and again.sink_tokens == 32
+    # Integer sinks are not system sinks.
+    plain = SinkConfig.from_user({"kv_policy": "sink", "sink_tokens": 4}).resolve(**resolve)
+    assert plain.sink_from is None and not plain.system_sink and plain.max_sink_tokens == 4
+
+
+@pytest.mark.parametrize(
+    "settings,resolve,message",
+    [
+        ({"kv_policy": "sink", "sink_tokens": "System"}, None, "sink_tokens must be an integer"),
+        ({"kv_policy": "sink", "sink_tokens": "4"}, None, "must be an integer"),
+        ({"kv_policy": "sink", "sink_tokens": "system", "sink_pages": -1}, None, "negative"),
+        ({"kv_policy": "sink", "sink_tokens": "system", "sink_pages": 4, "max_sink_tokens": 32},
+         dict(block_size=16, rope_limit=8192), "below the engine's sink"),
+        ({"kv_policy": "sink", "sink_tokens": "system", "kv_window": 256, "max_sink_tokens": 512},
+         dict(block_size=16, rope_limit=8192), "larger than the window"),
+        ({"kv_policy": "sink", "sink_tokens": "system", "kv_window": 256, "max_sink_tokens": 256},
+         dict(block_size=16, rope_limit=512), "rotary positions"),
+        ({"sink_tokens": "system"}, None, "only apply with kv_policy='sink'"),
+    ],
+)
+def test_invalid_system_sink_settings_name_the_fix(settings, resolve, message):
+    with pytest.raises(SinkConfigError, match=message):
+        cfg = SinkConfig.from_user(settings)
+        if resolve is not None:
+            cfg.resolve(**resolve)
+
+
+def test_cli_sink_tokens_takes_a_count_or_system():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_sink import patches
+
+    patches.install()
+    parser = make_arg_parser(FlexibleArgumentParser())
+    (flag,) = [a for a in parser._actions if a.dest == "sink_tokens"]
+    assert "'system'" in flag.help
+    for value, want in (("system", "system"), ("4", 4)):
+        args = parser.parse_args(["--model", "m", "--kv-policy", "sink", "--sink-tokens", value, "--max-sink-tokens", "64"])
+        assert AsyncEngineArgs.from_cli_args(args).additional_config == {
+            "kv_policy": "sink", "sink_tokens": want, "max_sink_tokens": 64}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--kv-policy", "sink", "--sink-tokens", "prompt"])

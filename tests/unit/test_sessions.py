@@ -113,6 +113,7 @@ def test_kept_streams_lru_and_cap():
     assert kept.pages == 18 and len(kept) == 3
     released = kept.keep(KeptStream("s3", tuple(range(3, 303)), 299, 224, pages=6))
     assert [s.key for s in released] == ["s0"] and kept.pages == 18
+    assert kept.keys() == ["s1", "s2", "s3"]  # least recently used first
     assert [s.key for s in kept.keep(KeptStream("big", (1,), 0, 0, pages=21))] == ["big"]
     stream, a, why = kept.best_match(list(range(2, 302)) + [9])
     assert stream.key == "s2" and a == 299 and why == ""
