@@ -76,16 +76,26 @@ def test_parallel_sampling(server, hamlet_tokens):
 
 
 def test_stop_strings_stop_token_ids_and_min_tokens(server, hamlet_tokens):
+    """Stop strings, stop token ids and ``min_tokens`` against the greedy reply. Each request
+    has its own ``cache_salt``: the same prompt must not resume another's kept stream (a
+    resumed request computes its last prompt token in a step of its own, whose window, past
+    the window's first move, differs from a fresh prefill's chunk: a correct but different
+    greedy reply, docs/sessions.md)."""
     tok, ids = hamlet_tokens
+    salts = iter(range(100))
+
+    def salted(server, extra_body=None, **kwargs):
+        return _complete(server, extra_body={**(extra_body or {}), "cache_salt": f"stop-test-{next(salts)}"}, **kwargs)
+
     prompt = ids[:400]
-    full = _complete(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+    full = salted(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
     gen = list(full.choices[0].token_ids)
     text = full.choices[0].text
     assert len(gen) == 60
 
     # A stop string taken from the greedy text: the reply ends just before it.
     stop = text[len(text) // 2 : len(text) // 2 + 6]
-    cut = _complete(server, prompt=prompt, max_tokens=60, temperature=0, stop=[stop])
+    cut = salted(server, prompt=prompt, max_tokens=60, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop"
     assert text.startswith(cut.choices[0].text) and stop not in cut.choices[0].text
     assert cut.choices[0].text == text[: text.find(stop)]
@@ -93,14 +103,14 @@ def test_stop_strings_stop_token_ids_and_min_tokens(server, hamlet_tokens):
     # A stop token id taken from the greedy tokens: generation ends at its first occurrence.
     stop_id = gen[10]
     first = gen.index(stop_id)
-    by_id = _complete(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"stop_token_ids": [stop_id]})
+    by_id = salted(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"stop_token_ids": [stop_id]})
     assert by_id.choices[0].finish_reason == "stop"
     assert by_id.choices[0].stop_reason == stop_id
     assert list(by_id.choices[0].token_ids) == gen[: first + 1]
 
     # min_tokens: the stop token cannot be generated before 30 tokens (vLLM masks it), so
     # the reply follows the greedy one up to its first occurrence, then goes on.
-    late = _complete(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"stop_token_ids": [stop_id], "min_tokens": 30})
+    late = salted(server, prompt=prompt, max_tokens=60, temperature=0, extra_body={"stop_token_ids": [stop_id], "min_tokens": 30})
     late_ids = list(late.choices[0].token_ids)
     assert late_ids[:first] == gen[:first]
     assert stop_id not in late_ids[:30] and len(late_ids) >= 30
