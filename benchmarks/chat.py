@@ -12,7 +12,7 @@ one after the other, each the stock ``vllm serve``:
 
 * ``sink+sessions``: ``--kv-policy sink --kv-window W --kv-sessions``: each turn resumes the
   stream the previous one left, so only the new turn is prefilled;
-* ``sink``: the same without sessions: each turn prefills the whole history again, through
+* ``sink``: the same with ``--no-kv-sessions``: each turn prefills the whole history again, through
   the window (``--no-resume-turns`` turns: it only grows);
 * ``vanilla``: vanilla vLLM with prefix caching (its prefill covers only the new turn, its
   attention the whole history), until the history passes the model's context (HTTP 400).
@@ -198,7 +198,7 @@ def main() -> None:
                   "--kv-cache-memory-bytes", str(1 << 30)]
     sink = ["--kv-policy", "sink", "--kv-window", str(args.window), "--max-stream-len", str(1 << 20)]
     configs = {"sink+sessions": (common + sink + ["--kv-sessions"], args.turns),
-               "sink": (common + sink, args.no_resume_turns),
+               "sink": (common + sink + ["--no-kv-sessions"], args.no_resume_turns),
                "vanilla": (common + ["--enable-prefix-caching"], args.vanilla_turns)}
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-chat-"))
     runs = {}
