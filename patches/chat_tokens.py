@@ -44,6 +44,8 @@ from collections import OrderedDict
 
 from vllm.logger import init_logger
 
+from vllm_sink.patches.sessions import _wrap  # the one wrap-once helper of patches/
+
 logger = init_logger("vllm." + __name__)
 
 ATTR = "_vllm_sink_segments"  # on the renderer: its SegmentTokenizer, or None (pass through)
@@ -269,13 +271,3 @@ def install() -> None:
 
     _wrap(BaseRenderer, "_tokenize_prompt", tokenize_prompt)
 
-
-def _wrap(cls, name: str, make) -> None:
-    """Replace ``cls.name`` by ``make(original)``, once (marked, ``__wrapped__`` kept)."""
-    orig = getattr(cls, name)
-    if getattr(orig, "_vllm_sink", False):
-        return
-    wrapped = make(orig)
-    wrapped._vllm_sink = True
-    wrapped.__wrapped__ = orig
-    setattr(cls, name, wrapped)
