@@ -61,6 +61,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, SinkConfigError
+from vllm_sink.patches.wrapping import wrap_once
 
 logger = init_logger("vllm." + __name__)
 
@@ -162,10 +163,10 @@ def install() -> None:
     straight through."""
     from vllm.renderers.online_renderer import OnlineRenderer
 
-    orig = OnlineRenderer.preprocess_chat
-    if getattr(orig, "_vllm_sink", False):
-        return
+    wrap_once(OnlineRenderer, "preprocess_chat", _preprocess_chat)
 
+
+def _preprocess_chat(orig):
     async def preprocess_chat(self, request: Any, messages, default_template, default_template_content_format,
                               default_template_kwargs, tool_dicts=None, parser=None, **kwargs):
         out = await orig(self, request, messages, default_template, default_template_content_format,
@@ -180,8 +181,4 @@ def install() -> None:
             # A new dict: the request's may be shared (vLLM copies requests shallowly).
             request.vllm_xargs = {**(xargs or {}), REQUEST_SINK_KEY: n}
         return out
-
-    preprocess_chat._vllm_sink = True
-    preprocess_chat.__wrapped__ = orig
-    preprocess_chat.__doc__ = orig.__doc__
-    OnlineRenderer.preprocess_chat = preprocess_chat
+    return preprocess_chat

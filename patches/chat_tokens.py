@@ -44,7 +44,7 @@ from collections import OrderedDict
 
 from vllm.logger import init_logger
 
-from vllm_sink.patches.sessions import _wrap  # the one wrap-once helper of patches/
+from vllm_sink.patches.wrapping import wrap_once
 
 logger = init_logger("vllm." + __name__)
 
@@ -269,5 +269,5 @@ def install() -> None:
             return self._build_tokens_prompt(ids, prompt)
         return _tokenize_prompt
 
-    _wrap(BaseRenderer, "_tokenize_prompt", tokenize_prompt)
+    wrap_once(BaseRenderer, "_tokenize_prompt", tokenize_prompt)
 

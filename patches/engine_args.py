@@ -32,6 +32,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
+from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.patches import refusals
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
@@ -257,66 +258,57 @@ def install() -> None:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.entrypoints.llm import LLM
 
-    if getattr(EngineArgs.create_engine_config, "_vllm_sink", False):
-        return
+    def wrap_add_cli_args(orig_add):
+        def add_cli_args(parser):
+            parser = orig_add(parser)
+            existing = {a.dest for a in parser._actions}
+            group = parser.add_argument_group(
+                title="vllm-sink", description="StreamingLLM attention-sink KV policy."
+            )
+            for dest, spec in CLI_FLAGS.items():
+                if dest not in existing:
+                    group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **spec)
+            return parser
+        return add_cli_args
 
-    orig_add = EngineArgs.add_cli_args
-    orig_from = EngineArgs.from_cli_args.__func__
-    orig_create = EngineArgs.create_engine_config
-    orig_llm_init = LLM.__init__
+    def wrap_from_cli_args(orig_from):
+        def from_cli_args(cls, args: argparse.Namespace):
+            engine_args = orig_from(cls, args)
+            ours = {k: getattr(args, k) for k in USER_KEYS if getattr(args, k, None) is not None}
+            if ours:
+                merged = dict(engine_args.additional_config or {})
+                merged.update(ours)
+                engine_args.additional_config = merged
+            return engine_args
+        return from_cli_args
 
-    def add_cli_args(parser):
-        parser = orig_add(parser)
-        existing = {a.dest for a in parser._actions}
-        group = parser.add_argument_group(
-            title="vllm-sink", description="StreamingLLM attention-sink KV policy."
-        )
-        for dest, spec in CLI_FLAGS.items():
-            if dest not in existing:
-                group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=None, **spec)
-        return parser
+    def wrap_create_engine_config(orig_create):
+        def create_engine_config(self, *a, **kw):
+            ours, _ = _split_user_settings(self.additional_config)
+            if not ours:
+                return orig_create(self, *a, **kw)
+            # The engine is built from the user's settings with ours folded in; the arguments
+            # keep the user's settings, so a second call builds the same engine.
+            kept = {name: getattr(self, name) for name in SINK_OVERRIDES}
+            try:
+                return sink_engine_config(self, orig_create, *a, **kw)
+            finally:
+                for name, value in kept.items():
+                    setattr(self, name, value)
+        return create_engine_config
 
-    def from_cli_args(cls, args: argparse.Namespace):
-        engine_args = orig_from(cls, args)
-        ours = {k: getattr(args, k) for k in USER_KEYS if getattr(args, k, None) is not None}
-        if ours:
-            merged = dict(engine_args.additional_config or {})
-            merged.update(ours)
-            engine_args.additional_config = merged
-        return engine_args
+    def wrap_llm_init(orig_llm_init):
+        def llm_init(self, model, *a, **kwargs):
+            ours = _pop_user_kwargs(kwargs)
+            if ours:
+                merged = dict(kwargs.get("additional_config") or {})
+                merged.update(ours)
+                kwargs["additional_config"] = merged
+            return orig_llm_init(self, model, *a, **kwargs)
+        return llm_init
 
-    def create_engine_config(self, *a, **kw):
-        ours, _ = _split_user_settings(self.additional_config)
-        if not ours:
-            return orig_create(self, *a, **kw)
-        # The engine is built from the user's settings with ours folded in; the arguments
-        # keep the user's settings, so a second call builds the same engine.
-        kept = {name: getattr(self, name) for name in SINK_OVERRIDES}
-        try:
-            return sink_engine_config(self, orig_create, *a, **kw)
-        finally:
-            for name, value in kept.items():
-                setattr(self, name, value)
-
-    def llm_init(self, model, *a, **kwargs):
-        ours = _pop_user_kwargs(kwargs)
-        if ours:
-            merged = dict(kwargs.get("additional_config") or {})
-            merged.update(ours)
-            kwargs["additional_config"] = merged
-        return orig_llm_init(self, model, *a, **kwargs)
-
-    for fn, orig in (
-        (add_cli_args, orig_add),
-        (create_engine_config, orig_create),
-        (llm_init, orig_llm_init),
-    ):
-        fn._vllm_sink = True
-        fn.__wrapped__ = orig
-        fn.__doc__ = orig.__doc__
-    from_cli_args._vllm_sink = True
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-    EngineArgs.from_cli_args = classmethod(from_cli_args)
-    EngineArgs.create_engine_config = create_engine_config
-    LLM.__init__ = llm_init
+    wrap_once(EngineArgs, "add_cli_args", wrap_add_cli_args)
+    wrap_once(EngineArgs, "from_cli_args", wrap_from_cli_args)
+    wrap_once(EngineArgs, "create_engine_config", wrap_create_engine_config)
+    wrap_once(LLM, "__init__", wrap_llm_init)
 

@@ -14,6 +14,7 @@ The value is read again, as checked, by the scheduler's manager
 from __future__ import annotations
 
 from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, request_sink_tokens
+from vllm_sink.patches.wrapping import wrap_once
 
 
 def install() -> None:
@@ -22,18 +23,14 @@ def install() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    orig = InputProcessor._validate_params
-    if getattr(orig, "_vllm_sink", False):
-        return
+    def make(orig):
+        def _validate_params(self, params, *args, **kwargs):
+            orig(self, params, *args, **kwargs)
+            extra = params.extra_args if isinstance(params, SamplingParams) else None
+            if extra and REQUEST_SINK_KEY in extra:
+                geometry = SinkConfig.geometry_from_additional_config(self.vllm_config.additional_config)
+                if geometry is not None:
+                    request_sink_tokens(extra, geometry)
+        return _validate_params
 
-    def _validate_params(self, params, *args, **kwargs):
-        orig(self, params, *args, **kwargs)
-        extra = params.extra_args if isinstance(params, SamplingParams) else None
-        if extra and REQUEST_SINK_KEY in extra:
-            geometry = SinkConfig.geometry_from_additional_config(self.vllm_config.additional_config)
-            if geometry is not None:
-                request_sink_tokens(extra, geometry)
-
-    _validate_params._vllm_sink = True
-    _validate_params.__wrapped__ = orig
-    InputProcessor._validate_params = _validate_params
+    wrap_once(InputProcessor, "_validate_params", make)

@@ -33,6 +33,7 @@ from vllm.v1.request import RequestStatus
 from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
+from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.patches import refusals
 from vllm_sink.step_meta import StepMeta
 from vllm_sink.policy import SinkGeometry, cdiv
@@ -292,19 +293,15 @@ def install_admission_hook() -> None:
     sink policy have no ``StreamingSinkManager`` and pass straight through."""
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-    orig = KVCacheManager.allocate_slots
-    if getattr(orig, "_vllm_sink", False):
-        return
+    def make(orig):
+        def allocate_slots(self, request, *args, **kwargs):
+            for manager in self.coordinator.single_type_managers:
+                if isinstance(manager, StreamingSinkManager):
+                    manager.note_request(request)
+            return orig(self, request, *args, **kwargs)
+        return allocate_slots
 
-    def allocate_slots(self, request, *args, **kwargs):
-        for manager in self.coordinator.single_type_managers:
-            if isinstance(manager, StreamingSinkManager):
-                manager.note_request(request)
-        return orig(self, request, *args, **kwargs)
-
-    allocate_slots._vllm_sink = True
-    allocate_slots.__wrapped__ = orig
-    KVCacheManager.allocate_slots = allocate_slots
+    wrap_once(KVCacheManager, "allocate_slots", make)
 
 
 def register() -> None:

@@ -51,6 +51,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals, sampler
+from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.step_meta import META_ATTR as STEP_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
@@ -578,17 +579,13 @@ def install() -> None:
     specs untouched unless the engine is configured with the sink policy."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    orig = GPUModelRunner.get_kv_cache_spec
-    if getattr(orig, "_vllm_sink", False):
-        return
+    def make(orig):
+        def get_kv_cache_spec(self):
+            specs = orig(self)
+            cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
+            if cfg is None or not cfg.enabled:
+                return specs
+            return sink_specs(self, specs)
+        return get_kv_cache_spec
 
-    def get_kv_cache_spec(self):
-        specs = orig(self)
-        cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
-        if cfg is None or not cfg.enabled:
-            return specs
-        return sink_specs(self, specs)
-
-    get_kv_cache_spec._vllm_sink = True
-    get_kv_cache_spec.__wrapped__ = orig
-    GPUModelRunner.get_kv_cache_spec = get_kv_cache_spec
+    wrap_once(GPUModelRunner, "get_kv_cache_spec", make)

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vllm_sink.patches.wrapping import wrap_once
+
 
 class PromptLogprobTap:
     """While attached to ``llm`` (a ``vllm.LLM``), collects each finished prompt's logprobs
@@ -83,22 +85,19 @@ def install_prompt_tensor_cache() -> None:
     keeps the last four. Opt-in, for long prompt-logprob streams (``benchmarks/ppl.py``)."""
     from vllm.v1.worker import gpu_model_runner as gmr
 
-    orig = gmr.async_tensor_h2d
-    if getattr(orig, "_vllm_sink", False):
-        return
-    cache: list[tuple[list, int, object, object, torch.Tensor]] = []
+    def make(orig):
+        cache: list[tuple[list, int, object, object, torch.Tensor]] = []
 
-    def async_tensor_h2d(data, device, dtype=None):
-        if not isinstance(data, list) or len(data) < _LONG_LIST:
-            return orig(data, device, dtype)
-        for lst, n, dev, dt, tensor in cache:
-            if lst is data and n == len(data) and dev == device and dt == dtype:
-                return tensor
-        tensor = orig(data, device, dtype)
-        cache.append((data, len(data), device, dtype, tensor))
-        del cache[:-4]
-        return tensor
+        def async_tensor_h2d(data, device, dtype=None):
+            if not isinstance(data, list) or len(data) < _LONG_LIST:
+                return orig(data, device, dtype)
+            for lst, n, dev, dt, tensor in cache:
+                if lst is data and n == len(data) and dev == device and dt == dtype:
+                    return tensor
+            tensor = orig(data, device, dtype)
+            cache.append((data, len(data), device, dtype, tensor))
+            del cache[:-4]
+            return tensor
+        return async_tensor_h2d
 
-    async_tensor_h2d._vllm_sink = True
-    async_tensor_h2d.__wrapped__ = orig
-    gmr.async_tensor_h2d = async_tensor_h2d
+    wrap_once(gmr, "async_tensor_h2d", make)

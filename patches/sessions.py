@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from vllm.logger import init_logger
 
 from vllm_sink.metrics import SINK_STATS
+from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.policy import cdiv
 from vllm_sink.sessions import KeptStream, KeptStreams
 from vllm_sink.step_meta import META_ATTR
@@ -226,17 +227,6 @@ def install() -> None:
             return output
         return schedule
 
-    _wrap(KVCacheManager, "free", free)
-    _wrap(KVCacheManager, "get_computed_blocks", get_computed_blocks)
-    _wrap(Scheduler, "schedule", schedule)
-
-
-def _wrap(cls, name: str, make) -> None:
-    """Replace ``cls.name`` by ``make(original)``, once (marked, ``__wrapped__`` kept)."""
-    orig = getattr(cls, name)
-    if getattr(orig, "_vllm_sink", False):
-        return
-    wrapped = make(orig)
-    wrapped._vllm_sink = True
-    wrapped.__wrapped__ = orig
-    setattr(cls, name, wrapped)
+    wrap_once(KVCacheManager, "free", free)
+    wrap_once(KVCacheManager, "get_computed_blocks", get_computed_blocks)
+    wrap_once(Scheduler, "schedule", schedule)

@@ -18,6 +18,7 @@ An explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` with the sink policy is refused at st
 from __future__ import annotations
 
 from vllm_sink.config import CONFIG_KEY
+from vllm_sink.patches.wrapping import wrap_once
 
 
 def wants_v1_runner(additional_config) -> bool:
@@ -30,17 +31,11 @@ def install() -> None:
     """Wrap ``VllmConfig.use_v2_model_runner`` (idempotent)."""
     from vllm.config import VllmConfig
 
-    prop = VllmConfig.__dict__["use_v2_model_runner"]
-    if getattr(prop.fget, "_vllm_sink", False):
-        return
-    orig = prop.fget
+    def make(orig):
+        def use_v2_model_runner(self) -> bool:
+            if wants_v1_runner(getattr(self, "additional_config", None)):
+                return False
+            return orig(self)
+        return use_v2_model_runner
 
-    def use_v2_model_runner(self) -> bool:
-        if wants_v1_runner(getattr(self, "additional_config", None)):
-            return False
-        return orig(self)
-
-    use_v2_model_runner._vllm_sink = True
-    use_v2_model_runner.__wrapped__ = orig
-    use_v2_model_runner.__doc__ = orig.__doc__
-    VllmConfig.use_v2_model_runner = property(use_v2_model_runner)
+    wrap_once(VllmConfig, "use_v2_model_runner", make)

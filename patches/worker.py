@@ -12,21 +12,18 @@ from __future__ import annotations
 
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals
+from vllm_sink.patches.wrapping import wrap_once
 
 
 def install() -> None:
     from vllm.v1.worker.gpu_worker import Worker
 
-    orig = Worker.get_kv_cache_spec
-    if getattr(orig, "_vllm_sink", False):
-        return
+    def make(orig):
+        def get_kv_cache_spec(self):
+            cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
+            if cfg is not None and cfg.enabled:
+                refusals.check_runner(self.model_runner)
+            return orig(self)
+        return get_kv_cache_spec
 
-    def get_kv_cache_spec(self):
-        cfg = SinkConfig.from_additional_config(self.vllm_config.additional_config)
-        if cfg is not None and cfg.enabled:
-            refusals.check_runner(self.model_runner)
-        return orig(self)
-
-    get_kv_cache_spec._vllm_sink = True
-    get_kv_cache_spec.__wrapped__ = orig
-    Worker.get_kv_cache_spec = get_kv_cache_spec
+    wrap_once(Worker, "get_kv_cache_spec", make)

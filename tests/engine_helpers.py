@@ -109,3 +109,55 @@ def run_scored(llm, prompt_ids, max_tokens):
     gen = list(out.outputs[0].token_ids)
     gen_lp = [lp[g].logprob for lp, g in zip(out.outputs[0].logprobs, gen)]
     return prompt_lp, gen, gen_lp, out
+
+
+def _mapped_shm() -> set[str]:
+    """/dev/shm files some live process has mapped (read from every /proc/<pid>/maps)."""
+    import glob
+
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        mapped.add(line[i:].split(" (deleted)")[0].strip())
+        except OSError:  # the process ended while we read
+            pass
+    return mapped
+
+
+def sweep_cpu_shm(created_since: set[str] | None = None) -> list[str]:
+    """Unlink shared-memory files that vLLM's CPU tensor-parallel runs leave in /dev/shm
+    when their process ends without vLLM's teardown (``os._exit``, a crash), and that no
+    live process maps. Returns the paths removed.
+
+    vLLM's CPU all-reduce names its segment after the TCP store's port
+    (``<port>-tp:0-[0-1]-cpushm_<rank>``), and its Ray executor picks that port
+    deterministically (``data_parallel_master_port + 100``, port 100 when it is free), so a
+    stale segment from an earlier run makes the next TP run fail at start-up with "create shm
+    in SHMManager failed. errno: 17". Always removes such unmapped ``*-cpushm_*`` files;
+    given ``created_since`` (a listing of /dev/shm taken before a run), also the unmapped
+    files the run created (vLLM's message queues, ``psm_*``)."""
+    import glob
+    import os
+
+    mapped = _mapped_shm()
+    removed = []
+    for path in glob.glob("/dev/shm/*"):
+        stale_allreduce = "-cpushm_" in os.path.basename(path)
+        new = created_since is not None and path not in created_since
+        if (stale_allreduce or new) and path not in mapped:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def shm_listing() -> set[str]:
+    import glob
+
+    return set(glob.glob("/dev/shm/*"))

@@ -52,7 +52,7 @@ import time
 
 import pytest
 
-from engine_helpers import COMMON, ENGINES, run_scored
+from engine_helpers import COMMON, ENGINES, run_scored, shm_listing, sweep_cpu_shm
 
 ENGINE = "sink16_p512"
 N = 640
@@ -140,12 +140,17 @@ def test_policy_active_in_ray_workers(llm, tmp_path, hamlet_ids):
     # its own, but a Ray worker keeps the value it inherits from the raylet (vLLM hands it
     # the driver's environment with setdefault), so start Ray without a stale one.
     env.pop("VLLMSINK_METRICS_DIR", None)
+    sweep_cpu_shm()  # a stale all-reduce segment of an earlier run would stop this one
+    before = shm_listing()
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, str(tmp_path / "run.py"), str(padded), json.dumps(_script_kwargs(ENGINE)),
-         str(tmp_path / "ids.json"), str(TP)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(tmp_path / "run.py"), str(padded), json.dumps(_script_kwargs(ENGINE)),
+             str(tmp_path / "ids.json"), str(TP)],
+            env=env, capture_output=True, text=True, timeout=900,
+        )
+    finally:
+        sweep_cpu_shm(before)  # the script leaves with os._exit: vLLM's segments stay behind
     wall = time.time() - t0
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-2000:] + proc.stderr[-4000:])
