@@ -81,8 +81,9 @@ CLI_FLAGS = {
     ),
     "max_stream_len": dict(
         type=int,
-        help="[--kv-policy sink] Cap on one request's prompt + output tokens (default "
-        "1048576). Costs about 5 bytes of host memory per token per running sequence.",
+        help="[--kv-policy sink] Optional cap on one request's prompt + output tokens. "
+        "Default: none (a stream runs until EOS, a stop condition, max_tokens or the client "
+        "going away; at most 2**31 - 1 tokens).",
     ),
     "kv_sessions": dict(
         action=argparse.BooleanOptionalAction,
@@ -160,7 +161,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
         user_max_model_len = None
     args.enable_prefix_caching = False
     args.disable_cascade_attn = True
-    args.max_model_len = cfg.max_stream_len
+    args.max_model_len = cfg.stream_cap
     # Marks the config as a sink engine's while vLLM builds it (the V1 model runner is
     # chosen from it: patches.vllm_config); replaced by the resolved settings below.
     args.additional_config = {**rest, CONFIG_KEY: {"policy": cfg.policy}}
@@ -200,18 +201,17 @@ def sink_engine_config(args, orig_create, *a, **kw):
     vllm_config.additional_config[CONFIG_KEY] = {**resolved.to_dict(), GEOMETRY_KEY: geometry.to_dict()}
     served = vllm_config.model_config.served_model_name
     export_metrics(served if isinstance(served, str) else served[0])
-    host_mb = 5 * resolved.max_stream_len * sched.max_num_seqs / 2**20
+    row_tokens = geometry.widest.row_capacity * block_size
     logger.info(
         "vllm-sink: kv_policy=sink, sink %d tokens in %d page(s), window %d tokens, block "
-        "size %d, stream cap %d tokens per request (worker host memory for token buffers "
-        "about %.0f MiB = 5 B x cap x max_num_seqs %d)",
+        "size %d, %s; each running stream's worker token row holds %d tokens (sink + window "
+        "+ steps in flight), whatever its length",
         resolved.sink_tokens,
         resolved.sink_pages,
         resolved.window,
         block_size,
-        resolved.max_stream_len,
-        host_mb,
-        sched.max_num_seqs,
+        "no stream cap" if resolved.max_stream_len is None else f"stream cap {resolved.max_stream_len} tokens",
+        row_tokens,
     )
     if resolved.system_sink:
         logger.info(

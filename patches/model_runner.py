@@ -1,22 +1,38 @@
 """The sink policy inside vLLM's V1 model runner: compacted rows, frame positions, rotations.
 
 Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+  GPUModelRunner.__init__(vllm_config, device)              wrapped: built with the model
+    length of a compacted row (``row_tokens``), so its InputBatch is that size
+  GPUModelRunner.get_kv_cache_spec()                        wrapped: our spec, attach
   GPUModelRunner._update_states(scheduler_output)           wrapped per instance
   GPUModelRunner._update_streaming_request (relied on: a streaming-input session's next chunk
     comes as a NewRequestData under the id the runner still holds, its block_ids the
     manager's whole row, null pages included; the runner keeps the request's state)
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
+    (relied on: positions, seq_lens, optimistic_seq_lens_cpu, the slot mapping and the input
+    ids come from input_batch.num_computed_tokens_cpu and token_ids_cpu; the rows to discard
+    from ``requests[r].num_tokens < seq_lens``, recomputed here: discard_request_mask)
   GPUModelRunner.execute_model: both run inside ``synchronize_input_prep()`` (relied on: the
     pinned host buffer of ``_HostStager`` is reused only after the previous step's copies)
-  GPUModelRunner: input_batch (req_ids, num_reqs, num_computed_tokens_cpu, block_table),
-    requests[req_id].block_ids, positions, seq_lens, optimistic_seq_lens_cpu,
-    req_indices, query_start_loc, kv_caches, get_model()
+  GPUModelRunner: input_batch, requests[req_id] (block_ids, prompt_token_ids,
+    prompt_is_token_ids, prompt_embeds, output_token_ids, sampling_params), positions,
+    optimistic_seq_lens_cpu, req_indices, kv_caches, get_model(), update_max_model_len
+  vllm.v1.worker.gpu_input_batch.InputBatch: add_request and
+    _make_prompt_token_ids_cpu_tensor (wrapped per instance), token_ids_cpu, is_token_ids,
+    num_tokens_no_spec, num_computed_tokens_cpu, num_prompt_tokens, req_prompt_embeds,
+    vocab_size, block_table
   vllm.v1.worker.block_table.BlockTable: block_table.np, num_blocks_per_row,
-    blocks_per_kv_block; MultiGroupBlockTable.compute_slot_mapping
+    blocks_per_kv_block
   vllm.model_executor.layers.rotary_embedding.base.RotaryEmbeddingBase
 
 Only runners of engines configured with the sink policy are touched: ``attach`` wraps the
-two methods on the runner *instance*.
+two methods on the runner *instance*, and two of its InputBatch's.
+
+The runner sees each sink stream as its compacted sequence ``tokens[0:S] ++ tokens[w0:]``
+(``vllm_sink.token_rows``): its token row, its computed-token count and its block-table row
+are in compacted coordinates, so every per-sequence buffer is the size of sink + window +
+the steps in flight, whatever the stream's length. The output ids the runner keeps for its
+sampler are cut to what penalties and ``min_tokens`` read (``token_rows.output_keep``).
 
 Per step and per sequence (``vllm_sink.policy.plan_step``):
   1. after ``_update_states``: drop the evicted pages from the request's block ids and its
@@ -24,13 +40,15 @@ Per step and per sequence (``vllm_sink.policy.plan_step``):
      ring); with a partial sink page (``S mod B = r > 0``), the page holding ``w0``, whose
      slots ``[r, B)`` are the first window tokens, becomes the last sink page and the old one
      leaves instead (nothing is copied: the sink's ``r`` slots are rewritten in it from
-     their pristine copy); then, before the forward, rotate the window keys once if an epoch
-     starts and re-anchor the sink keys (and, in a new partial sink page, write the sink
-     values) from their pristine copy;
-  2. after ``_prepare_inputs``: recompute the slot mapping in compacted coordinates
-     (``t - (w0 - S)``), shrink ``seq_lens`` by the same offset and turn positions into frame
-     positions (``t - base``). All three are the runner's persistent buffers, changed in
-     place, so CUDA graphs and every attention backend see an ordinary short sequence.
+     their pristine copy); shift the token row by as many tokens as the window moved, write
+     the step's prompt tokens into it, and set the computed-token count to ``a - (w0 - S)``;
+     then, before the forward, rotate the window keys once if an epoch starts and re-anchor
+     the sink keys (and, in a new partial sink page, write the sink values) from their
+     pristine copy;
+  2. after ``_prepare_inputs``: vLLM built the slot mapping, ``seq_lens`` and positions from
+     the compacted count, so the attention kernels of every backend see an ordinary short
+     sequence; the positions become frame positions (``t - base``: plus ``w0 - S - base``),
+     in the runner's persistent buffer, so CUDA graphs see it too.
 
 ALiBi models (MPT, BLOOM; no rotary table: ``SinkRunnerHook.table is None``): keys carry no
 position and the attention kernel biases each key by its index in the compacted row
@@ -58,6 +76,7 @@ from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, row_transition, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
+from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_keep, shift_row
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
@@ -73,8 +92,12 @@ class _StreamTable:
     (epoch base: frame position = token index - base), ``sink_angle`` (rotation now applied
     to the sink keys, relative to their pristine copy), ``first_live`` (logical block held at
     row position ``ceil(sink / B)``), and this step's ``slot_offset`` with the step it was
-    planned in (``planned``); on the device, the pristine sink keys ``[L, whole sink pages,
-    H, B, D]`` and, with a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
+    planned in (``planned``); ``token_off``, the offset of the sequence's token row (it holds
+    ``tokens[0:S] ++ tokens[S + token_off:]``, ``vllm_sink.token_rows``), ``out_trimmed``, how
+    many of its first output ids the runner's request state no longer keeps, and
+    ``sink_ids``, its sink token ids once its window has moved; on the device, the pristine
+    sink keys ``[L, whole sink pages, H, B, D]`` and, with a partial sink page, its first
+    ``r`` keys and values ``[L, H, r, D]``.
     """
 
     def __init__(self, sink_tokens: int, block_size: int, capacity: int = 64):
@@ -88,9 +111,10 @@ class _StreamTable:
         self.pristine: dict[int, torch.Tensor] = {}
         self.pristine_partial: dict[int, torch.Tensor] = {}
         self.pristine_partial_values: dict[int, torch.Tensor] = {}
+        self.sink_ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.capacity = 0
         self.sink = self.base = self.sink_angle = self.first_live = self.slot_offset = None
-        self.planned = None
+        self.planned = self.token_off = self.out_trimmed = None
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
@@ -106,6 +130,8 @@ class _StreamTable:
         self.first_live = grown(self.first_live, cdiv(self.sink_tokens, self.block_size))
         self.slot_offset = grown(self.slot_offset, 0)
         self.planned = grown(self.planned, -1)
+        self.token_off = grown(self.token_off, 0)
+        self.out_trimmed = grown(self.out_trimmed, 0)
         self.capacity = capacity
 
     def slot(self, rid: str) -> int:
@@ -129,16 +155,24 @@ class _StreamTable:
 
     def _clear(self, slot: int) -> None:
         self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = 0
+        self.token_off[slot] = self.out_trimmed[slot] = 0
         self.first_live[slot] = cdiv(int(self.sink[slot]), self.block_size)
         self.planned[slot] = -1
+        self.sink_ids.pop(slot, None)
         self.pristine.pop(slot, None)
         self.pristine_partial.pop(slot, None)
         self.pristine_partial_values.pop(slot, None)
 
     def reset(self, rid: str) -> None:
         """A sequence restarts from token 0 in fresh pages, with its sink (resumed after a
-        preemption: vLLM recomputes it)."""
-        self._clear(self.slot(rid))
+        preemption: vLLM recomputes it). Admission never preempts a sink stream
+        (``kv_cache_spec.StreamingSinkManager``); one that had output ids trimmed could not
+        be recomputed, and stops the engine rather than run on wrong tokens."""
+        slot = self.slot(rid)
+        if self.out_trimmed[slot]:
+            raise RuntimeError(f"vllm-sink: stream {rid} was preempted after {int(self.out_trimmed[slot])} "
+                               "of its output ids were released; sink streams are never preempted")
+        self._clear(slot)
 
     def drop(self, rid: str) -> None:
         slot = self.slot_of.pop(rid, None)
@@ -157,6 +191,9 @@ class _StreamTable:
         slot = self.kept.pop(key)
         self.slot_of[rid] = slot
         self.planned[slot] = -1
+        # The new request's token row was written from its own prompt, from token 0.
+        self.token_off[slot] = self.out_trimmed[slot] = 0
+        self.sink_ids.pop(slot, None)
         if slot in self.pristine or slot in self.pristine_partial:
             # The sink is rewritten at the first step: the row the scheduler hands over
             # may name an earlier sink page than the one this state last wrote.
@@ -295,6 +332,11 @@ class SinkRunnerHook:
         (sink pages, then its window pages from ``first_live``, before this step's
         transition, as for any running stream) plus the pages allocated for the chunk."""
         table = self.streams
+        self._bind_batch()
+        # A stream resumed after a preemption restarts from token 0: its row is written
+        # from there when vLLM adds it back (``_add_request``).
+        for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+            table.reset(rid)
         table.continuing.clear()
         finished = scheduler_output.finished_req_ids
         for new in scheduler_output.scheduled_new_reqs:
@@ -310,6 +352,8 @@ class SinkRunnerHook:
             assert start <= len(shipped) and 0 not in added, (rid, start, shipped)  # 0: the null block
             shipped[:] = held + added
             table.continuing.add(rid)
+            # vLLM folds the outputs into the chunk's prompt (the whole stream so far).
+            table.out_trimmed[slot] = 0
 
     def after_update_states(self, scheduler_output) -> None:
         """Plan the step for every scheduled row at once, then carry out what it asks: the
@@ -345,8 +389,6 @@ class SinkRunnerHook:
                 table.start(new.req_id, meta.sink_tokens.get(new.req_id, self.S) if meta else self.S)
         for key in meta.released if meta else ():
             table.release(key)
-        for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
-            table.reset(rid)
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
@@ -390,7 +432,148 @@ class SinkRunnerHook:
         table.sink_angle[slots] = plans.sink_angle
         table.slot_offset[slots] = plans.slot_offset
         table.planned[slots] = table.step
-        self.any_offset = bool(plans.slot_offset.any() or plans.base.any())
+        self._compact_tokens(rows, rids, slots, sinks, a, a + n[rows], plans.slot_offset)
+        self.any_offset = bool((plans.slot_offset - plans.base).any())
+
+    # ------------------------------------------------------------------ token rows
+    def _bind_batch(self) -> None:
+        """Bind this hook to the runner's current ``InputBatch`` (vLLM builds a new one once
+        the KV cache's block sizes are known): its rows hold compacted sequences."""
+        ib = self.runner.input_batch
+        if getattr(ib, "_vllm_sink_rows", None) is self:
+            return
+        orig_add = ib.add_request
+        orig_prompt = ib._make_prompt_token_ids_cpu_tensor
+        hook = self
+
+        def add_request(batch, request):
+            return hook._add_request(orig_add, request)
+
+        def _make_prompt_token_ids_cpu_tensor(batch):
+            return hook._held_prompt_tensor(orig_prompt)
+
+        ib.add_request = types.MethodType(add_request, ib)
+        ib._make_prompt_token_ids_cpu_tensor = types.MethodType(_make_prompt_token_ids_cpu_tensor, ib)
+        ib._vllm_sink_rows = self
+
+    def _tokens(self, request, trimmed: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids ``[start, end)`` of a request's stream and whether each is a token id
+        (not a prompt embedding), from its prompt and the output ids the runner keeps."""
+        P = len(request.prompt_token_ids) if request.prompt_token_ids is not None else request.prompt_embeds.shape[0]
+        ids = np.zeros(max(0, end - start), dtype=np.int64)
+        is_tok = np.ones(len(ids), dtype=bool)
+        p0, p1 = min(start, P), min(end, P)
+        if p1 > p0:
+            if request.prompt_token_ids is not None:
+                ids[: p1 - p0] = request.prompt_token_ids[p0:p1]
+                if request.prompt_is_token_ids is not None:
+                    is_tok[: p1 - p0] = request.prompt_is_token_ids[p0:p1]
+            else:
+                is_tok[: p1 - p0] = False
+        o0, o1 = max(start, P) - P - trimmed, max(end, P) - P - trimmed
+        if o1 > o0:
+            assert o0 >= 0, f"output ids {o0 + trimmed}.. of {request.req_id} were released"
+            ids[max(start, P) - start :] = request.output_token_ids[o0:o1]
+        return ids, is_tok
+
+    def _add_request(self, orig_add, request) -> int:
+        """``InputBatch.add_request`` for a sink stream: vLLM's bookkeeping as is, its token
+        row written in compacted coordinates (``vllm_sink.token_rows``) at the row's offset
+        (0 for a new request; a stream vLLM adds back after a step without tokens keeps its
+        own), up to the row's end. A long prompt's later tokens are written when scheduled
+        (``_compact_tokens``). vLLM's own writes, at absolute positions, land in a scratch
+        row."""
+        ib = self.runner.input_batch
+        table = self.streams
+        slot = table.slot_of.get(request.req_id)
+        off = int(table.token_off[slot]) if slot is not None else 0
+        trimmed = int(table.out_trimmed[slot]) if slot is not None else 0
+        P = len(request.prompt_token_ids) if request.prompt_token_ids is not None else request.prompt_embeds.shape[0]
+        N = P + trimmed + len(request.output_token_ids)
+        width = ib.token_ids_cpu.shape[1]
+        rows, real = ib.token_ids_cpu.shape[0], (ib.token_ids_cpu, ib.is_token_ids)
+        need = P + len(request.output_token_ids)
+        if need > width:  # vLLM writes the whole prompt and the kept outputs at [0, need)
+            scratch = np.zeros(need, dtype=ib.token_ids_cpu.dtype), np.zeros(need, dtype=bool)
+            ib.token_ids_cpu, ib.is_token_ids = (
+                np.lib.stride_tricks.as_strided(x, shape=(rows, need), strides=(0, x.strides[0])) for x in scratch)
+        try:
+            idx = orig_add(request)
+        finally:
+            ib.token_ids_cpu, ib.is_token_ids = real
+        ids_row, tok_row = ib.token_ids_cpu[idx], ib.is_token_ids[idx]
+        if off:
+            S = int(table.sink[slot])
+            ids_row[:S], tok_row[:S] = table.sink_ids[slot]
+            end = min(N - off, width)
+            if end > S:
+                ids_row[S:end], tok_row[S:end] = self._tokens(request, trimmed, S + off, end + off)
+        else:
+            end = min(N, width)
+            ids_row[:end], tok_row[:end] = self._tokens(request, trimmed, 0, end)
+        ib.num_tokens_no_spec[idx] = N - off
+        return idx
+
+    def _compact_tokens(self, rows, rids, slots, sinks, a, b, offs) -> None:
+        """Present each scheduled stream to vLLM's runner as its compacted sequence for the
+        step ``[a, b)`` at offset ``offs`` (``w0 - S``): shift the token rows whose window
+        moved, write the step's prompt tokens, and set the rows' computed-token counts to
+        ``a - off``. vLLM then gathers input ids, positions, ``seq_lens`` and the slot
+        mapping at compacted indices, which are the compacted block-table row's; only the
+        positions need the frame offset (``after_prepare_inputs``). Also releases output ids
+        the sampler no longer needs (``token_rows.output_keep``)."""
+        ib = self.runner.input_batch
+        table = self.streams
+        width = ib.token_ids_cpu.shape[1]
+        moved = np.flatnonzero(offs != table.token_off[slots])
+        for i in moved.tolist():
+            row, slot, S = int(rows[i]), int(slots[i]), int(sinks[i])
+            by = int(offs[i] - table.token_off[slot])
+            if slot not in table.sink_ids:
+                table.sink_ids[slot] = (ib.token_ids_cpu[row, :S].copy(), ib.is_token_ids[row, :S].copy())
+            length = int(ib.num_tokens_no_spec[row])
+            shift_row(ib.is_token_ids[row], length, S, by)
+            ib.num_tokens_no_spec[row] = shift_row(ib.token_ids_cpu[row], length, S, by)
+        table.token_off[slots] = offs
+        P = ib.num_prompt_tokens[rows]
+        for i in np.flatnonzero(a < P).tolist():
+            row, rid, off = int(rows[i]), rids[rows[i]], int(offs[i])
+            end = min(int(b[i]), int(P[i]))
+            request = self.runner.requests[rid]
+            ids, is_tok = self._tokens(request, int(table.out_trimmed[slots[i]]), int(a[i]), end)
+            ib.token_ids_cpu[row, a[i] - off : end - off] = ids
+            ib.is_token_ids[row, a[i] - off : end - off] = is_tok
+            if off and request.prompt_embeds is not None and row in ib.req_prompt_embeds:
+                # vLLM reads a prompt's embeddings at the row's computed-token count.
+                ib.req_prompt_embeds[row] = request.prompt_embeds[off:]
+        ib.num_computed_tokens_cpu[rows] = a - offs
+        for i, row in enumerate(rows.tolist()):
+            request = self.runner.requests[rids[row]]
+            outs = request.output_token_ids
+            min_tokens = request.sampling_params.min_tokens if request.sampling_params else 0
+            keep = output_keep(width, min_tokens)
+            if len(outs) >= 2 * keep:  # one more is sampled this step
+                drop = len(outs) - keep
+                del outs[:drop]
+                table.out_trimmed[slots[i]] += drop
+
+    def _held_prompt_tensor(self, orig_prompt):
+        """``InputBatch._make_prompt_token_ids_cpu_tensor`` (the prompt ids that repetition
+        penalties read) over compacted rows: the prompt tokens each stream still holds (its
+        sink and the prompt tokens in its window), the rest padded as vLLM pads."""
+        ib = self.runner.input_batch
+        table = self.streams
+        n = ib.num_reqs
+        slots = [table.slot_of.get(rid) for rid in ib.req_ids[:n]]
+        S = np.array([table.sink[s] if s is not None else 0 for s in slots], dtype=np.int64)
+        off = np.array([table.token_off[s] if s is not None else 0 for s in slots], dtype=np.int64)
+        P = ib.num_prompt_tokens[:n].astype(np.int64)
+        width = held_prompt_width(S, off, P, ib.token_ids_cpu.shape[1])
+        out = torch.empty((n, width), dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        arr = out.numpy()
+        arr[:] = ib.token_ids_cpu[:n, :width]
+        arr[~held_prompt_mask(width, S, off, P)] = ib.vocab_size
+        return out
 
     def _adopt_row(self, rid: str, first_live: int) -> None:
         """A resumed request's row: the scheduler ships it compacted (its sink pages, then
@@ -500,28 +683,28 @@ class SinkRunnerHook:
 
     # ------------------------------------------------------------------ step 2
     def after_prepare_inputs(self, scheduler_output) -> None:
+        """vLLM computed the step's positions as compacted indices (``a - off`` on); the
+        model gets frame positions, ``t - base = c + (off - base)``. ``seq_lens`` and the
+        slot mapping are already the compacted row's. vLLM decides which rows' sampled
+        tokens to throw away (a prompt chunk that is not the last) by comparing ``seq_lens``
+        with the request state's token count, which is absolute: the rows' compacted count
+        (``num_tokens_no_spec``) is the one to compare with."""
+        r = self.runner
+        num_reqs = r.input_batch.num_reqs
+        discard = r.optimistic_seq_lens_cpu[:num_reqs].numpy() < r.input_batch.num_tokens_no_spec[:num_reqs]
+        if (discard != r.discard_request_mask.np[:num_reqs]).any():
+            r.discard_request_mask.np[:num_reqs] = discard
+            r.discard_request_mask.copy_to_gpu(num_reqs)
         if not self.any_offset:
             return
-        r = self.runner
         table = self.streams
-        num_reqs = r.input_batch.num_reqs
         T = scheduler_output.total_num_scheduled_tokens
         slots = np.fromiter((table.slot(rid) for rid in r.input_batch.req_ids[:num_reqs]), dtype=np.int64,
                             count=num_reqs)
         planned = table.planned[slots] == table.step  # rows not scheduled this step: no offset
-        slot_off_np = np.where(planned, table.slot_offset[slots], 0)
-        slot_off = self.stager.put(slot_off_np)
-        rope_off = self.stager.put(np.where(planned, table.base[slots], 0))
+        rope_off = self.stager.put(np.where(planned, table.slot_offset[slots] - table.base[slots], 0))
         req_idx = r.req_indices.gpu[:T].long()
-        positions = r.positions[:T]
-        r.input_batch.block_table.compute_slot_mapping(
-            num_reqs, r.query_start_loc.gpu[: num_reqs + 1], positions - slot_off[req_idx]
-        )
-        positions.sub_(rope_off[req_idx])
-        r.seq_lens[:num_reqs].sub_(slot_off.to(r.seq_lens.dtype))
-        r.optimistic_seq_lens_cpu[:num_reqs].sub_(
-            torch.from_numpy(slot_off_np).to(r.optimistic_seq_lens_cpu.dtype)
-        )
+        r.positions[:T].add_(rope_off[req_idx])
 
 
 def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
@@ -571,6 +754,9 @@ def sink_specs(runner, specs: dict) -> dict:
         hook = attach(runner, geometry)
         refusals.check_partial_sink_kernel(hook.S, hook.B, hook._block_table().blocks_per_kv_block,
                                            geometry.sink_cap)
+        # The runner's per-sequence token rows hold compacted sequences (built that size
+        # by ``_runner_init``; vLLM builds its InputBatch again once the KV cache exists).
+        assert runner.max_model_len <= row_tokens(runner.vllm_config), runner.max_model_len
     return out
 
 
@@ -589,3 +775,32 @@ def install() -> None:
         return get_kv_cache_spec
 
     wrap_once(GPUModelRunner, "get_kv_cache_spec", make)
+    wrap_once(GPUModelRunner, "__init__", _runner_init)
+
+
+def row_tokens(vllm_config) -> int | None:
+    """Tokens in one row of a sink engine's worker (the compacted block-table row's
+    length in tokens); ``None`` for other engines."""
+    geometry = SinkConfig.geometry_from_additional_config(vllm_config.additional_config)
+    if geometry is None:
+        return None
+    return min(vllm_config.model_config.max_model_len, geometry.widest.row_capacity * geometry.block_size)
+
+
+def _runner_init(orig):
+    def __init__(self, vllm_config, *args, **kwargs):
+        """The runner of a sink engine sizes its per-sequence token buffers (its
+        ``InputBatch``, built here) by :func:`row_tokens`, not by the stream cap: vLLM
+        builds it with the model length the config has while the runner is built. The
+        config keeps the stream cap (the scheduler, in this process too, reads it)."""
+        tokens = row_tokens(vllm_config)
+        if tokens is None:
+            return orig(self, vllm_config, *args, **kwargs)
+        model_config = vllm_config.model_config
+        cap = model_config.max_model_len
+        model_config.max_model_len = tokens
+        try:
+            return orig(self, vllm_config, *args, **kwargs)
+        finally:
+            model_config.max_model_len = cap
+    return __init__

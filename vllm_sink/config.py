@@ -16,7 +16,11 @@ from vllm_sink.policy import SinkGeometry, cdiv, max_step_tokens
 CONFIG_KEY = "vllm_sink"
 GEOMETRY_KEY = "geometry"  # the resolved SinkGeometry, beside the settings
 POLICIES = ("full", "sink")
-DEFAULT_MAX_STREAM_LEN = 1 << 20  # 1,048,576 tokens
+# A stream with no cap set (``max_stream_len=None``, the default) runs until EOS, a stop
+# condition, ``max_tokens`` or the client going away; vLLM still needs a model length, and
+# its runner counts a request's tokens in int32: the longest stream is 2**31 - 1 tokens
+# (eight months at 100 tokens a second). Nothing is sized by it.
+NO_STREAM_CAP = (1 << 31) - 1
 DEFAULT_WINDOW_CAP = 4096
 # sink_tokens="system": each chat request's sink is its rendered first message (its system
 # prompt), up to max_sink_tokens, by default this many tokens (at most the window, and what
@@ -48,8 +52,8 @@ class SinkConfig:
     """``policy``: "full" (vanilla vLLM) or "sink". ``sink_pages``: pages pinned at the
     start of every sequence. ``sink_tokens``: the sink in tokens instead (any count, e.g.
     the paper's 4; ``None``: ``sink_pages`` whole pages). ``window``: recent tokens kept
-    (None: chosen from the model's context at start-up). ``max_stream_len``: the
-    per-request length cap (prompt + output). ``sessions``: keep finished streams so that a
+    (None: chosen from the model's context at start-up). ``max_stream_len``: an optional
+    per-request length cap (prompt + output; ``None``: no cap, see ``NO_STREAM_CAP``). ``sessions``: keep finished streams so that a
     request extending one's token history resumes from it (``vllm_sink.sessions``; on by
     default);
     ``session_pages``: the most pages kept streams may hold (``None``: as many as the pool
@@ -68,7 +72,7 @@ class SinkConfig:
     policy: str = "full"
     sink_pages: int = 1
     window: int | None = None
-    max_stream_len: int = DEFAULT_MAX_STREAM_LEN
+    max_stream_len: int | None = None
     sink_tokens: int | str | None = None
     sessions: bool = True
     session_pages: int | None = None
@@ -83,6 +87,12 @@ class SinkConfig:
     @property
     def enabled(self) -> bool:
         return self.policy == "sink"
+
+    @property
+    def stream_cap(self) -> int:
+        """The most tokens (prompt + output) of one request: ``max_stream_len``, or
+        ``NO_STREAM_CAP`` without one."""
+        return NO_STREAM_CAP if self.max_stream_len is None else self.max_stream_len
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -142,6 +152,8 @@ class SinkConfig:
             value = getattr(self, name)
             if name == "sink_tokens" and value in (None, SINK_FROM_SYSTEM):
                 continue
+            if name == "max_stream_len" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 also = f' (or "{SINK_FROM_SYSTEM}": each chat request\'s system prompt)' if name == "sink_tokens" else ""
                 raise SinkConfigError(f"{name} must be an integer{also}, got {value!r}")
@@ -161,8 +173,10 @@ class SinkConfig:
             )
         if self.window is not None and self.window <= 0:
             raise SinkConfigError(f"kv_window={self.window} must be positive")
-        if self.max_stream_len <= 0:
-            raise SinkConfigError(f"max_stream_len={self.max_stream_len} must be positive")
+        if self.max_stream_len is not None and not 0 < self.max_stream_len <= NO_STREAM_CAP:
+            raise SinkConfigError(
+                f"max_stream_len={self.max_stream_len} must be from 1 to {NO_STREAM_CAP} (vLLM counts a "
+                "request's tokens in int32); leave it unset for no cap")
         if not isinstance(self.sessions, bool):
             raise SinkConfigError(f"kv_sessions must be true or false, got {self.sessions!r}")
         if self.session_pages is not None and (
@@ -229,7 +243,7 @@ class SinkConfig:
             # The largest default that fits: the window, the model's positions (leaving a
             # page a step), --max-model-len and the stream cap; never below the engine's sink
             # (the checks below then name the fix).
-            room = [DEFAULT_SYSTEM_SINK_CAP, window, rope_limit - window - 2 * B, self.max_stream_len - window]
+            room = [DEFAULT_SYSTEM_SINK_CAP, window, rope_limit - window - 2 * B, self.stream_cap - window]
             if user_max_model_len is not None:
                 room.append(user_max_model_len - window)
             cap = max(S, min(room))
@@ -258,7 +272,7 @@ class SinkConfig:
                 f"{user_max_model_len}; with the sink policy max_model_len bounds the "
                 f"attended context: raise it or lower kv_window"
             )
-        if self.max_stream_len < cap + window:
+        if self.stream_cap < cap + window:
             raise SinkConfigError(
                 f"max_stream_len={self.max_stream_len} is shorter than sink + window "
                 f"({cap + window}); raise max_stream_len"

@@ -1,7 +1,10 @@
 """Pool pressure: with a KV pool that holds only two streams' bounded footprints, six
 concurrent long streams are admitted two at a time (each admitted stream can always grow to
 its footprint), none is preempted (so none is recomputed from token 0), and every stream's
-output equals its output on an unpressured server, token for token."""
+output equals its output on an unpressured server, token for token.
+
+The pressured server sets no stream cap (the default): a request for 100 million tokens is
+served until its client goes away, streamed or not, and gives its pages back then."""
 
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ def unpressured(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pressured(tmp_path_factory, unpressured):
-    # Configured through stock --additional-config (the unpressured one through the flags):
-    # equal outputs also show both routes give the same settings.
+    # Configured through stock --additional-config (the unpressured one through the flags,
+    # with a stream cap of 8192): equal outputs also show both routes give the same settings.
     srv = Server(["--kv-cache-memory-bytes", str(POOL_PAGES * PAGE_BYTES)], tmp_path_factory.mktemp("pressured") / "server.log", sink_args=SINK_ADDITIONAL_CONFIG)
     yield srv
     srv.stop()
@@ -88,3 +91,48 @@ def test_pool_pressure_same_outputs_no_preemption(unpressured, pressured):
     assert m1["vllm:num_preemptions_total"] == 0  # no stream recomputed from token 0
     assert seen["waiting"] > 0 and seen["running"] <= 2  # the pool was the limit
     assert pressured.free_or_kept(m1) == pressured.free_or_kept(m0)
+
+
+def test_no_stream_cap(pressured):
+    """No cap set: a streamed completion asking for 100 million tokens runs past the window
+    until the client stops reading; the server then aborts it and its pages return. The same
+    request without streaming is accepted too: it runs until its client goes away."""
+    import requests
+
+    server = pressured
+    assert "no stream cap" in server.log()
+    m0 = server.wait_idle()
+    body = dict(model=MODEL_NAME, prompt="Once upon a time", max_tokens=100_000_000, temperature=0)
+    stream = server.client(timeout=900).completions.create(**body, stream=True, extra_body={"ignore_eos": True})
+    texts = []
+    for chunk in stream:
+        texts.append(chunk.choices[0].text)
+        if len(texts) >= 320:  # past the window (256)
+            break
+    stream.close()
+    m1 = server.wait_idle()
+    assert len(texts) == 320 and all(t is not None for t in texts)
+    assert m1["vllm_sink:pages_evicted_total"] > m0["vllm_sink:pages_evicted_total"]
+    assert server.free_or_kept(m1) == server.free_or_kept(m0)
+
+    seen = []
+
+    def watch():
+        for _ in range(40):
+            m = server.metrics()
+            seen.append((m.get("vllm:num_requests_running", 0), m.get("vllm:generation_tokens_total", 0)))
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with pytest.raises(requests.exceptions.ReadTimeout):  # the client gives up, the request is aborted
+        requests.post(server.url + "/v1/completions", json={**body, "ignore_eos": True}, timeout=15)
+    watcher.join()
+    m2 = server.wait_idle()
+    running = [r for r, _ in seen]
+    generated = [g for _, g in seen]
+    assert max(running) == 1 and generated[-1] > generated[0] + 50  # accepted, and generating
+    assert server.free_or_kept(m2) == server.free_or_kept(m0)
+    assert server.healthy()
+    print(f"\nno cap: streamed {len(texts)} tokens, then aborted; unstreamed request generated "
+          f"{generated[-1] - generated[0]:.0f} tokens before its client left; pages back")

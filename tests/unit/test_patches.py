@@ -214,7 +214,7 @@ def test_create_engine_config_is_idempotent():
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_sink import assets
-    from vllm_sink.config import CONFIG_KEY
+    from vllm_sink.config import CONFIG_KEY, NO_STREAM_CAP
 
     args = EngineArgs(model=str(assets.model_dir()), dtype="float32", max_model_len=2048,
                       additional_config={"kv_policy": "sink", "kv_window": 256, "other": 1})
@@ -224,7 +224,7 @@ def test_create_engine_config_is_idempotent():
     for cfg in (first, second):
         assert cfg.additional_config[CONFIG_KEY]["geometry"]["kv_window"] == 256
         assert cfg.additional_config["other"] == 1
-        assert cfg.model_config.max_model_len == 1 << 20  # the stream cap
+        assert cfg.model_config.max_model_len == NO_STREAM_CAP  # no stream cap set
         assert not cfg.cache_config.enable_prefix_caching
     assert first.additional_config == second.additional_config
 
@@ -237,13 +237,14 @@ def test_engine_config_with_vllm_env_cache_taken():
     from vllm.engine.arg_utils import EngineArgs
 
     from vllm_sink import assets
+    from vllm_sink.config import NO_STREAM_CAP
 
     envs.enable_envs_cache()  # what a running engine leaves behind
     try:
         assert not envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN
         cfg = EngineArgs(model=str(assets.model_dir()), dtype="float32",
                          additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
-        assert cfg.model_config.max_model_len == 1 << 20
+        assert cfg.model_config.max_model_len == NO_STREAM_CAP
         assert envs._is_envs_cache_enabled() and not envs.VLLM_ALLOW_LONG_MAX_MODEL_LEN
     finally:
         envs.disable_envs_cache()

@@ -1,0 +1,239 @@
+"""Memory along one long stream: RSS of every process of `vllm serve --kv-policy sink` (the
+API server, the engine core, the worker) and GPU memory, sampled as one request streams,
+plotted against the tokens it has processed.
+
+    python benchmarks/memory.py [--prompt-tokens 0] [--tokens 20000] [--window 256] \\
+        [--every 250] [--max-seconds 600] [--out benchmarks/results/memory.json]
+    python benchmarks/memory.py --gpu --tokenizer-dir DIR ...   # Llama-3-8B shape, dummy weights
+
+One request, sent with the stock OpenAI client as a streamed completion of ``--tokens``
+tokens (``ignore_eos``; with ``--prompt-tokens``, after a prompt of that many tokens of
+Shakespeare). Every ``--every`` seconds the script reads the tokens processed so far (the
+server's ``vllm:prompt_tokens_total + vllm:generation_tokens_total``), the RSS of each process
+of the server's tree (named by vLLM's process titles) and, with ``--gpu``, the GPU memory in
+use (``nvidia-smi``). Written: the samples (JSON), a table of each process's memory at the first
+sample after ``--warmup`` tokens and at the end with the growth per 1,000 tokens (least
+squares over the samples after the warm-up), and the plot (PNG).
+
+The server runs with ``--distributed-executor-backend mp`` so that the worker is a process
+of its own. ``--python`` runs the server from another environment (e.g. an older checkout's
+``.venv/bin/python``) to compare two versions of the plugin on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from chat import serve, stop  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+SERVED = "chat-model"
+
+
+def process_tree(root_pid: int) -> dict[str, "psutil.Process"]:
+    """The server's processes by role: ``api_server``, ``engine_core``, ``worker`` (vLLM's
+    process titles), other children by name."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = {"api_server": root}
+    for child in root.children(recursive=True):
+        try:
+            title = " ".join(child.cmdline()) or child.name()
+        except psutil.Error:
+            continue
+        if "EngineCore" in title:
+            found["engine_core"] = child
+        elif "Worker" in title:
+            found["worker"] = child
+        elif "resource_tracker" not in title and "semaphore" not in title:
+            found.setdefault(child.name(), child)
+    return found
+
+
+def gpu_used_mib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+        return float(sum(float(x) for x in out.split()))
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def sample(procs: dict, url: str, t0: float, gpu: bool) -> dict:
+    import psutil
+    import requests
+
+    from workers import prometheus_values
+
+    m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
+    tokens = int(m.get("vllm:prompt_tokens_total", 0) + m.get("vllm:generation_tokens_total", 0))
+    row = {"tokens": tokens, "t_s": round(time.time() - t0, 2)}
+    for role, proc in procs.items():
+        try:
+            row[role] = proc.memory_info().rss / 2**20
+        except psutil.Error:
+            row[role] = None
+    if gpu:
+        row["gpu"] = gpu_used_mib()
+    return row
+
+
+def slope_per_1k(rows: list[dict], key: str) -> float | None:
+    pts = [(r["tokens"], r[key]) for r in rows if r.get(key) is not None]
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    var = sum((x - mx) ** 2 for x, _ in pts)
+    return 1000 * sum((x - mx) * (y - my) for x, y in pts) / var if var else None
+
+
+def report(doc: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    rows = doc["samples"]
+    after = [r for r in rows if r["tokens"] >= doc["warmup"]] or rows
+    first, last = after[0], rows[-1]
+    keys = [k for k in rows[0] if k not in ("tokens", "t_s")]
+    unit = {"gpu": "GPU MiB"}
+    lines = [f"Memory along one stream through `vllm serve --kv-policy sink`: {doc['device']}, vLLM "
+             f"{doc['vllm']}, {doc['model']}, W={doc['window']}, prompt {doc['prompt_tokens']} tokens, "
+             f"{last['tokens']:,} tokens processed in {last['t_s']:.0f} s; plugin {doc['plugin']}; "
+             f"`{doc['command']}`", "",
+             f"| process | MiB at {first['tokens']:,} tokens | MiB at {last['tokens']:,} tokens | change | "
+             "growth per 1,000 tokens (fit) |", "|---|---|---|---|---|"]
+    for k in keys:
+        a, b = first.get(k), last.get(k)
+        if a is None or b is None:
+            continue
+        slope = slope_per_1k(after, k)
+        lines.append(f"| {k} ({unit.get(k, 'RSS')}) | {a:.1f} | {b:.1f} | {100 * (b - a) / a:+.2f}% | "
+                     f"{'' if slope is None else f'{slope * 1024:.1f} KiB'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for k in keys:
+        pts = [(r["tokens"], r[k]) for r in rows if r.get(k) is not None]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], label=f"{k} ({unit.get(k, 'RSS')})")
+    ax.set_xlabel("tokens processed (prompt + generated)")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"One stream, {doc['model']}, W={doc['window']}, plugin {doc['plugin']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=20000, help="tokens to generate (max_tokens)")
+    p.add_argument("--prompt-tokens", type=int, default=0, help="prompt length in tokens (0: a few words)")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--every", type=float, default=5, help="sample every this many seconds")
+    p.add_argument("--warmup", type=int, default=1000, help="tokens before the first sample of the table")
+    p.add_argument("--max-seconds", type=float, default=600)
+    p.add_argument("--port", type=int, default=8573)
+    p.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, dummy weights, bf16 (CUDA)")
+    p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files")
+    p.add_argument("--python", help="run the server from this interpreter's environment")
+    p.add_argument("--label", help="the plugin version's name in the results (default: git describe)")
+    p.add_argument("--out", default=str(RESULTS / "memory.json"))
+    args = p.parse_args()
+    import openai
+    import vllm
+    from tqdm import tqdm
+
+    from vllm_sink import assets
+
+    if args.gpu:
+        from serve import model_dir
+
+        model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
+        flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
+        model_name = "Llama-3-8B shape (dummy weights), bf16"
+    else:
+        model = assets.model_dir()
+        flags = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8",
+                 "--kv-cache-memory-bytes", str(256 << 20)]
+        model_name = "SmolLM2-135M-Instruct, float32"
+    flags += ["--kv-policy", "sink", "--kv-window", str(args.window), "--distributed-executor-backend", "mp"]
+    python = Path(args.python) if args.python else Path(sys.executable)
+    label = args.label or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                         cwd=Path(__file__).parent).stdout.strip()
+    prompt: list[int] | str = "Once upon a time"
+    if args.prompt_tokens:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model)(assets.corpus_text())["input_ids"]
+        prompt = (ids * (args.prompt_tokens // len(ids) + 1))[: args.prompt_tokens]
+    work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
+    saved = sys.executable
+    sys.executable = str(python)  # chat.serve starts the `vllm` beside the interpreter
+    try:
+        proc = serve(model, flags, args.port, work / "server.log")
+    finally:
+        sys.executable = saved
+    samples: list[dict] = []
+    try:
+        procs = process_tree(proc.pid)
+        print("processes:", {k: v.pid for k, v in procs.items()})
+        url = f"http://127.0.0.1:{args.port}"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+        t0 = time.time()
+        done = threading.Event()
+        samples.append(sample(procs, url, t0, args.gpu))
+
+        def sampler():
+            while not done.wait(args.every):
+                samples.append(sample(procs, url, t0, args.gpu))
+
+        thread = threading.Thread(target=sampler, daemon=True)
+        thread.start()
+        stream = client.completions.create(model=SERVED, prompt=prompt, max_tokens=args.tokens, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        bar = tqdm(total=args.tokens, unit="tok", desc="generated", mininterval=5)
+        for chunk in stream:
+            if chunk.choices:
+                bar.update(1)
+            if time.time() - t0 > args.max_seconds:
+                break
+        bar.close()
+        stream.close()
+        done.set()
+        thread.join()
+        samples.append(sample(procs, url, t0, args.gpu))
+    finally:
+        stop(proc)
+    device = "GPU " + (gpu_name() or "?") if args.gpu else f"CPU ({os.cpu_count()} cores)"
+    doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window,
+               prompt_tokens=args.prompt_tokens, plugin=label, warmup=args.warmup,
+               command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples)
+    report(doc, Path(args.out))
+
+
+def gpu_name() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+if __name__ == "__main__":
+    main()
