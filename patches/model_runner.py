@@ -166,8 +166,9 @@ class _StreamTable:
     def reset(self, rid: str) -> None:
         """A sequence restarts from token 0 in fresh pages, with its sink (resumed after a
         preemption: vLLM recomputes it). Admission never preempts a sink stream
-        (``kv_cache_spec.StreamingSinkManager``); one that had output ids trimmed could not
-        be recomputed, and stops the engine rather than run on wrong tokens."""
+        (``kv_cache_spec.StreamingSinkManager``); one whose output ids this runner released
+        could not be recomputed, and stops the engine rather than run on wrong tokens (with
+        asynchronous scheduling the scheduler hands them back: ``before_update_states``)."""
         slot = self.slot(rid)
         if self.out_trimmed[slot]:
             raise RuntimeError(f"vllm-sink: stream {rid} was preempted after {int(self.out_trimmed[slot])} "
@@ -335,7 +336,16 @@ class SinkRunnerHook:
         self._bind_batch()
         # A stream resumed after a preemption restarts from token 0: its row is written
         # from there when vLLM adds it back (``_add_request``).
-        for rid in scheduler_output.scheduled_cached_reqs.resumed_req_ids:
+        cached = scheduler_output.scheduled_cached_reqs
+        if getattr(self.runner, "use_async_scheduling", False):
+            # With asynchronous scheduling, a stream not scheduled in the previous step gets
+            # its output ids back whole from the scheduler (``all_token_ids``), in place of
+            # the ones this runner kept (``_update_states``).
+            for rid in cached.all_token_ids:
+                slot = table.slot_of.get(rid)
+                if slot is not None:
+                    table.out_trimmed[slot] = 0
+        for rid in cached.resumed_req_ids:
             table.reset(rid)
         table.continuing.clear()
         finished = scheduler_output.finished_req_ids

@@ -118,3 +118,33 @@ def test_penalties_read_the_held_prompt(llm, hamlet_ids):
         held = [t for c, t in enumerate(row) if t != vocab]
         expect = [prompt[c if c < S else c + off] for c in range(len(row)) if (c if c < S else c + off) < len(prompt)]
         assert held == expect
+
+
+@pytest.mark.engine(ENGINE)
+def test_async_scheduling_hands_back_whole_outputs(llm):
+    """With asynchronous scheduling (the GPU's default; vLLM's CPU platform turns it off), a
+    stream that was not scheduled in the previous step gets its output ids back whole from
+    the scheduler, and the runner replaces the ones it kept: the hook then counts none as
+    released. Checked on this engine's hook with the runner flagged asynchronous for one
+    call."""
+    from types import SimpleNamespace
+
+    runner = _runner(llm)
+    hook = runner._vllm_sink_hook
+    table = hook.streams
+    slot = table.slot("async-probe")
+    table.out_trimmed[slot] = 500
+    out = SimpleNamespace(
+        scheduled_cached_reqs=SimpleNamespace(all_token_ids={"async-probe": [1, 2, 3]}, resumed_req_ids=set()),
+        scheduled_new_reqs=[], finished_req_ids=set())
+    try:
+        runner.use_async_scheduling = True
+        hook.before_update_states(out)
+        assert table.out_trimmed[slot] == 0
+        table.out_trimmed[slot] = 500
+        runner.use_async_scheduling = False
+        hook.before_update_states(out)
+        assert table.out_trimmed[slot] == 500  # synchronous: the runner keeps its own list
+    finally:
+        runner.use_async_scheduling = False
+        table.drop("async-probe")
