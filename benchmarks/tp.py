@@ -26,7 +26,9 @@ rewritten after every engine, so a run cut short keeps what it measured.
   stream position ``--position`` (32,768).
 
 On the GPU machine (two H200, Python 3.12, no internet, vLLM staged under /tmp/site; every
-command from the repository root; kind ``nvidia-h200-x2``), one device call per line:
+command from the repository root; kind ``nvidia-h200-x2``), one device call per line (the
+carry folders: ``bash ../shared/gpu/build-bundle.sh`` makes c1 and c2, ``bash
+scripts/gpu_extras.sh`` m1, m2, ray1 and ray2):
 
     # 1-2: vLLM (carry .gpu/c1, then .gpu/c2)
     bash .gpu/c1/stage1.sh
