@@ -537,13 +537,26 @@ class SinkRunnerHook:
         width = ib.token_ids_cpu.shape[1]
         moved = np.flatnonzero(offs != table.token_off[slots])
         for i in moved.tolist():
-            row, slot, S = int(rows[i]), int(slots[i]), int(sinks[i])
-            by = int(offs[i] - table.token_off[slot])
+            row, slot, S, off = int(rows[i]), int(slots[i]), int(sinks[i]), int(offs[i])
+            old = int(table.token_off[slot])
+            by = off - old
             if slot not in table.sink_ids:
                 table.sink_ids[slot] = (ib.token_ids_cpu[row, :S].copy(), ib.is_token_ids[row, :S].copy())
             length = int(ib.num_tokens_no_spec[row])
+            # What the row holds for sure: the tokens before this step (a prompt's later
+            # tokens are written when scheduled), or every token once it decodes.
+            start, P = int(a[i]), int(ib.num_prompt_tokens[row])
+            held = min(width, (start if start < P else length + old) - old)
             shift_row(ib.is_token_ids[row], length, S, by)
             ib.num_tokens_no_spec[row] = shift_row(ib.token_ids_cpu[row], length, S, by)
+            # A row written from token 0 whose window moved past what it held (a resumed
+            # request's first step): the window before the step comes from the stream.
+            lo, hi = max(S, held - by), start - off
+            if hi > lo:
+                request = self.runner.requests[rids[row]]
+                ids, is_tok = self._tokens(request, int(table.out_trimmed[slot]), lo + off, hi + off)
+                ib.token_ids_cpu[row, lo:hi] = ids
+                ib.is_token_ids[row, lo:hi] = is_tok
         table.token_off[slots] = offs
         P = ib.num_prompt_tokens[rows]
         for i in np.flatnonzero(a < P).tolist():

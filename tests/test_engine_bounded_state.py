@@ -1,4 +1,6 @@
 """The worker's per-stream state is bounded by the geometry, not by the stream's length.
+(Each request has a ``cache_salt`` of its own here, so that it resumes no stream another
+test of this engine left kept, unless it means to.)
 
 One stream of a 1,200-token prompt and 1,000 greedy tokens (8.6x the "sink16" window of 256)
 runs step by step on the real engine; after every step the test reads the model runner's
@@ -30,54 +32,84 @@ def _runner(llm):
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
 
-@pytest.mark.engine(ENGINE)
-def test_worker_state_bounded_over_a_long_stream(llm, hamlet_ids):
+def _run_checked(llm, rid, prompt, gen, salt):
+    """Run one request step by step and check the runner's state for it after every step
+    (see the module docstring). Returns (steps, entries checked, most output ids kept,
+    generated ids, tokens the request found computed)."""
     runner = _runner(llm)
     hook = runner._vllm_sink_hook
     g = hook.geometry
-    S, B, W = g.sink_tokens, g.block_size, g.kv_window
-    width = g.widest.row_capacity * B
-    cap = ENGINES[ENGINE]["max_stream_len"]
-    assert width < S + W + 320 and cap > 20 * width
+    S = g.sink_tokens
+    width = g.widest.row_capacity * g.block_size
     engine = llm.llm_engine
-    prompt = list(hamlet_ids[:PROMPT])
-    engine.add_request("bounded", {"prompt_token_ids": prompt},
-                       SamplingParams(max_tokens=GEN, temperature=0, ignore_eos=True))
+    engine.add_request(rid, {"prompt_token_ids": prompt, "cache_salt": salt},
+                       SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True))
     generated: list[int] = []
-    steps = checked = 0
-    max_outputs = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            generated = list(out.outputs[0].token_ids)
-        steps += 1
-        ib = runner.input_batch
-        assert ib.token_ids_cpu.shape[1] == width and ib.is_token_ids.shape[1] == width
-        rid = next((r for r in ib.req_ids if r is not None), None)
-        if rid is None:
-            continue
-        row = ib.req_id_to_index[rid]
-        slot = hook.streams.slot_of[rid]
-        off = int(hook.streams.token_off[slot])
-        count = int(ib.num_tokens_no_spec[row])
-        stream = prompt + generated
-        assert count + off == len(stream)  # the row's count, compacted
-        if len(stream) > PROMPT:  # the prompt is computed: the whole stream is in the row
-            assert count <= width
-        assert int(ib.block_table.block_tables[0].num_blocks_per_row[row]) <= g.widest.row_capacity
-        # Every token the row holds, up to what has been computed, is the stream's.
-        computed = int(ib.num_computed_tokens_cpu[row]) + off
-        c = np.arange(min(count, width))
-        t = held_token(c, S, off)
-        mask = t < min(computed, len(stream))
-        assert (ib.token_ids_cpu[row, c[mask]] == np.asarray(stream)[t[mask]]).all(), steps
-        checked += int(mask.sum())
-        outputs = len(runner.requests[rid].output_token_ids)
-        max_outputs = max(max_outputs, outputs)
-        assert outputs <= 2 * output_keep(width, 0)
+    steps = checked = max_outputs = cached = 0
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                generated = list(out.outputs[0].token_ids)
+                cached = out.num_cached_tokens or cached
+            steps += 1
+            ib = runner.input_batch
+            assert ib.token_ids_cpu.shape[1] == width and ib.is_token_ids.shape[1] == width
+            live = [r for r in ib.req_ids if r is not None]
+            if not live:
+                continue
+            internal = live[0]
+            row = ib.req_id_to_index[internal]
+            slot = hook.streams.slot_of[internal]
+            off = int(hook.streams.token_off[slot])
+            count = int(ib.num_tokens_no_spec[row])
+            stream = prompt + generated
+            assert count + off == len(stream)  # the row's count, compacted
+            if len(stream) > len(prompt):  # the prompt is computed: the whole stream is in the row
+                assert count <= width
+            assert int(ib.block_table.block_tables[0].num_blocks_per_row[row]) <= g.widest.row_capacity
+            # Every token the row holds, up to where this step starts, is the stream's.
+            computed = int(ib.num_computed_tokens_cpu[row]) + off
+            c = np.arange(min(count, width))
+            t = held_token(c, S, off)
+            mask = t < min(computed, len(stream))
+            assert (ib.token_ids_cpu[row, c[mask]] == np.asarray(stream)[t[mask]]).all(), steps
+            checked += int(mask.sum())
+            max_outputs = max(max_outputs, len(runner.requests[internal].output_token_ids))
+            assert max_outputs <= 2 * output_keep(width, 0)
+    finally:
+        if engine.has_unfinished_requests():
+            engine.abort_request([rid])
+            while engine.has_unfinished_requests():
+                engine.step()
+    return steps, checked, max_outputs, generated, cached
+
+
+@pytest.mark.engine(ENGINE)
+def test_worker_state_bounded_over_a_long_stream(llm, hamlet_ids):
+    g = _runner(llm)._vllm_sink_hook.geometry
+    width = g.widest.row_capacity * g.block_size
+    cap = ENGINES[ENGINE]["max_stream_len"]
+    assert width < g.sink_tokens + g.kv_window + 320 and cap > 20 * width
+    # A salt of its own: a fresh stream, never a resume of a kept one.
+    steps, checked, max_outputs, generated, _ = _run_checked(
+        llm, "bounded", list(hamlet_ids[:PROMPT]), GEN, salt="bounded-fresh")
     assert len(generated) == GEN
-    assert max_outputs > output_keep(width, 0) and checked > GEN * S
+    assert max_outputs > output_keep(width, 0) and checked > GEN * g.sink_tokens
     print(f"\n{steps} steps; token row {width} tokens (stream cap {cap}); at most {max_outputs} "
           f"output ids kept of {GEN}; {checked} row entries checked")
+
+
+@pytest.mark.engine(ENGINE)
+def test_resumed_stream_row_holds_its_window(llm, hamlet_ids):
+    """A request that resumes a kept stream far past the window starts with a row written
+    from token 0: its first step fills the window before the resume point from the prompt,
+    so the row again holds exactly the compacted sequence."""
+    first = list(hamlet_ids[3000:3700])
+    _, _, _, reply, _ = _run_checked(llm, "resume-a", first, 8, salt="resume-probe")
+    second = first + reply + list(hamlet_ids[5000:5100])
+    steps, checked, _, generated, cached = _run_checked(llm, "resume-b", second, 8, salt="resume-probe")
+    assert cached >= len(first)  # it resumed the kept stream
+    assert len(generated) == 8 and checked > 8 * 256
 
 
 @pytest.mark.engine(ENGINE)
@@ -106,7 +138,7 @@ def test_penalties_read_the_held_prompt(llm, hamlet_ids):
     try:
         params = SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5,
                                 ignore_eos=True)
-        out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+        out = llm.generate([{"prompt_token_ids": prompt, "cache_salt": "penalties"}], params, use_tqdm=False)[0]
     finally:
         runner.input_batch._make_prompt_token_ids_cpu_tensor = orig  # the hook's wrap again
     assert len(out.outputs[0].token_ids) == 20
