@@ -469,7 +469,7 @@ class SinkRunnerHook:
     def _tokens(self, request, trimmed: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """Token ids ``[start, end)`` of a request's stream and whether each is a token id
         (not a prompt embedding), from its prompt and the output ids the runner keeps."""
-        P = len(request.prompt_token_ids) if request.prompt_token_ids is not None else request.prompt_embeds.shape[0]
+        P = request.num_prompt_tokens
         ids = np.zeros(max(0, end - start), dtype=np.int64)
         is_tok = np.ones(len(ids), dtype=bool)
         p0, p1 = min(start, P), min(end, P)
@@ -498,7 +498,7 @@ class SinkRunnerHook:
         slot = table.slot_of.get(request.req_id)
         off = int(table.token_off[slot]) if slot is not None else 0
         trimmed = int(table.out_trimmed[slot]) if slot is not None else 0
-        P = len(request.prompt_token_ids) if request.prompt_token_ids is not None else request.prompt_embeds.shape[0]
+        P = request.num_prompt_tokens
         N = P + trimmed + len(request.output_token_ids)
         width = ib.token_ids_cpu.shape[1]
         rows, real = ib.token_ids_cpu.shape[0], (ib.token_ids_cpu, ib.is_token_ids)
@@ -570,8 +570,11 @@ class SinkRunnerHook:
                 # vLLM reads a prompt's embeddings at the row's computed-token count.
                 ib.req_prompt_embeds[row] = request.prompt_embeds[off:]
         ib.num_computed_tokens_cpu[rows] = a - offs
-        for i, row in enumerate(rows.tolist()):
-            request = self.runner.requests[rids[row]]
+        # The output ids the runner keeps: the stream's count less the prompt and those
+        # released. Only rows with a row's worth twice over can have any to release.
+        kept = ib.num_tokens_no_spec[rows] + offs - P - table.out_trimmed[slots]
+        for i in np.flatnonzero(kept >= 2 * output_keep(width, 0)).tolist():
+            request = self.runner.requests[rids[rows[i]]]
             outs = request.output_token_ids
             min_tokens = request.sampling_params.min_tokens if request.sampling_params else 0
             keep = output_keep(width, min_tokens)
