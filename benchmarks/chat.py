@@ -37,14 +37,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import prometheus_values, wait_healthy
+from workers import line_plot, prometheus_values, wait_healthy, write_results
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
 
 
-def serve(model: Path, flags: list[str], port: int, log: Path) -> subprocess.Popen:
-    beside = Path(sys.executable).parent / "vllm"  # the venv's, else the one on PATH
+def serve(model: Path, flags: list[str], port: int, log: Path, python: str | None = None) -> subprocess.Popen:
+    """``vllm serve`` of the environment of ``python`` (default: this interpreter's; else
+    the one on PATH), in a process group of its own, once it answers ``/health``."""
+    beside = Path(python or sys.executable).parent / "vllm"
     cmd = [str(beside) if beside.exists() else "vllm", "serve", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", SERVED, "--disable-uvicorn-access-log", *flags]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -130,8 +132,6 @@ def summary(rows: list[dict]) -> dict:
 
 
 def report(doc: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
     lines = [f"Chat through `vllm serve` and the stock OpenAI client: {doc['device']}, vLLM {doc['vllm']}, "
              f"{doc['model']}, W={doc['window']}, user turns of {doc['words']} words, replies of "
              f"{doc['reply']} tokens; `{doc['command']}`", "",
@@ -144,23 +144,13 @@ def report(doc: dict, out: Path) -> None:
             continue
         lines.append(f"| {name} | {s['turns']} | {s['first10_ttft_s']:.2f} s | {s['last10_ttft_s']:.2f} s | "
                      f"{s['last_over_first']:.2f}x | {s['last_prompt_tokens']} | {s['stopped'] or ''} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    write_results(out, doc, lines)
+    series = {}
     for name, res in doc["runs"].items():
         ok = [r for r in res["rows"] if "ttft_s" in r]
-        ax.plot([r["turn"] for r in ok], [r["ttft_s"] for r in ok], label=name)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("time to first token (s)")
-    ax.set_title(f"Chat re-sending the whole history, {doc['model']}, W={doc['window']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+        series[name] = ([r["turn"] for r in ok], [r["ttft_s"] for r in ok])
+    line_plot(out.with_suffix(".png"), series, "turn", "time to first token (s)",
+              f"Chat re-sending the whole history, {doc['model']}, W={doc['window']}")
 
 
 def main() -> None:

@@ -23,7 +23,6 @@ of its own. ``--python`` runs the server from another environment (e.g. an older
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -35,12 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from chat import serve, stop  # noqa: E402
+from workers import line_plot, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
 
 
-def process_tree(root_pid: int) -> dict[str, "psutil.Process"]:
+def process_tree(root_pid: int) -> dict:
     """The server's processes by role: ``api_server``, ``engine_core``, ``worker`` (vLLM's
     process titles), other children by name."""
     import psutil
@@ -101,8 +101,6 @@ def slope_per_1k(rows: list[dict], key: str) -> float | None:
 
 
 def report(doc: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
     rows = doc["samples"]
     after = [r for r in rows if r["tokens"] >= doc["warmup"]] or rows
     first, last = after[0], rows[-1]
@@ -121,23 +119,13 @@ def report(doc: dict, out: Path) -> None:
         slope = slope_per_1k(after, k)
         lines.append(f"| {k} ({unit.get(k, 'RSS')}) | {a:.1f} | {b:.1f} | {100 * (b - a) / a:+.2f}% | "
                      f"{'' if slope is None else f'{slope * 1024:.1f} KiB'} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    write_results(out, doc, lines)
+    series = {}
     for k in keys:
         pts = [(r["tokens"], r[k]) for r in rows if r.get(k) is not None]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], label=f"{k} ({unit.get(k, 'RSS')})")
-    ax.set_xlabel("tokens processed (prompt + generated)")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"One stream, {doc['model']}, W={doc['window']}, plugin {doc['plugin']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+        series[f"{k} ({unit.get(k, 'RSS')})"] = ([x for x, _ in pts], [y for _, y in pts])
+    line_plot(out.with_suffix(".png"), series, "tokens processed (prompt + generated)", "MiB",
+              f"One stream, {doc['model']}, W={doc['window']}, plugin {doc['plugin']}")
 
 
 def main() -> None:
@@ -173,7 +161,6 @@ def main() -> None:
                  "--kv-cache-memory-bytes", str(256 << 20)]
         model_name = "SmolLM2-135M-Instruct, float32"
     flags += ["--kv-policy", "sink", "--kv-window", str(args.window), "--distributed-executor-backend", "mp"]
-    python = Path(args.python) if args.python else Path(sys.executable)
     label = args.label or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                          cwd=Path(__file__).parent).stdout.strip()
     prompt: list[int] | str = "Once upon a time"
@@ -183,12 +170,7 @@ def main() -> None:
         ids = AutoTokenizer.from_pretrained(model)(assets.corpus_text())["input_ids"]
         prompt = (ids * (args.prompt_tokens // len(ids) + 1))[: args.prompt_tokens]
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
-    saved = sys.executable
-    sys.executable = str(python)  # chat.serve starts the `vllm` beside the interpreter
-    try:
-        proc = serve(model, flags, args.port, work / "server.log")
-    finally:
-        sys.executable = saved
+    proc = serve(model, flags, args.port, work / "server.log", python=args.python)
     samples: list[dict] = []
     try:
         procs = process_tree(proc.pid)
@@ -220,19 +202,16 @@ def main() -> None:
         samples.append(sample(procs, url, t0, args.gpu))
     finally:
         stop(proc)
-    device = "GPU " + (gpu_name() or "?") if args.gpu else f"CPU ({os.cpu_count()} cores)"
+    if args.gpu:  # CUDA in this process only now: the server is gone, the samples are taken
+        import torch
+
+        device = "GPU " + torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({os.cpu_count()} cores)"
     doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window,
                prompt_tokens=args.prompt_tokens, plugin=label, warmup=args.warmup,
                command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples)
     report(doc, Path(args.out))
-
-
-def gpu_name() -> str | None:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return None
 
 
 if __name__ == "__main__":

@@ -176,3 +176,29 @@ def prometheus_values(text: str) -> dict[str, float]:
         if m:
             values[m.group(1)] = values.get(m.group(1), 0.0) + float(m.group(3))
     return values
+
+
+def write_results(out: Path, doc: dict, table: list[str]) -> None:
+    """``doc`` as JSON at ``out``, and the markdown ``table`` beside it (``.md``), printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+def line_plot(png: Path, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> None:
+    """One line per ``label: (xs, ys)`` of ``series``, saved to ``png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
