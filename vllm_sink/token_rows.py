@@ -37,15 +37,6 @@ def held_token(c, sink_tokens, off):
     return np.where(c < sink_tokens, c, c + off)
 
 
-def compacted_index(t: int, sink_tokens: int, off: int) -> int:
-    """Where token ``t`` sits in a row at offset ``off`` (``t`` in the sink or the window)."""
-    if t < sink_tokens:
-        return t
-    if t < sink_tokens + off:
-        raise ValueError(f"token {t} left the window (sink {sink_tokens}, offset {off})")
-    return t - off
-
-
 def shift_row(row: np.ndarray, length: int, sink_tokens: int, by: int) -> int:
     """Move a row's window part ``[S + by, length)`` to ``[S, length - by)`` in place (the
     window start moved ``by`` tokens further); returns the new length. What lies past the

@@ -7,7 +7,6 @@ import pytest
 
 from vllm_sink.policy import SinkGeometry
 from vllm_sink.token_rows import (
-    compacted_index,
     held_prompt_mask,
     held_prompt_width,
     held_token,
@@ -70,11 +69,7 @@ def test_row_holds_sink_and_window_for_a_long_stream(S, B, W, chunk):
     assert checked > 20 * W and off > 19 * W  # the window moved far; the row never grew
 
 
-def test_compacted_index():
-    assert compacted_index(3, 4, 100) == 3
-    assert compacted_index(104, 4, 100) == 4
-    with pytest.raises(ValueError, match="left the window"):
-        compacted_index(50, 4, 100)
+def test_held_token():
     assert (held_token(np.array([0, 3, 4, 9]), 4, 100) == [0, 3, 104, 109]).all()
 
 
