@@ -65,11 +65,19 @@ def stop(proc: subprocess.Popen) -> None:
 
 def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name: str,
          allowed: list[int] | None = None, max_seconds: float = float("inf")) -> list[dict]:
+    import httpx
     import openai
     import requests
     from tqdm import tqdm
 
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
+    sent = []  # when the client hands each request, built and encoded, to the connection
+
+    def on_request(request):
+        if request.url.path.endswith("/chat/completions"):
+            sent.append(time.perf_counter())
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600,
+                           http_client=httpx.Client(timeout=3600, event_hooks={"request": [on_request]}))
     messages = [{"role": "system", "content": "You are a patient reader of Shakespeare. Answer briefly."}]
     rows, t_start = [], time.perf_counter()
     for turn in tqdm(range(turns), desc=name, unit="turn"):
@@ -96,7 +104,7 @@ def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name:
         end = time.perf_counter()
         messages.append({"role": "assistant", "content": "".join(text)})
         m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
-        rows.append(dict(turn=turn + 1, ttft_s=(first or end) - t0, total_s=end - t0,
+        rows.append(dict(turn=turn + 1, ttft_s=(first or end) - t0, total_s=end - t0, client_s=sent[-1] - t0,
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          resumes=m.get("vllm_sink:session_resumes_total"),
                          tokens_reused=m.get("vllm_sink:session_tokens_reused_total")))
@@ -126,6 +134,7 @@ def summary(rows: list[dict]) -> dict:
     ok = [r for r in rows if "ttft_s" in r]
     first, last = [r["ttft_s"] for r in ok[:10]], [r["ttft_s"] for r in ok[-10:]]
     return dict(turns=len(ok), first10_ttft_s=mean(first), last10_ttft_s=mean(last),
+                last10_client_s=mean([r["client_s"] for r in ok[-10:] if "client_s" in r]),
                 last_over_first=mean(last) / mean(first) if first else None,
                 last_prompt_tokens=ok[-1]["prompt_tokens"] if ok else None,
                 stopped=next((r["error"] for r in rows if "error" in r), None))
@@ -136,14 +145,16 @@ def report(doc: dict, out: Path) -> None:
              f"{doc['model']}, W={doc['window']}, user turns of {doc['words']} words, replies of "
              f"{doc['reply']} tokens; `{doc['command']}`", "",
              "| server | turns served | mean TTFT, turns 1-10 | mean TTFT, last 10 turns | last / first | "
-             "last prompt (tokens) | stopped |", "|---|---|---|---|---|---|---|"]
+             "of which the client, last 10 | last prompt (tokens) | stopped |", "|---|---|---|---|---|---|---|---|"]
     for name, res in doc["runs"].items():
         s = res["summary"]
+        c = s.get("last10_client_s")  # the client building and encoding the request (older results: none)
+        client = f"{c:.2f} s" if c is not None and c == c else ""
         if not s["turns"]:
-            lines.append(f"| {name} | 0 | | | | | {s['stopped'] or ''} |")
+            lines.append(f"| {name} | 0 | | | | | | {s['stopped'] or ''} |")
             continue
         lines.append(f"| {name} | {s['turns']} | {s['first10_ttft_s']:.2f} s | {s['last10_ttft_s']:.2f} s | "
-                     f"{s['last_over_first']:.2f}x | {s['last_prompt_tokens']} | {s['stopped'] or ''} |")
+                     f"{s['last_over_first']:.2f}x | {client} | {s['last_prompt_tokens']} | {s['stopped'] or ''} |")
     write_results(out, doc, lines)
     series = {}
     for name, res in doc["runs"].items():

@@ -14,6 +14,8 @@ Pinned to vLLM 0.26.0. Upgrading vLLM means editing this package and nothing els
   segment between special tokens, with sessions on)
 * ``chat_sink``:    OnlineRenderer.preprocess_chat (with ``sink_tokens="system"``, a chat
   request's sink is its rendered system prompt, set as its own sink)
+* ``detokenizer``:  FastIncrementalDetokenizer.__init__ (the front end's detokeniser primed
+  with the prompt's last tokens, not the whole re-sent history)
 * ``input_processor``: InputProcessor._validate_params (a request's own sink checked in
   the front end)
 * ``vllm_config``:   VllmConfig.use_v2_model_runner (sink engines get the V1 runner)
@@ -39,8 +41,8 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import (chat_sink, chat_tokens, engine_args, input_processor, kv_cache_spec,
-                                   model_runner, sessions, vllm_config, worker)
+    from vllm_sink.patches import (chat_sink, chat_tokens, detokenizer, engine_args, input_processor,
+                                   kv_cache_spec, model_runner, sessions, vllm_config, worker)
 
     vllm_config.install()
     engine_args.install()
@@ -52,3 +54,4 @@ def install() -> None:
     input_processor.install()
     chat_tokens.install()
     chat_sink.install()
+    detokenizer.install()

@@ -33,7 +33,7 @@ from vllm.logger import init_logger
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
 from vllm_sink.patches.wrapping import wrap_once
-from vllm_sink.patches import refusals
+from vllm_sink.patches import detokenizer, refusals
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -199,6 +199,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
         max_sink_tokens=resolved.max_sink_tokens,
     )
     vllm_config.additional_config[CONFIG_KEY] = {**resolved.to_dict(), GEOMETRY_KEY: geometry.to_dict()}
+    detokenizer.activate()
     served = vllm_config.model_config.served_model_name
     export_metrics(served if isinstance(served, str) else served[0])
     row_tokens = geometry.widest.row_capacity * block_size
