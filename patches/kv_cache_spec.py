@@ -139,6 +139,9 @@ class StreamingSinkManager(FullAttentionManager):
         # Requests that hold pages and are scheduled again from the waiting queue (a
         # streaming-input session's next chunk): admitted again before they allocate.
         self.readmitting: set[str] = set()
+        # Readmitted sessions -> (first window page, row of live page ids) before this
+        # step's transition: what the worker holds, shipped with the step that schedules it.
+        self.continuing_rows: dict[str, tuple[int, list[int]]] = {}
         self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
         # Kept streams (finished streams held for resumption), if sessions are on.
         self.sessions = None
@@ -178,6 +181,9 @@ class StreamingSinkManager(FullAttentionManager):
         rid = request.request_id
         if rid in self.live and getattr(request, "status", None) == RequestStatus.WAITING:
             self.readmitting.add(rid)  # a streaming-input session's next chunk
+            s = self.geometry_of(rid).sink_pages
+            self.continuing_rows[rid] = (self.first_live_block.get(rid, s),
+                                         [b.block_id for b in self.req_to_blocks.get(rid, ()) if not b.is_null])
         if self.settled.get(rid) == request.num_prompt_tokens:  # decoding: its footprint is final
             return
         g = self.geometries.get(rid)
@@ -268,6 +274,7 @@ class StreamingSinkManager(FullAttentionManager):
         self.geometries.pop(request_id, None)
         self.settled.pop(request_id, None)
         self.readmitting.discard(request_id)
+        self.continuing_rows.pop(request_id, None)
         SINK_STATS.forget(request_id)
         return super().pop_blocks_for_free(request_id)
 
@@ -275,16 +282,31 @@ class StreamingSinkManager(FullAttentionManager):
         return 0
 
     def take_step_meta(self, output) -> StepMeta:
-        """This step's decisions for the worker (kept, resumed and released streams; the
-        sinks of new requests whose sink is their own), taken once the step is scheduled."""
+        """This step's decisions for the worker (kept, resumed, continued and released
+        streams; the sinks of new requests whose sink is their own), taken once the step is
+        scheduled."""
         meta, self.meta = self.meta, StepMeta()
         for new in output.scheduled_new_reqs:
             g = self.geometry_of(new.req_id)
             if g.sink_tokens != self.geometry.sink_tokens:
                 meta.sink_tokens[new.req_id] = g.sink_tokens
+            held = self.continuing_rows.pop(new.req_id, None)
+            if held is not None:
+                meta.continued[new.req_id] = self.continued_row(new, g.sink_pages, *held)
         if self.sessions is not None:
             self.sessions.compact_resumed(output, meta)
         return meta
+
+    def continued_row(self, new, sink_pages: int, first_live: int, row: list[int]) -> int:
+        """Ship a streaming-input session's next chunk with the row it held before this
+        step (``row``: sink pages, then live pages from logical page ``first_live``) plus
+        the pages allocated for the chunk; vLLM ships the manager's whole row, null pages
+        included and this step's transition applied, which the worker applies itself."""
+        ids = new.block_ids[0]
+        added = ids[first_live + len(row) - sink_pages:]
+        assert self._null_block.block_id not in added, (new.req_id, first_live, row, ids)
+        ids[:] = row + added
+        return first_live
 
 
 def install_admission_hook() -> None:

@@ -6,8 +6,8 @@ Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner sub
   GPUModelRunner.get_kv_cache_spec()                        wrapped: our spec, attach
   GPUModelRunner._update_states(scheduler_output)           wrapped per instance
   GPUModelRunner._update_streaming_request (relied on: a streaming-input session's next chunk
-    comes as a NewRequestData under the id the runner still holds, its block_ids the
-    manager's whole row, null pages included; the runner keeps the request's state)
+    comes as a NewRequestData under the id the runner still holds, its block_ids the row
+    the scheduler ships (``StepMeta.continued``); the runner keeps the request's state)
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
     (relied on: positions, seq_lens, optimistic_seq_lens_cpu, the slot mapping and the input
     ids come from input_batch.num_computed_tokens_cpu and token_ids_cpu; the rows to discard
@@ -327,10 +327,9 @@ class SinkRunnerHook:
     def before_update_states(self, scheduler_output) -> None:
         """vLLM's streaming-input sessions (``AsyncLLM.generate`` fed an async generator of
         ``StreamingInput``): a session's next chunk is scheduled as a *new* request under
-        the id whose state the runner still holds, past token 0, and its ``block_ids`` are
-        the manager's whole row, null (evicted) pages included, which the row has no room
-        for. The stream goes on where it stopped: its row becomes the one this runner holds
-        (sink pages, then its window pages from ``first_live``, before this step's
+        the id whose state the runner still holds, past token 0. The scheduler decides that
+        the stream goes on (``StepMeta.continued``) and ships its row as this runner holds
+        it (sink pages, then its window pages from ``first_live``, before this step's
         transition, as for any running stream) plus the pages allocated for the chunk."""
         table = self.streams
         self._bind_batch()
@@ -348,19 +347,17 @@ class SinkRunnerHook:
         for rid in cached.resumed_req_ids:
             table.reset(rid)
         table.continuing.clear()
-        finished = scheduler_output.finished_req_ids
-        for new in scheduler_output.scheduled_new_reqs:
-            rid = new.req_id
-            state = self.runner.requests.get(rid)
-            if state is None or rid in finished or not new.num_computed_tokens or rid not in table.slot_of:
+        meta = getattr(scheduler_output, STEP_META, None)
+        for rid, first_live in meta.continued.items() if meta else ():
+            if rid in scheduler_output.finished_req_ids:
                 continue
-            slot = table.slot_of[rid]
-            held = list(state.block_ids[0])
-            shipped = new.block_ids[0]
-            start = int(table.first_live[slot]) + len(held) - cdiv(int(table.sink[slot]), self.B)
-            added = shipped[start:]
-            assert start <= len(shipped) and 0 not in added, (rid, start, shipped)  # 0: the null block
-            shipped[:] = held + added
+            slot = table.slot_of.get(rid)
+            if slot is None or rid not in self.runner.requests:
+                raise RuntimeError(f"vllm-sink: streaming-input session {rid} continues, but this "
+                                   "runner holds no state for it")
+            # Both sides hold the same row (the scheduler's manager applies the same
+            # transitions, ``row_transition``): checked, not repaired.
+            assert int(table.first_live[slot]) == first_live, (rid, int(table.first_live[slot]), first_live)
             table.continuing.add(rid)
             # vLLM folds the outputs into the chunk's prompt (the whole stream so far).
             table.out_trimmed[slot] = 0

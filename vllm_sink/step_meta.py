@@ -3,8 +3,13 @@
 The scheduler side decides (``vllm_sink.patches.kv_cache_spec``, ``vllm_sink.patches.sessions``);
 the worker (``vllm_sink.patches.model_runner``) executes, in this order: ``kept`` (finished
 request ids whose state is kept under the same id), ``resumed`` (new request id -> kept
-stream id: the request takes that state), ``released`` (kept stream ids whose state is
-dropped). ``sink_tokens``: the sink of each new request of the step whose sink is its own
+stream id: the request takes that state), ``continued`` (a streaming-input session's next
+chunk, scheduled as a new request under its own id: its state goes on), ``released`` (kept
+stream ids whose state is dropped). A resumed or continued request's row is shipped
+compacted (sink pages, then its held window pages, then the pages allocated for the step),
+with the logical index of its first window page (``first_live``, ``continued``), as it was
+before the step's own transition, which the worker applies as for any running stream.
+``sink_tokens``: the sink of each new request of the step whose sink is its own
 (not the engine's): the worker plans, compacts and re-anchors its row with that sink.
 """
 
@@ -25,6 +30,8 @@ class StepMeta:
     # in ``NewRequestData.block_ids``, is compacted: sink pages, then held window pages).
     first_live: dict[str, int] = field(default_factory=dict)
     sink_tokens: dict[str, int] = field(default_factory=dict)
+    # Continued streaming-input session id -> the logical index of its first window page.
+    continued: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.kept or self.resumed or self.released or self.sink_tokens)
+        return bool(self.kept or self.resumed or self.released or self.sink_tokens or self.continued)
