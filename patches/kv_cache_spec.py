@@ -9,6 +9,11 @@ Binds to vLLM 0.26.0:
     request's prompt length, max length and progress, for admission)
   vllm.v1.request.RequestStatus.WAITING (a streaming-input session's next chunk is scheduled
     from the waiting queue while its request still holds its pages: it is admitted again)
+  vllm.v1.request.Request: _all_token_ids, _output_token_ids and their ConstantList views
+    all_token_ids, output_token_ids (replaced, for a sink stream, by ``TokenTail``s: read by
+    vLLM's scheduler through len(), [-1], append/extend and copy() only), resumable,
+    structured_output_request, sampling_params.repetition_detection
+  vllm.v1.utils.ConstantList
   SingleTypeKVCacheManager: req_to_blocks, _null_block, block_pool.free_blocks,
   _max_admission_blocks_per_request, remove_skipped_blocks, allocate_new_blocks, free
 
@@ -37,6 +42,7 @@ from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.patches import refusals
 from vllm_sink.step_meta import StepMeta
 from vllm_sink.policy import SinkGeometry, cdiv
+from vllm_sink.token_tail import TokenTail
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,6 +195,7 @@ class StreamingSinkManager(FullAttentionManager):
         g = self.geometries.get(rid)
         if g is None:
             g = self.geometries[rid] = self.sink_geometry(request)
+            hold_tail(request, g)
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
         bound = g.decode_live_pages if decoding else g.max_live_pages
@@ -307,6 +314,28 @@ class StreamingSinkManager(FullAttentionManager):
         assert self._null_block.block_id not in added, (new.req_id, first_live, row, ids)
         ids[:] = row + added
         return first_live
+
+
+def hold_tail(request, g: SinkGeometry) -> None:
+    """Keep, of a sink stream's token ids in the engine core, what is still read: its sink,
+    its last ``row_capacity * B`` tokens (what the worker's row holds; the stop checks read
+    the last one) and the count and digest of the rest (``vllm_sink.token_tail``), so that
+    the ``Request`` does not grow with the stream. Requests whose whole history vLLM reads
+    keep their lists: streaming-input sessions (their chunks are spliced in by absolute
+    position), structured outputs (a grammar may replay the history), prompt embeddings."""
+    if (request.resumable or request.structured_output_request is not None
+            or request.prompt_token_ids is None or isinstance(request._all_token_ids, TokenTail)):
+        return
+    from vllm.v1.utils import ConstantList
+
+    keep = g.row_capacity * g.block_size
+    repetition = getattr(request.sampling_params, "repetition_detection", None)
+    if repetition is not None:  # reads the last max_pattern_size * min_count outputs
+        keep = max(keep, repetition.max_pattern_size * repetition.min_count)
+    request._all_token_ids = TokenTail(request._all_token_ids, keep=keep, head=max(g.sink_tokens, 1))
+    request._output_token_ids = TokenTail(request._output_token_ids, keep=keep)
+    request.all_token_ids = ConstantList(request._all_token_ids)
+    request.output_token_ids = ConstantList(request._output_token_ids)
 
 
 def install_admission_hook() -> None:

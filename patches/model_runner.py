@@ -338,12 +338,14 @@ class SinkRunnerHook:
         cached = scheduler_output.scheduled_cached_reqs
         if getattr(self.runner, "use_async_scheduling", False):
             # With asynchronous scheduling, a stream not scheduled in the previous step gets
-            # its output ids back whole from the scheduler (``all_token_ids``), in place of
-            # the ones this runner kept (``_update_states``).
-            for rid in cached.all_token_ids:
+            # its output ids back from the scheduler (``all_token_ids``: all of them, or the
+            # last ones the engine core holds, ``TokenTail``), in place of the ones this
+            # runner kept (``_update_states`` takes the last ``num_output_tokens`` of them).
+            for i, rid in enumerate(cached.req_ids):
+                ids = cached.all_token_ids.get(rid)
                 slot = table.slot_of.get(rid)
-                if slot is not None:
-                    table.out_trimmed[slot] = 0
+                if ids is not None and slot is not None:
+                    table.out_trimmed[slot] = max(0, cached.num_output_tokens[i] - len(ids))
         for rid in cached.resumed_req_ids:
             table.reset(rid)
         table.continuing.clear()

@@ -8,7 +8,7 @@ Binds to vLLM 0.26.0 (``vllm/v1/core``):
                                               computed blocks (vLLM's prefix-hit path)
   Scheduler.schedule()                        wrapped: the step's decisions ride on the
                                               ``SchedulerOutput`` (``vllm_sink.step_meta``)
-  Request: request_id, status, all_token_ids, prompt_token_ids, num_computed_tokens,
+  Request: request_id, status, _all_token_ids (a list, or our TokenTail), prompt_token_ids, num_computed_tokens,
     skip_reading_prefix_cache, prompt_embeds, lora_request, cache_salt; RequestStatus.FINISHED_STOPPED / FINISHED_LENGTH_CAPPED
   StreamingSinkManager (ours, ``kv_cache_spec``): add_local_computed_blocks (adoption),
     get_num_blocks_to_allocate (kept streams released under pool pressure)
@@ -37,6 +37,7 @@ from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.policy import cdiv
 from vllm_sink.sessions import KeptStream, KeptStreams
 from vllm_sink.step_meta import META_ATTR
+from vllm_sink.token_tail import TokenTail
 
 logger = init_logger("vllm." + __name__)
 
@@ -80,7 +81,9 @@ class SchedulerSessions:
         m.pop_blocks_for_free(rid)  # the request's bookkeeping; its pages stay allocated
         if tail:
             m.block_pool.free_blocks(reversed(tail))
-        stream = KeptStream(key=rid, tokens=tuple(request.all_token_ids), computed=computed,
+        history = request._all_token_ids  # a TokenTail once the stream is long: kept as it is
+        stream = KeptStream(key=rid, tokens=history if isinstance(history, TokenTail) else tuple(history),
+                            computed=computed,
                             window_start=g.window_start(computed - 1), pages=pages,
                             handle=_Handle(blocks, first_live), scope=_scope(request, g.sink_tokens),
                             sink_tokens=g.sink_tokens)

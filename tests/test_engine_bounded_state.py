@@ -14,7 +14,11 @@ own state for it:
 * its token count stays within the row once the prompt is computed;
 * its block-table row holds at most ``row_capacity`` pages;
 * the output ids the runner keeps for its sampler stay under ``2 x output_keep`` (864):
-  after 1,000 tokens it has released the first ones.
+  after 1,000 tokens it has released the first ones;
+
+and the engine core's ``Request`` for it: its token ids (``all_token_ids``,
+``output_token_ids``) are ``TokenTail``s that count every token but hold only the sink and
+fewer than twice a row (``2 x 432``) of the last ones, checked equal to the stream's.
 """
 
 import numpy as np
@@ -23,6 +27,7 @@ from vllm import SamplingParams
 
 from engine_helpers import ENGINES
 from vllm_sink.token_rows import held_token, output_keep
+from vllm_sink.token_tail import TokenTail
 
 ENGINE = "sink16"
 PROMPT, GEN = 1200, 1000
@@ -45,7 +50,7 @@ def _run_checked(llm, rid, prompt, gen, salt):
     engine.add_request(rid, {"prompt_token_ids": prompt, "cache_salt": salt},
                        SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True))
     generated: list[int] = []
-    steps = checked = max_outputs = cached = 0
+    steps = checked = max_outputs = cached = core_released = 0
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -76,11 +81,23 @@ def _run_checked(llm, rid, prompt, gen, salt):
             checked += int(mask.sum())
             max_outputs = max(max_outputs, len(runner.requests[internal].output_token_ids))
             assert max_outputs <= 2 * output_keep(width, 0)
+            # The engine core's request: counts all, holds the sink and the last tokens.
+            request = engine.engine_core.engine_core.scheduler.requests.get(internal)
+            if request is not None:
+                every, outs = request._all_token_ids, request._output_token_ids
+                assert isinstance(every, TokenTail) and isinstance(outs, TokenTail)
+                assert len(every) == len(stream) and len(outs) == len(generated)
+                assert every.head == stream[:len(every.head)] and every.tail == stream[every.tail_start:]
+                assert outs.tail == generated[outs.tail_start:]
+                assert len(every.tail) < 2 * width and len(outs.tail) < 2 * width
+                core_released = max(core_released, every.released)
     finally:
         if engine.has_unfinished_requests():
             engine.abort_request([rid])
             while engine.has_unfinished_requests():
                 engine.step()
+    if len(prompt) + gen > 3 * width:
+        assert core_released > 0, "the engine core held every token"
     return steps, checked, max_outputs, generated, cached
 
 
@@ -104,8 +121,14 @@ def test_resumed_stream_row_holds_its_window(llm, hamlet_ids):
     """A request that resumes a kept stream far past the window starts with a row written
     from token 0: its first step fills the window before the resume point from the prompt,
     so the row again holds exactly the compacted sequence."""
-    first = list(hamlet_ids[3000:3700])
+    first = list(hamlet_ids[3000:4000])
     _, _, _, reply, _ = _run_checked(llm, "resume-a", first, 8, salt="resume-probe")
+    # The kept stream's history, as the engine core held it: its sink, its last tokens and
+    # the digest of the rest (the request resumes it by matching the digest, then the tail).
+    sessions = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator \
+        .single_type_managers[0].sessions
+    (kept,) = [k for k in sessions.kept._kept.values() if len(k.tokens) == len(first) + 8]
+    assert isinstance(kept.tokens, TokenTail) and kept.tokens.released > 0
     second = first + reply + list(hamlet_ids[5000:5100])
     steps, checked, _, generated, cached = _run_checked(llm, "resume-b", second, 8, salt="resume-probe")
     assert cached >= len(first)  # it resumed the kept stream
@@ -155,9 +178,9 @@ def test_penalties_read_the_held_prompt(llm, hamlet_ids):
 @pytest.mark.engine(ENGINE)
 def test_async_scheduling_hands_back_whole_outputs(llm):
     """With asynchronous scheduling (the GPU's default; vLLM's CPU platform turns it off), a
-    stream that was not scheduled in the previous step gets its output ids back whole from
-    the scheduler, and the runner replaces the ones it kept: the hook then counts none as
-    released. Checked on this engine's hook with the runner flagged asynchronous for one
+    stream that was not scheduled in the previous step gets its output ids back from the
+    scheduler (all, or the last ones the engine core holds), and the runner replaces the ones
+    it kept: the hook then counts as released those the scheduler did not send. Checked on this engine's hook with the runner flagged asynchronous for one
     call."""
     from types import SimpleNamespace
 
@@ -166,13 +189,20 @@ def test_async_scheduling_hands_back_whole_outputs(llm):
     table = hook.streams
     slot = table.slot("async-probe")
     table.out_trimmed[slot] = 500
-    out = SimpleNamespace(
-        scheduled_cached_reqs=SimpleNamespace(all_token_ids={"async-probe": [1, 2, 3]}, resumed_req_ids=set()),
-        scheduled_new_reqs=[], finished_req_ids=set())
+    def step(num_output_tokens):
+        return SimpleNamespace(
+            scheduled_cached_reqs=SimpleNamespace(req_ids=["async-probe"], all_token_ids={"async-probe": [1, 2, 3]},
+                                                  num_output_tokens=[num_output_tokens], resumed_req_ids=set()),
+            scheduled_new_reqs=[], finished_req_ids=set())
+
+    out = step(3)
     try:
         runner.use_async_scheduling = True
         hook.before_update_states(out)
         assert table.out_trimmed[slot] == 0
+        # The engine core held only the last 3 of 10 output ids (TokenTail): 7 released.
+        hook.before_update_states(step(10))
+        assert table.out_trimmed[slot] == 7
         table.out_trimmed[slot] = 500
         runner.use_async_scheduling = False
         hook.before_update_states(out)

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from vllm_sink.policy import SinkGeometry
+from vllm_sink.token_tail import TokenTail, digest_of
 
 # Fallback reasons, as metrics labels.
 NO_MATCH = "no_kept_stream"
@@ -66,11 +67,27 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int], chunk: int = 512) -> i
     return n
 
 
-def resume_point(geometry: SinkGeometry, tokens: Sequence[int], computed: int, window_start: int,
+def history_match(tokens: Sequence[int] | TokenTail, prompt: Sequence[int]) -> int:
+    """Length of the common prefix of a stream's history and ``prompt``. A history the engine
+    core holds as a :class:`~vllm_sink.token_tail.TokenTail` (its head, the digest of the
+    released tokens, its tail) gives the exact length whenever the prompt repeats the
+    released tokens, and otherwise the length of the common prefix within its head, a lower
+    bound that the resume rule turns into the same decision (the released tokens lie before
+    the stream's last window, so no resume can reach past them)."""
+    if not isinstance(tokens, TokenTail) or not tokens.released:
+        return common_prefix_len(tokens if not isinstance(tokens, TokenTail) else tokens.copy(), prompt)
+    h, end = len(tokens.head), tokens.tail_start
+    m = common_prefix_len(tokens.head, prompt)
+    if m < h or len(prompt) < end or digest_of(prompt[h:end]) != tokens.released_digest():
+        return m
+    return end + common_prefix_len(tokens.tail, prompt[end:])
+
+
+def resume_point(geometry: SinkGeometry, tokens: Sequence[int] | TokenTail, computed: int, window_start: int,
                  prompt: Sequence[int]) -> tuple[int, str]:
     """``(a, "")``: resume at token ``a`` (the rule in the module docstring), or ``(0, reason)``."""
     S = geometry.sink_tokens
-    m = common_prefix_len(tokens[:computed], prompt)
+    m = min(history_match(tokens, prompt), computed)
     a = min(m, computed, len(prompt) - 1)
     if a < max(S, 1):
         return 0, DIVERGES_IN_SINK if a < S else NO_MATCH
@@ -90,7 +107,7 @@ class KeptStream:
     token ids (only a request of the same scope resumes it)."""
 
     key: str
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...] | TokenTail  # (a TokenTail: the engine core released its middle)
     computed: int
     window_start: int
     pages: int
@@ -144,7 +161,7 @@ class KeptStreams:
             if a > best[1]:
                 best = (stream, a, "")
             elif not best[1] and why != NO_MATCH:
-                m = common_prefix_len(stream.tokens, prompt)
+                m = history_match(stream.tokens, prompt)
                 if m > best_match_len:
                     best, best_match_len = (None, 0, why), m
         return best

@@ -13,8 +13,10 @@ from vllm_sink.sessions import (
     KeptStream,
     KeptStreams,
     common_prefix_len,
+    history_match,
     resume_point,
 )
+from vllm_sink.token_tail import TokenTail
 
 
 def geometry(S=16, W=64, B=16, C=32):
@@ -68,6 +70,38 @@ def test_a_resumed_step_sees_only_held_tokens(S, B):
         for t in keys:
             assert t < S or t >= a or t >= kept_w0, (t, a, kept_w0)
     assert resumed > 50
+
+
+@pytest.mark.parametrize("S,B", [(16, 16), (4, 16), (0, 16)])
+def test_a_history_held_as_a_tail_decides_the_same(S, B):
+    """The engine core holds a long stream's history as a TokenTail (its sink as the head,
+    its last row of tokens, the digest of the rest): every resume decision, and its reason,
+    is the one the whole history gives, for prompts that repeat it, extend it, or diverge in
+    the sink, in the released middle, or in the held tail."""
+    g = geometry(S=S, B=B)
+    keep = g.row_capacity * B
+    rng = random.Random(S + B)
+    outcomes = set()
+    for _ in range(300):
+        n = rng.randrange(2, 6 * keep)
+        tokens = [rng.randrange(1000) for _ in range(n)]
+        held = TokenTail(tokens, keep=keep, head=max(S, 1))
+        computed = n - 1
+        kept_w0 = g.window_start(run(g, computed, rng.choice([1, 16, 32])))
+        prompt = list(tokens[: rng.randrange(1, n + 1)]) if rng.random() < 0.2 else list(tokens)
+        if rng.random() < 0.6:
+            prompt[rng.randrange(len(prompt))] = -1
+        prompt += [rng.randrange(1000) for _ in range(rng.randrange(0, 40))]
+        if not prompt:
+            continue
+        whole = resume_point(g, tokens, computed, kept_w0, prompt)
+        assert resume_point(g, held, computed, kept_w0, prompt) == whole
+        m = common_prefix_len(tokens, prompt)
+        if not held.released or m >= held.tail_start:
+            assert history_match(held, prompt) == m
+        outcomes.add((held.released > 0, whole[1]))
+    # Both kinds of history, and every outcome, were seen.
+    assert {(True, ""), (True, DIVERGES_BEFORE_WINDOW), (False, "")} <= outcomes
 
 
 def test_resume_point_reasons():
