@@ -323,8 +323,9 @@ def hold_tail(request, g: SinkGeometry) -> None:
     the ``Request`` does not grow with the stream. Requests whose whole history vLLM reads
     keep their lists: streaming-input sessions (their chunks are spliced in by absolute
     position), structured outputs (a grammar may replay the history), prompt embeddings."""
-    if (request.resumable or request.structured_output_request is not None
-            or request.prompt_token_ids is None or isinstance(request._all_token_ids, TokenTail)):
+    if (getattr(request, "resumable", False) or getattr(request, "structured_output_request", None) is not None
+            or getattr(request, "prompt_token_ids", None) is None
+            or type(getattr(request, "_all_token_ids", None)) is not list):  # (held already, or no Request)
         return
     from vllm.v1.utils import ConstantList
 
