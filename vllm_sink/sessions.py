@@ -75,7 +75,7 @@ def history_match(tokens: Sequence[int] | TokenTail, prompt: Sequence[int]) -> i
     bound that the resume rule turns into the same decision (the released tokens lie before
     the stream's last window, so no resume can reach past them)."""
     if not isinstance(tokens, TokenTail) or not tokens.released:
-        return common_prefix_len(tokens if not isinstance(tokens, TokenTail) else tokens.copy(), prompt)
+        return common_prefix_len(tokens, prompt)  # (a TokenTail that released nothing slices as a list)
     h, end = len(tokens.head), tokens.tail_start
     m = common_prefix_len(tokens.head, prompt)
     if m < h or len(prompt) < end or digest_of(prompt[h:end]) != tokens.released_digest():
@@ -87,8 +87,7 @@ def resume_point(geometry: SinkGeometry, tokens: Sequence[int] | TokenTail, comp
                  prompt: Sequence[int]) -> tuple[int, str]:
     """``(a, "")``: resume at token ``a`` (the rule in the module docstring), or ``(0, reason)``."""
     S = geometry.sink_tokens
-    m = min(history_match(tokens, prompt), computed)
-    a = min(m, computed, len(prompt) - 1)
+    a = min(history_match(tokens, prompt), computed, len(prompt) - 1)
     if a < max(S, 1):
         return 0, DIVERGES_IN_SINK if a < S else NO_MATCH
     if geometry.window_start(a) < window_start:
