@@ -160,6 +160,10 @@ def report(doc: dict, out: Path) -> None:
     for name, res in doc["runs"].items():
         ok = [r for r in res["rows"] if "ttft_s" in r]
         series[name] = ([r["turn"] for r in ok], [r["ttft_s"] for r in ok])
+        timed = [r for r in ok if r.get("client_s") is not None]
+        if timed:  # the part the server spends: from the request leaving the client
+            series[f"{name}, less the client's own time"] = ([r["turn"] for r in timed],
+                                                             [r["ttft_s"] - r["client_s"] for r in timed])
     line_plot(out.with_suffix(".png"), series, "turn", "time to first token (s)",
               f"Chat re-sending the whole history, {doc['model']}, W={doc['window']}")
 

@@ -70,15 +70,23 @@ def gpu_used_mib() -> float | None:
         return None
 
 
-def sample(procs: dict, url: str, t0: float, gpu: bool) -> dict:
+def tokens_processed(m: dict, block_size: int) -> int:
+    """Tokens the stream has processed, from ``/metrics``: vLLM counts a prompt's tokens once
+    its prefill is done, so during a long prompt the sink's own counters tell the progress
+    (tokens evicted + pages the running stream holds, to within a page and a step)."""
+    counted = m.get("vllm:prompt_tokens_total", 0) + m.get("vllm:generation_tokens_total", 0)
+    held = m.get("vllm_sink:tokens_evicted_total", 0) + block_size * m.get("vllm_sink:running_kv_pages", 0)
+    return int(max(counted, held))
+
+
+def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16) -> dict:
     import psutil
     import requests
 
     from workers import prometheus_values
 
     m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
-    tokens = int(m.get("vllm:prompt_tokens_total", 0) + m.get("vllm:generation_tokens_total", 0))
-    row = {"tokens": tokens, "t_s": round(time.time() - t0, 2)}
+    row = {"tokens": tokens_processed(m, block_size), "t_s": round(time.time() - t0, 2)}
     for role, proc in procs.items():
         try:
             row[role] = proc.memory_info().rss / 2**20

@@ -15,7 +15,8 @@ SmolLM2 tokenizer, with nothing but the stock command and the policy's flags
   its context goes (8,192 - 1,024 = 7,168 tokens).
 
 Reports output tokens/s, TTFT and TPOT (mean, median, P99), and, from ``/metrics`` after
-each workload, preemptions, pages evicted and whether the KV pool is whole again. Writes
+each workload, preemptions, pages evicted and whether the KV pool is whole again (every page
+free, or held by a finished stream kept for resumption, which a new request reclaims). Writes
 JSON and a markdown table (``serve.md``) next to it. Needs the CUDA build of vLLM with the
 plugin installed (run it from outside the source tree, see ``shared/gpu`` staging), and
 the ``vllm`` command on PATH.
@@ -143,7 +144,9 @@ def run(args) -> list[dict]:
                     time.sleep(3)
                     after = metrics(srv.url)
                     row.update(pages_evicted=after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"],
-                               free_pages=after["vllm_sink:free_kv_pages"], pool_pages=after["vllm_sink:kv_pool_pages"])
+                               free_pages=after["vllm_sink:free_kv_pages"], pool_pages=after["vllm_sink:kv_pool_pages"],
+                               kept_pages=after.get("vllm_sink:kept_session_pages", 0),
+                               kept_streams=after.get("vllm_sink:kept_sessions", 0))
                 rows.append(row)
                 print("[serve]", json.dumps(row), flush=True)
             if policy == "sink":
@@ -173,7 +176,11 @@ def report(rows: list[dict], out: Path) -> None:
     for r in rows:
         wl = f"({r['workload']}) {r['input_len']} in + {r['output_len']} out, {r['num_prompts']} prompts, concurrency {r['concurrency']}"
         name = "vanilla" if r["policy"] == "full" else "sink W=4096"
-        whole = "" if r["policy"] == "full" else ("yes" if r["free_pages"] == r["pool_pages"] else f"no ({r['free_pages']:.0f}/{r['pool_pages']:.0f})")
+        kept = r.get("kept_pages", 0)
+        whole = "" if r["policy"] == "full" else f"{r['free_pages']:.0f} free of {r['pool_pages']:.0f}, kept not recorded" if "kept_pages" not in r else (
+            ("yes" if r["free_pages"] + kept == r["pool_pages"] else "no") + f" ({r['free_pages']:.0f} free"
+            + (f" + {kept:.0f} kept by {r.get('kept_streams', 0):.0f} finished streams" if kept else "")
+            + f" of {r['pool_pages']:.0f})")
         lines.append(f"| {wl} | {name} | {r['output_throughput']:,.0f} | {r['mean_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
                      f"{r['mean_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['completed']}/{r['num_prompts']} | "
                      f"{r['preemptions']:.0f} | {r.get('pages_evicted', 0):,.0f} | {whole} |")
