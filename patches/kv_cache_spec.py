@@ -14,8 +14,10 @@ Binds to vLLM 0.26.0:
     vLLM's scheduler through len(), [-1], append/extend and copy() only), resumable,
     structured_output_request, sampling_params.repetition_detection
   vllm.v1.utils.ConstantList
-  SingleTypeKVCacheManager: req_to_blocks, _null_block, block_pool.free_blocks,
-  _max_admission_blocks_per_request, remove_skipped_blocks, allocate_new_blocks, free
+  SingleTypeKVCacheManager: req_to_blocks (a sink stream's entry is a ``BlockRow``, read by
+  vLLM through len(), [i], [a:b], extend, iteration and reversed()), _null_block,
+  block_pool.free_blocks, _max_admission_blocks_per_request, remove_skipped_blocks,
+  allocate_new_blocks, free
 
 The spec is what makes a layer "sink-managed": workers hand it out instead of
 ``FullAttentionSpec`` (see ``patches.worker``), and the engine core picks
@@ -35,6 +37,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import RequestStatus
 
+from vllm_sink.block_row import BlockRow
 from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
@@ -100,7 +103,9 @@ class StreamingSinkManager(FullAttentionManager):
 
     Invariants:
       * ``req_to_blocks[r][i]`` is the page of logical block ``i``; evicted blocks hold the
-        null block (so the list is indexed by absolute block number, as vLLM expects).
+        null block (so the row is indexed by absolute block number, as vLLM expects). The
+        row is a ``vllm_sink.block_row.BlockRow``: the evicted blocks, a run right after the
+        sink, are a count, so it holds ``s + live`` entries however long the stream.
       * after ``remove_skipped_blocks(r, p)``, blocks ``[s, ceil(w0(p) / B))`` are null,
         where ``w0`` is ``vllm_sink.policy.window_start``. With a partial sink page
         (``S mod B > 0``), the page holding ``w0`` (its slots from ``w0`` on are the
@@ -188,14 +193,15 @@ class StreamingSinkManager(FullAttentionManager):
         if rid in self.live and getattr(request, "status", None) == RequestStatus.WAITING:
             self.readmitting.add(rid)  # a streaming-input session's next chunk
             s = self.geometry_of(rid).sink_pages
-            self.continuing_rows[rid] = (self.first_live_block.get(rid, s),
-                                         [b.block_id for b in self.req_to_blocks.get(rid, ()) if not b.is_null])
+            self.continuing_rows[rid] = (self.first_live_block.get(rid, s), self._held_ids(rid))
         if self.settled.get(rid) == request.num_prompt_tokens:  # decoding: its footprint is final
             return
         g = self.geometries.get(rid)
         if g is None:
             g = self.geometries[rid] = self.sink_geometry(request)
             hold_tail(request, g)
+            if rid not in self.req_to_blocks:  # (before any page: vLLM extends it from here)
+                self.req_to_blocks[rid] = BlockRow((), g.sink_pages, self._null_block)
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
         bound = g.decode_live_pages if decoding else g.max_live_pages
@@ -272,7 +278,13 @@ class StreamingSinkManager(FullAttentionManager):
             SINK_STATS.pages_evicted += len(leaving)
             SINK_STATS.tokens_evicted += len(leaving) * self.block_size
         if self.check_rows:
-            ROW_LOG.record_manager(request_id, processed_computed_tokens, [b.block_id for b in blocks if not b.is_null])
+            ROW_LOG.record_manager(request_id, processed_computed_tokens, self._held_ids(request_id))
+
+    def _held_ids(self, request_id: str) -> list[int]:
+        """Ids of the pages ``request_id`` holds (sink, then live), in logical order."""
+        blocks = self.req_to_blocks.get(request_id, ())
+        held = blocks.held() if isinstance(blocks, BlockRow) else [b for b in blocks if not b.is_null]
+        return [b.block_id for b in held]
 
     def pop_blocks_for_free(self, request_id):
         self.live.pop(request_id, None)

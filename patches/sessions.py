@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
+from vllm_sink.block_row import BlockRow
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.policy import cdiv
@@ -76,7 +77,7 @@ class SchedulerSessions:
         n = cdiv(computed, B)
         tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
         del blocks[n:]
-        pages = sum(not b.is_null for b in blocks)
+        pages = len(_held(blocks))
         first_live = m.first_live_block.get(rid, g.sink_pages)
         m.pop_blocks_for_free(rid)  # the request's bookkeeping; its pages stay allocated
         if tail:
@@ -96,7 +97,7 @@ class SchedulerSessions:
         return True
 
     def _release(self, stream: KeptStream) -> None:
-        self.manager.block_pool.free_blocks(reversed([b for b in stream.handle.blocks if not b.is_null]))
+        self.manager.block_pool.free_blocks(reversed(_held(stream.handle.blocks)))
         self.meta.released.append(stream.key)
         self._count()
 
@@ -172,6 +173,11 @@ class SchedulerSessions:
                 s = self.manager.geometry_of(new.req_id).sink_pages
                 ids = new.block_ids[0]
                 ids[s:] = [b for b in ids[s:] if b != null]
+
+
+def _held(blocks) -> list:
+    """The pages of a row (a ``BlockRow``, or a list with null pages), without the nulls."""
+    return blocks.held() if isinstance(blocks, BlockRow) else [b for b in blocks if not b.is_null]
 
 
 def _scope(request, sink_tokens: int) -> tuple:

@@ -26,6 +26,8 @@ import pytest
 from vllm import SamplingParams
 
 from engine_helpers import ENGINES
+from vllm_sink.block_row import BlockRow
+from vllm_sink.policy import cdiv
 from vllm_sink.token_rows import held_token, output_keep
 from vllm_sink.token_tail import TokenTail
 
@@ -50,7 +52,9 @@ def _run_checked(llm, rid, prompt, gen, salt):
     engine.add_request(rid, {"prompt_token_ids": prompt, "cache_salt": salt},
                        SamplingParams(max_tokens=gen, temperature=0, ignore_eos=True))
     generated: list[int] = []
-    steps = checked = max_outputs = cached = core_released = 0
+    steps = checked = max_outputs = cached = core_released = core_skipped = 0
+    manager = engine.engine_core.engine_core.scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    B = g.block_size
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -91,6 +95,14 @@ def _run_checked(llm, rid, prompt, gen, salt):
                 assert outs.tail == generated[outs.tail_start:]
                 assert len(every.tail) < 2 * width and len(outs.tail) < 2 * width
                 core_released = max(core_released, every.released)
+                # The KV manager's row: one logical entry per block, the pages of the sink
+                # and the window only (the evicted blocks are a count).
+                blocks = manager.req_to_blocks[internal]
+                assert isinstance(blocks, BlockRow)
+                assert cdiv(request.num_computed_tokens, B) <= len(blocks) <= cdiv(len(every), B) + 1
+                assert len(blocks.head) + len(blocks.live) <= g.widest.max_live_pages
+                assert blocks.held() == [b for b in blocks if not b.is_null]
+                core_skipped = max(core_skipped, blocks.skipped)
     finally:
         if engine.has_unfinished_requests():
             engine.abort_request([rid])
@@ -98,6 +110,7 @@ def _run_checked(llm, rid, prompt, gen, salt):
                 engine.step()
     if len(prompt) + gen > 3 * width:
         assert core_released > 0, "the engine core held every token"
+        assert core_skipped * B > len(prompt) + gen - 2 * width, "the KV manager's row kept its evicted blocks"
     return steps, checked, max_outputs, generated, cached
 
 

@@ -118,3 +118,58 @@ def test_wrap_primes_with_suffix_once_active(tok, ids, monkeypatch):
     # is the same, its cost no longer the prompt's length.
     assert [primed.decode_next(t) for t in cont] == expected
     assert "".join(expected) == tok.decode(cont)
+
+
+@pytest.mark.parametrize("stop,include", [(None, False), (["LATE", "\n\n", "ō"], False), (["LATE"], True)])
+def test_streamed_request_keeps_bounded_state_with_the_same_pieces(tok, ids, monkeypatch, stop, include):
+    """A streamed request (``DELTA``) through the bounded detokeniser: every piece, the stop
+    string found and the finished text's end are vLLM's, token by token over 3,000 tokens of
+    real text, while it holds at most ``2 x IDS_KEEP`` ids and the text not yet sent plus
+    ``TEXT_SLACK`` + the longest stop string of characters (the wraps made to cut often)."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+    from vllm.tokenizers import get_tokenizer
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.detokenizer import IncrementalDetokenizer
+
+    from vllm_sink import assets
+    from vllm_sink.token_tail import TokenTail
+
+    detokenizer.install()
+    monkeypatch.setattr(detokenizer, "IDS_KEEP", 50)
+    monkeypatch.setattr(detokenizer, "TEXT_SLACK", 64)
+    vtok = get_tokenizer(str(assets.model_dir()))
+    prompt, cont = ids[:40], ids[40:3040]
+    if stop:  # "LATE": a phrase of the text far in (found after many cuts), once
+        text = tok.decode(cont)
+        late = next(text[i:i + 9] for i in range(len(text) * 3 // 4, len(text)) if text.count(text[i:i + 9]) == 1)
+        stop = [late if s == "LATE" else s for s in stop]
+
+    def run(active: bool):
+        monkeypatch.setattr(detokenizer, "_active", active)
+        params = SamplingParams(max_tokens=4000, stop=stop, include_stop_str_in_output=include,
+                                output_kind=RequestOutputKind.DELTA)
+        req = EngineCoreRequest(request_id="r", prompt_token_ids=prompt, mm_features=None,
+                                sampling_params=params, pooling_params=None, arrival_time=0.0,
+                                lora_request=None, cache_salt=None, data_parallel_rank=None)
+        d = IncrementalDetokenizer.from_new_request(vtok, req)
+        pieces, held, found = [], 0, None
+        for i in range(0, len(cont), 3):  # three ids per engine step
+            found = d.update(cont[i:i + 3], False)
+            pieces.append(d.get_next_output_text(found is not None, True))
+            held = max(held, len(d.output_text) - (len(d.output_text) - d._last_output_text_offset))
+            if found is not None:
+                break
+        else:
+            pieces.append(d.get_next_output_text(True, True))
+        return pieces, found, d, held
+
+    expected, found, plain, _ = run(False)
+    got, found2, bounded, held = run(True)
+    assert got == expected and found2 == found
+    assert isinstance(bounded.token_ids, TokenTail) and bounded.num_output_tokens() == plain.num_output_tokens()
+    assert len(bounded.token_ids.tail) < 2 * 50
+    longest = max((len(s) for s in stop or ()), default=0)
+    assert held < 64 + longest + 3 * 8  # sent text kept: below the slack, the stop length and a step's piece
+    assert len(plain.output_text) > 1000 or found is not None
+    if stop:
+        assert found is not None and len(plain.output_text) > 5000  # found after many cuts
