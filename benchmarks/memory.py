@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -117,7 +118,7 @@ def report(doc: dict, out: Path) -> None:
     lines = [f"Memory along one stream through `vllm serve --kv-policy sink`: {doc['device']}, vLLM "
              f"{doc['vllm']}, {doc['model']}, W={doc['window']}, prompt {doc['prompt_tokens']} tokens, "
              f"{last['tokens']:,} tokens processed in {last['t_s']:.0f} s; plugin {doc['plugin']}; "
-             f"`{doc['command']}`", "",
+             f"`{doc['command']}`" + (f"; stopped: {doc['stopped']}" if doc.get("stopped") else ""), "",
              f"| process | MiB at {first['tokens']:,} tokens | MiB at {last['tokens']:,} tokens | change | "
              "growth per 1,000 tokens (fit) |", "|---|---|---|---|---|"]
     for k in keys:
@@ -149,6 +150,8 @@ def main() -> None:
     p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files")
     p.add_argument("--python", help="run the server from this interpreter's environment")
     p.add_argument("--label", help="the plugin version's name in the results (default: git describe)")
+    p.add_argument("--model", help="a local model directory instead of SmolLM2-135M-Instruct (CPU): e.g. a "
+                   "tiny model of tests/family_models.py, to reach a million tokens quickly on a small CPU")
     p.add_argument("--out", default=str(RESULTS / "memory.json"))
     args = p.parse_args()
     import openai
@@ -164,10 +167,10 @@ def main() -> None:
         flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
         model_name = "Llama-3-8B shape (dummy weights), bf16"
     else:
-        model = assets.model_dir()
+        model = Path(args.model) if args.model else assets.model_dir()
+        model_name = f"{model.name} (local directory), float32" if args.model else "SmolLM2-135M-Instruct, float32"
         flags = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8",
                  "--kv-cache-memory-bytes", str(256 << 20)]
-        model_name = "SmolLM2-135M-Instruct, float32"
     flags += ["--kv-policy", "sink", "--kv-window", str(args.window), "--distributed-executor-backend", "mp"]
     label = args.label or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                          cwd=Path(__file__).parent).stdout.strip()
@@ -180,33 +183,48 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
     proc = serve(model, flags, args.port, work / "server.log", python=args.python)
     samples: list[dict] = []
+    stopped, result = None, {}
     try:
         procs = process_tree(proc.pid)
         print("processes:", {k: v.pid for k, v in procs.items()})
         url = f"http://127.0.0.1:{args.port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
         t0 = time.time()
-        done = threading.Event()
+        finished, stopping, result = threading.Event(), threading.Event(), {"generated": 0}
+
+        def client_run():  # the stream, read in a thread: a long prompt sends nothing for a while
+            try:
+                stream = client.completions.create(model=SERVED, prompt=prompt, max_tokens=args.tokens,
+                                                   temperature=0, stream=True, extra_body={"ignore_eos": True})
+                for chunk in stream:
+                    result["generated"] += bool(chunk.choices)
+                    if stopping.is_set():
+                        break
+                stream.close()
+            except Exception as e:  # noqa: BLE001 (reported with the samples)
+                result["error"] = repr(e)
+            finally:
+                finished.set()
+
+        def on_term(*_):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)  # (a timeout's TERM still writes what was sampled)
+        threading.Thread(target=client_run, daemon=True).start()
+        total = (args.prompt_tokens or 4) + args.tokens
+        bar = tqdm(total=total, unit="tok", desc="processed", mininterval=5)
         samples.append(sample(procs, url, t0, args.gpu))
-
-        def sampler():
-            while not done.wait(args.every):
+        try:
+            while not finished.wait(args.every):
                 samples.append(sample(procs, url, t0, args.gpu))
-
-        thread = threading.Thread(target=sampler, daemon=True)
-        thread.start()
-        stream = client.completions.create(model=SERVED, prompt=prompt, max_tokens=args.tokens, temperature=0,
-                                           stream=True, extra_body={"ignore_eos": True})
-        bar = tqdm(total=args.tokens, unit="tok", desc="generated", mininterval=5)
-        for chunk in stream:
-            if chunk.choices:
-                bar.update(1)
-            if time.time() - t0 > args.max_seconds:
-                break
+                bar.update(max(0, samples[-1]["tokens"] - bar.n))
+                if time.time() - t0 > args.max_seconds:
+                    stopped = f"--max-seconds {args.max_seconds:g}"
+                    break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
         bar.close()
-        stream.close()
-        done.set()
-        thread.join()
+        stopping.set()
         samples.append(sample(procs, url, t0, args.gpu))
     finally:
         stop(proc)
@@ -218,7 +236,8 @@ def main() -> None:
         device = f"CPU ({os.cpu_count()} cores)"
     doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window,
                prompt_tokens=args.prompt_tokens, plugin=label, warmup=args.warmup,
-               command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples)
+               command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples,
+               generated=result.get("generated"), client_error=result.get("error"), stopped=stopped)
     report(doc, Path(args.out))
 
 
