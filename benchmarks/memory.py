@@ -111,23 +111,27 @@ def slope_per_1k(rows: list[dict], key: str) -> float | None:
 
 def report(doc: dict, out: Path) -> None:
     rows = doc["samples"]
-    after = [r for r in rows if r["tokens"] >= doc["warmup"]] or rows
-    first, last = after[0], rows[-1]
+    # After the warm-up, and while the stream ran (the last sample is taken once it stopped).
+    after = [r for r in rows[:-1] if r["tokens"] >= doc["warmup"]] or rows
+    first, last = after[0], after[-1]
     keys = [k for k in rows[0] if k not in ("tokens", "t_s")]
     unit = {"gpu": "GPU MiB"}
     lines = [f"Memory along one stream through `vllm serve --kv-policy sink`: {doc['device']}, vLLM "
              f"{doc['vllm']}, {doc['model']}, W={doc['window']}, prompt {doc['prompt_tokens']} tokens, "
-             f"{last['tokens']:,} tokens processed in {last['t_s']:.0f} s; plugin {doc['plugin']}; "
+             f"{rows[-1]['tokens']:,} tokens processed in {rows[-1]['t_s']:.0f} s; plugin {doc['plugin']}; "
              f"`{doc['command']}`" + (f"; stopped: {doc['stopped']}" if doc.get("stopped") else ""), "",
              f"| process | MiB at {first['tokens']:,} tokens | MiB at {last['tokens']:,} tokens | change | "
-             "growth per 1,000 tokens (fit) |", "|---|---|---|---|---|"]
+             "spread (max - min) | growth per 1,000 tokens (fit) |", "|---|---|---|---|---|---|"]
     for k in keys:
         a, b = first.get(k), last.get(k)
-        if a is None or b is None:
+        vals = [r[k] for r in after if r.get(k) is not None]
+        if a is None or b is None or not vals:
             continue
         slope = slope_per_1k(after, k)
         lines.append(f"| {k} ({unit.get(k, 'RSS')}) | {a:.1f} | {b:.1f} | {100 * (b - a) / a:+.2f}% | "
+                     f"{100 * (max(vals) - min(vals)) / a:.2f}% | "
                      f"{'' if slope is None else f'{slope * 1024:.1f} KiB'} |")
+    lines += ["", f"{len(after)} samples from {first['tokens']:,} to {last['tokens']:,} tokens, while the stream ran."]
     write_results(out, doc, lines)
     series = {}
     for k in keys:
