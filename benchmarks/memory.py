@@ -154,8 +154,9 @@ def main() -> None:
     p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files")
     p.add_argument("--python", help="run the server from this interpreter's environment")
     p.add_argument("--label", help="the plugin version's name in the results (default: git describe)")
-    p.add_argument("--model", help="a local model directory instead of SmolLM2-135M-Instruct (CPU): e.g. a "
-                   "tiny model of tests/family_models.py, to reach a million tokens quickly on a small CPU")
+    p.add_argument("--model", help="a local model directory instead of SmolLM2-135M-Instruct (CPU; with --gpu "
+                   "its config with dummy weights instead of the 8B shape): e.g. a tiny model of "
+                   "tests/family_models.py, to reach a million tokens quickly on a small CPU")
     p.add_argument("--out", default=str(RESULTS / "memory.json"))
     args = p.parse_args()
     import openai
@@ -167,9 +168,13 @@ def main() -> None:
     if args.gpu:
         from serve import model_dir
 
-        model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
+        if args.model:  # its config and tokenizer, dummy weights
+            model = Path(args.model)
+            model_name = f"{model.name} shape (dummy weights), bf16"
+        else:
+            model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
+            model_name = "Llama-3-8B shape (dummy weights), bf16"
         flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
-        model_name = "Llama-3-8B shape (dummy weights), bf16"
     else:
         model = Path(args.model) if args.model else assets.model_dir()
         model_name = f"{model.name} (local directory), float32" if args.model else "SmolLM2-135M-Instruct, float32"
