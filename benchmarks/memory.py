@@ -23,6 +23,7 @@ of its own. ``--python`` runs the server from another environment (e.g. an older
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -116,8 +117,10 @@ def report(doc: dict, out: Path) -> None:
     first, last = after[0], after[-1]
     keys = [k for k in rows[0] if k not in ("tokens", "t_s")]
     unit = {"gpu": "GPU MiB"}
-    lines = [f"Memory along one stream through `vllm serve --kv-policy sink`: {doc['device']}, vLLM "
-             f"{doc['vllm']}, {doc['model']}, W={doc['window']}, prompt {doc['prompt_tokens']} tokens, "
+    server = "vanilla `vllm serve`" if doc.get("policy") == "full" else "`vllm serve --kv-policy sink`"
+    shape = f"W={doc['window']}" if doc.get("policy") != "full" else "no window"
+    lines = [f"Memory along one stream through {server}: {doc['device']}, vLLM "
+             f"{doc['vllm']}, {doc['model']}, {shape}, prompt {doc['prompt_tokens']} tokens, "
              f"{rows[-1]['tokens']:,} tokens processed in {rows[-1]['t_s']:.0f} s; plugin {doc['plugin']}; "
              f"`{doc['command']}`" + (f"; stopped: {doc['stopped']}" if doc.get("stopped") else ""), "",
              f"| process | MiB at {first['tokens']:,} tokens | MiB at {last['tokens']:,} tokens | change | "
@@ -138,7 +141,7 @@ def report(doc: dict, out: Path) -> None:
         pts = [(r["tokens"], r[k]) for r in rows if r.get(k) is not None]
         series[f"{k} ({unit.get(k, 'RSS')})"] = ([x for x, _ in pts], [y for _, y in pts])
     line_plot(out.with_suffix(".png"), series, "tokens processed (prompt + generated)", "MiB",
-              f"One stream, {doc['model']}, W={doc['window']}, plugin {doc['plugin']}")
+              f"One stream, {doc['model']}, {shape}, plugin {doc['plugin']}")
 
 
 def main() -> None:
@@ -146,6 +149,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=20000, help="tokens to generate (max_tokens)")
     p.add_argument("--prompt-tokens", type=int, default=0, help="prompt length in tokens (0: a few words)")
     p.add_argument("--window", type=int, default=256)
+    p.add_argument("--policy", choices=("sink", "full"), default="sink",
+                   help="full: vanilla vLLM (its context sized to hold the stream), for comparison")
     p.add_argument("--every", type=float, default=5, help="sample every this many seconds")
     p.add_argument("--warmup", type=int, default=1000, help="tokens before the first sample of the table")
     p.add_argument("--max-seconds", type=float, default=600)
@@ -180,7 +185,12 @@ def main() -> None:
         model_name = f"{model.name} (local directory), float32" if args.model else "SmolLM2-135M-Instruct, float32"
         flags = ["--dtype", "float32", "--block-size", "16", "--max-num-seqs", "8",
                  "--kv-cache-memory-bytes", str(256 << 20)]
-    flags += ["--kv-policy", "sink", "--kv-window", str(args.window), "--distributed-executor-backend", "mp"]
+    if args.policy == "sink":
+        flags += ["--kv-policy", "sink", "--kv-window", str(args.window)]
+    else:  # vanilla vLLM, for comparison: its context must hold the whole stream
+        length = (args.prompt_tokens or 8) + args.tokens + 64
+        flags += ["--max-model-len", str(length), "--hf-overrides", json.dumps({"max_position_embeddings": length})]
+    flags += ["--distributed-executor-backend", "mp"]
     label = args.label or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                          cwd=Path(__file__).parent).stdout.strip()
     prompt: list[int] | str = "Once upon a time"
@@ -243,7 +253,8 @@ def main() -> None:
         device = "GPU " + torch.cuda.get_device_name()
     else:
         device = f"CPU ({os.cpu_count()} cores)"
-    doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window,
+    doc = dict(device=device, vllm=vllm.__version__, model=model_name,
+               window=args.window if args.policy == "sink" else None, policy=args.policy,
                prompt_tokens=args.prompt_tokens, plugin=label, warmup=args.warmup,
                command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples,
                generated=result.get("generated"), client_error=result.get("error"), stopped=stopped)
