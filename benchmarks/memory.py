@@ -202,14 +202,14 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
     proc = serve(model, flags, args.port, work / "server.log", python=args.python)
     samples: list[dict] = []
-    stopped, result = None, {}
+    stopped, result = None, {"generated": 0}
     try:
         procs = process_tree(proc.pid)
         print("processes:", {k: v.pid for k, v in procs.items()})
         url = f"http://127.0.0.1:{args.port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=3600)
         t0 = time.time()
-        finished, stopping, result = threading.Event(), threading.Event(), {"generated": 0}
+        finished, stopping = threading.Event(), threading.Event()
 
         def client_run():  # the stream, read in a thread: a long prompt sends nothing for a while
             try:

@@ -157,6 +157,18 @@ def run(args) -> list[dict]:
     return rows
 
 
+def pool_after(r: dict) -> str:
+    """The "pool whole after" cell: every page free or kept by a finished stream."""
+    if r["policy"] == "full":
+        return ""
+    free, pool = r["free_pages"], r["pool_pages"]
+    if "kept_pages" not in r:  # (a run from before kept pages were recorded)
+        return f"{free:.0f} free of {pool:.0f}, kept not recorded"
+    kept = r["kept_pages"]
+    held = f" + {kept:.0f} kept by {r.get('kept_streams', 0):.0f} finished streams" if kept else ""
+    return f"{'yes' if free + kept == pool else 'no'} ({free:.0f} free{held} of {pool:.0f})"
+
+
 def report(rows: list[dict], out: Path) -> None:
     import platform
 
@@ -176,11 +188,7 @@ def report(rows: list[dict], out: Path) -> None:
     for r in rows:
         wl = f"({r['workload']}) {r['input_len']} in + {r['output_len']} out, {r['num_prompts']} prompts, concurrency {r['concurrency']}"
         name = "vanilla" if r["policy"] == "full" else "sink W=4096"
-        kept = r.get("kept_pages", 0)
-        whole = "" if r["policy"] == "full" else f"{r['free_pages']:.0f} free of {r['pool_pages']:.0f}, kept not recorded" if "kept_pages" not in r else (
-            ("yes" if r["free_pages"] + kept == r["pool_pages"] else "no") + f" ({r['free_pages']:.0f} free"
-            + (f" + {kept:.0f} kept by {r.get('kept_streams', 0):.0f} finished streams" if kept else "")
-            + f" of {r['pool_pages']:.0f})")
+        whole = pool_after(r)
         lines.append(f"| {wl} | {name} | {r['output_throughput']:,.0f} | {r['mean_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
                      f"{r['mean_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['completed']}/{r['num_prompts']} | "
                      f"{r['preemptions']:.0f} | {r.get('pages_evicted', 0):,.0f} | {whole} |")

@@ -37,7 +37,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.request import RequestStatus
 
-from vllm_sink.block_row import BlockRow
+from vllm_sink.block_row import BlockRow, held_pages
 from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
@@ -282,9 +282,7 @@ class StreamingSinkManager(FullAttentionManager):
 
     def _held_ids(self, request_id: str) -> list[int]:
         """Ids of the pages ``request_id`` holds (sink, then live), in logical order."""
-        blocks = self.req_to_blocks.get(request_id, ())
-        held = blocks.held() if isinstance(blocks, BlockRow) else [b for b in blocks if not b.is_null]
-        return [b.block_id for b in held]
+        return [b.block_id for b in held_pages(self.req_to_blocks.get(request_id, ()))]
 
     def pop_blocks_for_free(self, request_id):
         self.live.pop(request_id, None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from vllm.logger import init_logger
 
-from vllm_sink.block_row import BlockRow
+from vllm_sink.block_row import held_pages
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.policy import cdiv
@@ -77,7 +77,7 @@ class SchedulerSessions:
         n = cdiv(computed, B)
         tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
         del blocks[n:]
-        pages = len(_held(blocks))
+        pages = len(held_pages(blocks))
         first_live = m.first_live_block.get(rid, g.sink_pages)
         m.pop_blocks_for_free(rid)  # the request's bookkeeping; its pages stay allocated
         if tail:
@@ -97,7 +97,7 @@ class SchedulerSessions:
         return True
 
     def _release(self, stream: KeptStream) -> None:
-        self.manager.block_pool.free_blocks(reversed(_held(stream.handle.blocks)))
+        self.manager.block_pool.free_blocks(reversed(held_pages(stream.handle.blocks)))
         self.meta.released.append(stream.key)
         self._count()
 
@@ -173,11 +173,6 @@ class SchedulerSessions:
                 s = self.manager.geometry_of(new.req_id).sink_pages
                 ids = new.block_ids[0]
                 ids[s:] = [b for b in ids[s:] if b != null]
-
-
-def _held(blocks) -> list:
-    """The pages of a row (a ``BlockRow``, or a list with null pages), without the nulls."""
-    return blocks.held() if isinstance(blocks, BlockRow) else [b for b in blocks if not b.is_null]
 
 
 def _scope(request, sink_tokens: int) -> tuple:

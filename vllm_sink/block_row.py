@@ -164,3 +164,9 @@ class BlockRow:
 
     def __repr__(self) -> str:
         return f"BlockRow(len={len(self)}, head={len(self.head)}, skipped={self.skipped}, live={len(self.live)})"
+
+
+def held_pages(blocks) -> list:
+    """The pages of a row, without the null page: a ``BlockRow``'s ``held()``, or the blocks
+    of a plain list of vLLM blocks whose ``is_null`` is false."""
+    return blocks.held() if isinstance(blocks, BlockRow) else [b for b in blocks if not b.is_null]
