@@ -7,13 +7,15 @@ plotted against the tokens it has processed.
     python benchmarks/memory.py --gpu --tokenizer-dir DIR ...   # Llama-3-8B shape, dummy weights
 
 One request, sent with the stock OpenAI client as a streamed completion of ``--tokens``
-tokens (``ignore_eos``; with ``--prompt-tokens``, after a prompt of that many tokens of
-Shakespeare). Every ``--every`` seconds the script reads the tokens processed so far (the
-server's ``vllm:prompt_tokens_total + vllm:generation_tokens_total``), the RSS of each process
-of the server's tree (named by vLLM's process titles) and, with ``--gpu``, the GPU memory in
-use (``nvidia-smi``). Written: the samples (JSON), a table of each process's memory at the first
-sample after ``--warmup`` tokens and at the end with the growth per 1,000 tokens (least
-squares over the samples after the warm-up), and the plot (PNG).
+tokens (``ignore_eos``; with ``--prompt-tokens``, after a prompt of about that many tokens of
+Shakespeare, sent as text: the stock client prepares a list of token ids element by element
+in Python, about 10 us an id, minutes for millions). Every ``--every`` seconds the script
+reads the tokens processed so far (the server's ``vllm:prompt_tokens_total +
+vllm:generation_tokens_total``, or during a long prompt the sink's own counters), the RSS of
+each process of the server's tree (named by vLLM's process titles) and, with ``--gpu``, the
+GPU memory in use (``nvidia-smi``). Written: the samples (JSON), a table of each process's
+memory at the first sample after ``--warmup`` tokens and at the end with the growth per 1,000
+tokens (least squares over the samples after the warm-up), and the plot (PNG).
 
 The server runs with ``--distributed-executor-backend mp`` so that the worker is a process
 of its own. ``--python`` runs the server from another environment (e.g. an older checkout's
@@ -140,8 +142,32 @@ def report(doc: dict, out: Path) -> None:
     for k in keys:
         pts = [(r["tokens"], r[k]) for r in rows if r.get(k) is not None]
         series[f"{k} ({unit.get(k, 'RSS')})"] = ([x for x, _ in pts], [y for _, y in pts])
-    line_plot(out.with_suffix(".png"), series, "tokens processed (prompt + generated)", "MiB",
-              f"One stream, {doc['model']}, {shape}, plugin {doc['plugin']}")
+    title = f"One stream, {doc['model']}, {shape}, plugin {doc['plugin']}"
+    xlabel = "tokens processed (prompt + generated)"
+    gpu = series.pop(f"gpu ({unit['gpu']})", None)
+    if gpu is None:
+        line_plot(out.with_suffix(".png"), series, xlabel, "MiB", title)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # The processes' RSS and the GPU's memory (its KV pool is allocated up front) apart.
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for label, (xs, ys) in series.items():
+        top.plot(xs, ys, label=label)
+    top.set_ylabel("RSS, MiB")
+    top.set_ylim(bottom=0)
+    top.legend()
+    top.set_title(title)
+    bottom.plot(*gpu, color="tab:red", label="GPU memory in use")
+    bottom.set_ylabel("GPU, MiB")
+    bottom.set_ylim(0, 1.1 * max(gpu[1]))
+    bottom.set_xlabel(xlabel)
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
 
 
 def main() -> None:
@@ -199,13 +225,14 @@ def main() -> None:
     flags += ["--distributed-executor-backend", "mp"]
     label = args.label or subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                          cwd=Path(__file__).parent).stdout.strip()
-    prompt: list[int] | str = "Once upon a time"
+    prompt = "Once upon a time"
     if args.prompt_tokens:
         from transformers import AutoTokenizer
 
         text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.corpus_text()
-        ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"]
-        prompt = (ids * (args.prompt_tokens // len(ids) + 1))[: args.prompt_tokens]
+        offsets = AutoTokenizer.from_pretrained(model)(text, return_offsets_mapping=True)["offset_mapping"]
+        copies, rest = divmod(args.prompt_tokens, len(offsets))  # (copies join within a token or two)
+        prompt = text * copies + text[: offsets[rest][0]]
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
     proc = serve(model, flags, args.port, work / "server.log", python=args.python)
     samples: list[dict] = []

