@@ -10,7 +10,8 @@ Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner sub
     the scheduler ships (``StepMeta.continued``); the runner keeps the request's state)
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
     (relied on: positions, seq_lens, optimistic_seq_lens_cpu, the slot mapping and the input
-    ids come from input_batch.num_computed_tokens_cpu and token_ids_cpu; the rows to discard
+    ids come from input_batch.num_computed_tokens_cpu and token_ids_cpu; req_indices.np holds
+    the step's row of each token; the rows to discard
     from ``requests[r].num_tokens < seq_lens``, recomputed here: discard_request_mask)
   GPUModelRunner.execute_model: both run inside ``synchronize_input_prep()`` (relied on: the
     pinned host buffer of ``_HostStager`` is reused only after the previous step's copies)
@@ -74,7 +75,7 @@ from vllm_sink.step_meta import META_ATTR as STEP_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
-from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, row_transition, window_moves
+from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, quiet_end, row_transition, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
 from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_keep, shift_row
 
@@ -91,13 +92,15 @@ class _StreamTable:
     Per slot: ``sink`` (the sequence's sink in tokens: the engine's, or its own), ``base``
     (epoch base: frame position = token index - base), ``sink_angle`` (rotation now applied
     to the sink keys, relative to their pristine copy), ``first_live`` (logical block held at
-    row position ``ceil(sink / B)``), and this step's ``slot_offset`` with the step it was
-    planned in (``planned``); ``token_off``, the offset of the sequence's token row (it holds
-    ``tokens[0:S] ++ tokens[S + token_off:]``, ``vllm_sink.token_rows``), ``out_trimmed``, how
-    many of its first output ids the runner's request state no longer keeps, and
-    ``sink_ids``, its sink token ids once its window has moved; on the device, the pristine
-    sink keys ``[L, whole sink pages, H, B, D]`` and, with a partial sink page, its first
-    ``r`` keys and values ``[L, H, r, D]``.
+    row position ``ceil(sink / B)``), ``slot_offset`` (``w0 - S`` of its last planned step),
+    ``quiet_end`` (a later step ``[a, b)`` with ``b <= quiet_end`` plans the same and is not
+    planned again: ``policy.quiet_end``; 0 while its prompt is prefilled, before its first
+    step, and whenever its state is reset or handed over); ``token_off``, the offset of the
+    sequence's token row (it holds ``tokens[0:S] ++ tokens[S + token_off:]``,
+    ``vllm_sink.token_rows``), ``out_trimmed``, how many of its first output ids the runner's
+    request state no longer keeps, and ``sink_ids``, its sink token ids once its window has
+    moved; on the device, the pristine sink keys ``[L, whole sink pages, H, B, D]`` and, with
+    a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
     """
 
     def __init__(self, sink_tokens: int, block_size: int, capacity: int = 64):
@@ -107,14 +110,13 @@ class _StreamTable:
         self.continuing: set[str] = set()
         self.kept: dict[str, int] = {}  # kept stream id -> slot (``patches.sessions``)
         self.free: list[int] = []
-        self.step = 0
         self.pristine: dict[int, torch.Tensor] = {}
         self.pristine_partial: dict[int, torch.Tensor] = {}
         self.pristine_partial_values: dict[int, torch.Tensor] = {}
         self.sink_ids: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.capacity = 0
         self.sink = self.base = self.sink_angle = self.first_live = self.slot_offset = None
-        self.planned = self.token_off = self.out_trimmed = None
+        self.token_off = self.out_trimmed = self.quiet_end = None
         self._grow(capacity)
 
     def _grow(self, capacity: int) -> None:
@@ -129,9 +131,9 @@ class _StreamTable:
         self.sink_angle = grown(self.sink_angle, 0)
         self.first_live = grown(self.first_live, cdiv(self.sink_tokens, self.block_size))
         self.slot_offset = grown(self.slot_offset, 0)
-        self.planned = grown(self.planned, -1)
         self.token_off = grown(self.token_off, 0)
         self.out_trimmed = grown(self.out_trimmed, 0)
+        self.quiet_end = grown(self.quiet_end, 0)
         self.capacity = capacity
 
     def slot(self, rid: str) -> int:
@@ -157,7 +159,7 @@ class _StreamTable:
         self.base[slot] = self.sink_angle[slot] = self.slot_offset[slot] = 0
         self.token_off[slot] = self.out_trimmed[slot] = 0
         self.first_live[slot] = cdiv(int(self.sink[slot]), self.block_size)
-        self.planned[slot] = -1
+        self.quiet_end[slot] = 0
         self.sink_ids.pop(slot, None)
         self.pristine.pop(slot, None)
         self.pristine_partial.pop(slot, None)
@@ -191,7 +193,7 @@ class _StreamTable:
         """``rid`` takes over the kept state ``key`` (the scheduler handed it the pages)."""
         slot = self.kept.pop(key)
         self.slot_of[rid] = slot
-        self.planned[slot] = -1
+        self.quiet_end[slot] = 0
         # The new request's token row was written from its own prompt, from token 0.
         self.token_off[slot] = self.out_trimmed[slot] = 0
         self.sink_ids.pop(slot, None)
@@ -273,9 +275,9 @@ class SinkRunnerHook:
         mc = runner.vllm_config.model_config
         self.num_kv_heads = mc.get_num_kv_heads(runner.vllm_config.parallel_config)
         self.head_size = mc.get_head_size()
-        # Whether any row of this step has a slot offset or frame base; the offsets
-        # themselves are kept by request (its slot), planned after _update_states and read
-        # in _prepare_inputs (rows may be reordered in between).
+        # This step's frame offset of each row (``slot offset - base``), planned after
+        # ``_update_states`` and read in ``_prepare_inputs``, and whether any is not 0.
+        self.frame_offsets = np.zeros(0, dtype=np.int64)
         self.any_offset = False
         self._writers: tuple[PageWriter, PageWriter] | None = None
         self.check_rows = ROW_LOG.enabled()  # read once, not per row per step
@@ -387,7 +389,7 @@ class SinkRunnerHook:
             elif new.req_id in table.continuing:
                 # A streaming-input session's next chunk: its state (sink, frame base, sink
                 # rotation, pristine sink, first window page) and its row go on.
-                table.planned[table.slot_of[new.req_id]] = -1
+                table.quiet_end[table.slot_of[new.req_id]] = 0
             elif new.num_computed_tokens:
                 # Prefix caching and KV connectors are refused: only a resume (whose
                 # decision rides on the scheduler output) or a streaming-input session's
@@ -403,7 +405,6 @@ class SinkRunnerHook:
         num_reqs = ib.num_reqs
         self.any_offset = False
         self.stager.reset()
-        table.step += 1
         if not num_reqs:
             return
         rids = ib.req_ids[:num_reqs]
@@ -414,16 +415,29 @@ class SinkRunnerHook:
             return
         slots = np.fromiter((table.slot(rids[row]) for row in rows), dtype=np.int64, count=len(rows))
         a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
-        sinks = table.sink[slots]
-        plans = plan_steps(a, a + n[rows], table.base[slots], sink_tokens=sinks, window=self.W,
-                           block_size=self.B, rope_limit=self.rope_limit)
-
-        moving = np.flatnonzero(window_moves(table.first_live[slots], plans.w0, self.B))
-        for i in moving.tolist():
-            self._move(int(rows[i]), rids[rows[i]], int(slots[i]), int(plans.w0[i]))
+        b = a + n[rows]
+        # A quiet step: every row decodes within its ``quiet_end``, so its plan is the one the
+        # table holds (``policy.quiet_end``): no page leaves, no epoch, nothing to re-anchor.
+        quiet = bool((b <= table.quiet_end[slots]).all())
+        offs = table.slot_offset[slots] if quiet else self._plan(rows, rids, slots, a, b)
         if self.check_rows:
             for i, row in enumerate(rows.tolist()):
                 ROW_LOG.record_worker(rids[row], int(a[i]), self.runner.requests[rids[row]].block_ids[0])
+        self._compact_tokens(rows, rids, slots, a, b, offs, quiet)
+        frame = self.frame_offsets = np.zeros(num_reqs, dtype=np.int64)
+        frame[rows] = offs - table.base[slots]
+        self.any_offset = bool(frame.any())
+
+    def _plan(self, rows, rids, slots, a, b) -> np.ndarray:
+        """Plan the step ``[a, b)`` of the given rows and carry out what it asks (compaction,
+        epochs, re-anchoring); returns the rows' slot offsets."""
+        table = self.streams
+        sinks = table.sink[slots]
+        plans = plan_steps(a, b, table.base[slots], sink_tokens=sinks, window=self.W,
+                           block_size=self.B, rope_limit=self.rope_limit)
+        moving = np.flatnonzero(window_moves(table.first_live[slots], plans.w0, self.B))
+        for i in moving.tolist():
+            self._move(int(rows[i]), rids[rows[i]], int(slots[i]), int(plans.w0[i]))
         for i in np.flatnonzero(plans.window_shift).tolist():
             self._epoch(int(rows[i]), int(sinks[i]), int(plans.window_shift[i]))
         if self.table is None:  # ALiBi: the sink keys never change
@@ -440,9 +454,10 @@ class SinkRunnerHook:
         table.base[slots] = plans.base
         table.sink_angle[slots] = plans.sink_angle
         table.slot_offset[slots] = plans.slot_offset
-        table.planned[slots] = table.step
-        self._compact_tokens(rows, rids, slots, sinks, a, a + n[rows], plans.slot_offset)
-        self.any_offset = bool((plans.slot_offset - plans.base).any())
+        # Quiet steps follow once the prompt is in (later steps decode).
+        ends = quiet_end(plans.w0, plans.base, window=self.W, block_size=self.B, rope_limit=self.rope_limit)
+        table.quiet_end[slots] = np.where(b >= self.runner.input_batch.num_prompt_tokens[rows], ends, 0)
+        return plans.slot_offset
 
     # ------------------------------------------------------------------ token rows
     def _bind_batch(self) -> None:
@@ -523,51 +538,21 @@ class SinkRunnerHook:
         ib.num_tokens_no_spec[idx] = N - off
         return idx
 
-    def _compact_tokens(self, rows, rids, slots, sinks, a, b, offs) -> None:
+    def _compact_tokens(self, rows, rids, slots, a, b, offs, quiet: bool = False) -> None:
         """Present each scheduled stream to vLLM's runner as its compacted sequence for the
         step ``[a, b)`` at offset ``offs`` (``w0 - S``): shift the token rows whose window
         moved, write the step's prompt tokens, and set the rows' computed-token counts to
         ``a - off``. vLLM then gathers input ids, positions, ``seq_lens`` and the slot
         mapping at compacted indices, which are the compacted block-table row's; only the
         positions need the frame offset (``after_prepare_inputs``). Also releases output ids
-        the sampler no longer needs (``token_rows.output_keep``)."""
+        the sampler no longer needs (``token_rows.output_keep``). A ``quiet`` step (every row
+        decoding, no offset changed) only sets the counts and releases output ids."""
         ib = self.runner.input_batch
         table = self.streams
         width = ib.token_ids_cpu.shape[1]
-        moved = np.flatnonzero(offs != table.token_off[slots])
-        for i in moved.tolist():
-            row, slot, S, off = int(rows[i]), int(slots[i]), int(sinks[i]), int(offs[i])
-            old = int(table.token_off[slot])
-            by = off - old
-            if slot not in table.sink_ids:
-                table.sink_ids[slot] = (ib.token_ids_cpu[row, :S].copy(), ib.is_token_ids[row, :S].copy())
-            length = int(ib.num_tokens_no_spec[row])
-            # What the row holds for sure: the tokens before this step (a prompt's later
-            # tokens are written when scheduled), or every token once it decodes.
-            start, P = int(a[i]), int(ib.num_prompt_tokens[row])
-            held = min(width, (start if start < P else length + old) - old)
-            shift_row(ib.is_token_ids[row], length, S, by)
-            ib.num_tokens_no_spec[row] = shift_row(ib.token_ids_cpu[row], length, S, by)
-            # A row written from token 0 whose window moved past what it held (a resumed
-            # request's first step): the window before the step comes from the stream.
-            lo, hi = max(S, held - by), start - off
-            if hi > lo:
-                request = self.runner.requests[rids[row]]
-                ids, is_tok = self._tokens(request, int(table.out_trimmed[slot]), lo + off, hi + off)
-                ib.token_ids_cpu[row, lo:hi] = ids
-                ib.is_token_ids[row, lo:hi] = is_tok
-        table.token_off[slots] = offs
         P = ib.num_prompt_tokens[rows]
-        for i in np.flatnonzero(a < P).tolist():
-            row, rid, off = int(rows[i]), rids[rows[i]], int(offs[i])
-            end = min(int(b[i]), int(P[i]))
-            request = self.runner.requests[rid]
-            ids, is_tok = self._tokens(request, int(table.out_trimmed[slots[i]]), int(a[i]), end)
-            ib.token_ids_cpu[row, a[i] - off : end - off] = ids
-            ib.is_token_ids[row, a[i] - off : end - off] = is_tok
-            if off and request.prompt_embeds is not None and row in ib.req_prompt_embeds:
-                # vLLM reads a prompt's embeddings at the row's computed-token count.
-                ib.req_prompt_embeds[row] = request.prompt_embeds[off:]
+        if not quiet:
+            self._move_tokens(rows, rids, slots, a, b, offs, P)
         ib.num_computed_tokens_cpu[rows] = a - offs
         # The output ids the runner keeps: the stream's count less the prompt and those
         # released. Only rows with a row's worth twice over can have any to release.
@@ -581,6 +566,46 @@ class SinkRunnerHook:
                 drop = len(outs) - keep
                 del outs[:drop]
                 table.out_trimmed[slots[i]] += drop
+
+    def _move_tokens(self, rows, rids, slots, a, b, offs, P) -> None:
+        """Shift the token rows whose offset changed and write the step's prompt tokens."""
+        ib = self.runner.input_batch
+        table = self.streams
+        width = ib.token_ids_cpu.shape[1]
+        moved = np.flatnonzero(offs != table.token_off[slots])
+        for i in moved.tolist():
+            row, slot, off = int(rows[i]), int(slots[i]), int(offs[i])
+            S = int(table.sink[slot])
+            old = int(table.token_off[slot])
+            by = off - old
+            if slot not in table.sink_ids:
+                table.sink_ids[slot] = (ib.token_ids_cpu[row, :S].copy(), ib.is_token_ids[row, :S].copy())
+            length = int(ib.num_tokens_no_spec[row])
+            # What the row holds for sure: the tokens before this step (a prompt's later
+            # tokens are written when scheduled), or every token once it decodes.
+            start = int(a[i])
+            held = min(width, (start if start < int(P[i]) else length + old) - old)
+            shift_row(ib.is_token_ids[row], length, S, by)
+            ib.num_tokens_no_spec[row] = shift_row(ib.token_ids_cpu[row], length, S, by)
+            # A row written from token 0 whose window moved past what it held (a resumed
+            # request's first step): the window before the step comes from the stream.
+            lo, hi = max(S, held - by), start - off
+            if hi > lo:
+                request = self.runner.requests[rids[row]]
+                ids, is_tok = self._tokens(request, int(table.out_trimmed[slot]), lo + off, hi + off)
+                ib.token_ids_cpu[row, lo:hi] = ids
+                ib.is_token_ids[row, lo:hi] = is_tok
+        table.token_off[slots] = offs
+        for i in np.flatnonzero(a < P).tolist():
+            row, rid, off = int(rows[i]), rids[rows[i]], int(offs[i])
+            end = min(int(b[i]), int(P[i]))
+            request = self.runner.requests[rid]
+            ids, is_tok = self._tokens(request, int(table.out_trimmed[slots[i]]), int(a[i]), end)
+            ib.token_ids_cpu[row, a[i] - off : end - off] = ids
+            ib.is_token_ids[row, a[i] - off : end - off] = is_tok
+            if off and request.prompt_embeds is not None and row in ib.req_prompt_embeds:
+                # vLLM reads a prompt's embeddings at the row's computed-token count.
+                ib.req_prompt_embeds[row] = request.prompt_embeds[off:]
 
     def _held_prompt_tensor(self, orig_prompt):
         """``InputBatch._make_prompt_token_ids_cpu_tensor`` (the prompt ids that repetition
@@ -722,14 +747,10 @@ class SinkRunnerHook:
             r.discard_request_mask.copy_to_gpu(num_reqs)
         if not self.any_offset:
             return
-        table = self.streams
         T = scheduler_output.total_num_scheduled_tokens
-        slots = np.fromiter((table.slot(rid) for rid in r.input_batch.req_ids[:num_reqs]), dtype=np.int64,
-                            count=num_reqs)
-        planned = table.planned[slots] == table.step  # rows not scheduled this step: no offset
-        rope_off = self.stager.put(np.where(planned, table.slot_offset[slots] - table.base[slots], 0))
-        req_idx = r.req_indices.gpu[:T].long()
-        r.positions[:T].add_(rope_off[req_idx])
+        # Per token, from the host copy of the step's row indices (the rows are as
+        # ``after_update_states`` left them: vLLM reorders them inside ``_update_states``).
+        r.positions[:T].add_(self.stager.put(self.frame_offsets[r.req_indices.np[:T]]))
 
 
 def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:

@@ -113,11 +113,13 @@ class SinkStats:
 
     def publish(self, force: bool = False) -> None:
         """Write the snapshot for the API server (throttled unless ``force``)."""
-        directory = os.environ.get(METRICS_DIR_ENV)
-        now = time.monotonic()
-        if not directory or (not force and now - self._last_publish < PUBLISH_INTERVAL_S):
+        now = time.monotonic()  # (called every step: the clock first, the environment after)
+        if not force and now - self._last_publish < PUBLISH_INTERVAL_S:
             return
         self._last_publish = now
+        directory = os.environ.get(METRICS_DIR_ENV)
+        if not directory:
+            return
         path = Path(directory) / f"{self.role}-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         try:

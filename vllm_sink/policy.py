@@ -270,6 +270,18 @@ def plan_steps(a, b, base, *, sink_tokens: int, window: int, block_size: int, ro
                      sink_angle=w0 - S - new_base)
 
 
+def quiet_end(w0, base, *, window: int, block_size: int, rope_limit: int):
+    """After a step planned with window start ``w0`` and epoch base ``base``, the end of the
+    steps that plan the same: any later step ``[a, b)`` with ``b <= quiet_end`` has the same
+    window start (it moves once ``a`` reaches ``w0 + B + W - 1``: ``w0`` is ``r`` mod ``B``)
+    and starts no epoch (``b - 1 - base < P``), so the same slot offset and sink angle, and
+    no page leaves. Numbers or numpy arrays (the worker's steps that change nothing skip
+    the plan: ``patches/model_runner.py``)."""
+    import numpy as np
+
+    return np.minimum(w0 + block_size + window - 1, base + rope_limit)
+
+
 def apply_plan(state: FrameState, plan: StepPlan) -> None:
     """Record in ``state`` that ``plan``'s rotations have been carried out."""
     if plan.window_shift:

@@ -264,6 +264,35 @@ def test_plan_steps_equals_plan_step_row_by_row(S, B, W, P):
     assert sum(st.epochs for st in states) > 0
 
 
+@pytest.mark.parametrize("S,B,W,P", [(16, 16, 64, 160), (4, 16, 64, 120), (0, 16, 48, 100), (20, 8, 40, 90)])
+@pytest.mark.parametrize("step", [1, 5])
+def test_quiet_end_is_where_the_plan_first_changes(S, B, W, P, step):
+    """Every step that ends by ``quiet_end`` of the last planned step plans exactly what that
+    step planned (the worker skips planning it); for one-token steps (decoding), the first
+    one past it changes the window start or starts an epoch: no step that could be skipped
+    is planned."""
+    from vllm_sink.policy import quiet_end
+
+    state, a, planned, end, checked = FrameState(), 0, None, 0, {"quiet": 0, "edge": 0}
+    while state.epochs < 3:
+        b = a + step
+        plan = plan_step(a, b, state, sink_tokens=S, window=W, block_size=B, rope_limit=P)
+        if planned is not None and b <= end:
+            assert (plan.w0, plan.base, plan.slot_offset, plan.sink_angle, plan.window_shift) == (
+                planned.w0, planned.base, planned.slot_offset, planned.sink_angle, 0)
+            checked["quiet"] += 1
+        else:
+            if planned is not None and step == 1:  # the first step past quiet_end
+                assert plan.w0 != planned.w0 or plan.window_shift, (a, b, end)
+                checked["edge"] += 1
+            planned = plan
+            end = int(quiet_end(plan.w0, plan.base, window=W, block_size=B, rope_limit=P))
+        apply_plan(state, plan)
+        a = b
+    assert checked["quiet"] > 2 * checked["edge"]
+    assert checked["edge"] > 10 if step == 1 else checked["quiet"] > 10
+
+
 def test_plan_steps_refuses_like_plan_step():
     np = pytest.importorskip("numpy")
     from vllm_sink.policy import plan_steps
