@@ -82,6 +82,9 @@ from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_kee
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
 
+# Batches of at most this many rows take their quiet steps in Python numbers, not numpy.
+SMALL_BATCH = 8
+
 
 
 class _StreamTable:
@@ -409,6 +412,8 @@ class SinkRunnerHook:
             return
         rids = ib.req_ids[:num_reqs]
         sched = scheduler_output.num_scheduled_tokens
+        if num_reqs <= SMALL_BATCH and self._quiet_small_batch(rids, sched):
+            return
         n = np.fromiter((sched.get(rid, 0) for rid in rids), dtype=np.int64, count=num_reqs)
         rows = np.flatnonzero(n)
         if not len(rows):
@@ -427,6 +432,40 @@ class SinkRunnerHook:
         frame = self.frame_offsets = np.zeros(num_reqs, dtype=np.int64)
         frame[rows] = offs - table.base[slots]
         self.any_offset = bool(frame.any())
+
+    def _quiet_small_batch(self, rids, sched) -> bool:
+        """A quiet step (every row decodes within its ``quiet_end``) of a batch of at most
+        ``SMALL_BATCH`` rows, carried out in Python numbers, which cost less than numpy's
+        per-call overhead on so few rows: the same effect as the general path for a quiet
+        step (``_compact_tokens`` with ``quiet``). Returns False, having changed nothing,
+        if any row is not quiet."""
+        table = self.streams
+        ib = self.runner.input_batch
+        ncc = ib.num_computed_tokens_cpu
+        todo = []
+        for row, rid in enumerate(rids):
+            n = sched.get(rid, 0)
+            slot = table.slot_of.get(rid)
+            if n and (slot is None or int(ncc[row]) + n > table.quiet_end[slot]):
+                return False
+            todo.append((row, slot, n))
+        frame = self.frame_offsets = np.zeros(len(rids), dtype=np.int64)
+        threshold = 2 * output_keep(ib.token_ids_cpu.shape[1], 0)
+        any_offset = False
+        for row, slot, n in todo:
+            if not n:
+                continue
+            if self.check_rows:
+                ROW_LOG.record_worker(rids[row], int(ncc[row]), self.runner.requests[rids[row]].block_ids[0])
+            off = int(table.slot_offset[slot])
+            ncc[row] -= off
+            frame[row] = shift = off - int(table.base[slot])
+            any_offset |= shift != 0
+            kept = int(ib.num_tokens_no_spec[row]) + off - int(ib.num_prompt_tokens[row]) - int(table.out_trimmed[slot])
+            if kept >= threshold:
+                self._release_outputs(rids[row], slot)
+        self.any_offset = any_offset
+        return True
 
     def _plan(self, rows, rids, slots, a, b) -> np.ndarray:
         """Plan the step ``[a, b)`` of the given rows and carry out what it asks (compaction,
@@ -558,14 +597,19 @@ class SinkRunnerHook:
         # released. Only rows with a row's worth twice over can have any to release.
         kept = ib.num_tokens_no_spec[rows] + offs - P - table.out_trimmed[slots]
         for i in np.flatnonzero(kept >= 2 * output_keep(width, 0)).tolist():
-            request = self.runner.requests[rids[rows[i]]]
-            outs = request.output_token_ids
-            min_tokens = request.sampling_params.min_tokens if request.sampling_params else 0
-            keep = output_keep(width, min_tokens)
-            if len(outs) >= 2 * keep:  # one more is sampled this step
-                drop = len(outs) - keep
-                del outs[:drop]
-                table.out_trimmed[slots[i]] += drop
+            self._release_outputs(rids[rows[i]], int(slots[i]))
+
+    def _release_outputs(self, rid: str, slot: int) -> None:
+        """Release the output ids of ``rid`` that its sampler no longer reads, once it keeps
+        twice what it needs (``token_rows.output_keep``)."""
+        request = self.runner.requests[rid]
+        outs = request.output_token_ids
+        min_tokens = request.sampling_params.min_tokens if request.sampling_params else 0
+        keep = output_keep(self.runner.input_batch.token_ids_cpu.shape[1], min_tokens)
+        if len(outs) >= 2 * keep:  # one more is sampled this step
+            drop = len(outs) - keep
+            del outs[:drop]
+            self.streams.out_trimmed[slot] += drop
 
     def _move_tokens(self, rows, rids, slots, a, b, offs, P) -> None:
         """Shift the token rows whose offset changed and write the step's prompt tokens."""
@@ -741,9 +785,19 @@ class SinkRunnerHook:
         (``num_tokens_no_spec``) is the one to compare with."""
         r = self.runner
         num_reqs = r.input_batch.num_reqs
-        discard = r.optimistic_seq_lens_cpu[:num_reqs].numpy() < r.input_batch.num_tokens_no_spec[:num_reqs]
-        if (discard != r.discard_request_mask.np[:num_reqs]).any():
-            r.discard_request_mask.np[:num_reqs] = discard
+        seq_lens, tokens = r.optimistic_seq_lens_cpu.numpy(), r.input_batch.num_tokens_no_spec
+        mask = r.discard_request_mask.np
+        if num_reqs <= SMALL_BATCH:  # (in Python numbers: cheaper than numpy on so few rows)
+            changed = False
+            for row in range(num_reqs):
+                discard = bool(seq_lens[row] < tokens[row])
+                if discard != mask[row]:
+                    mask[row], changed = discard, True
+        else:
+            discard = seq_lens[:num_reqs] < tokens[:num_reqs]
+            changed = bool((discard != mask[:num_reqs]).any())
+            mask[:num_reqs] = discard
+        if changed:
             r.discard_request_mask.copy_to_gpu(num_reqs)
         if not self.any_offset:
             return

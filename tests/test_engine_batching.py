@@ -11,7 +11,13 @@ MAX_TOKENS = [24, 8, 40, 16, 32, 12, 20, 28]
 
 
 @pytest.mark.engine("sink16")
-def test_batched_equals_alone(llm, hamlet_ids):
+@pytest.mark.parametrize("small_batch", [8, 0], ids=["python-quiet-steps", "numpy-quiet-steps"])
+def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch):
+    """Also checks the worker's two ways of carrying out a quiet step (a batch of at most
+    ``SMALL_BATCH`` rows in Python numbers, any batch with numpy): the same tokens."""
+    from vllm_sink.patches import model_runner
+
+    monkeypatch.setattr(model_runner, "SMALL_BATCH", small_batch)
     prompts = [hamlet_ids[3000 * i : 3000 * i + n] for i, n in enumerate(PROMPT_LENS)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
     evicted0 = SINK_STATS.pages_evicted
