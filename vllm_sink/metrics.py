@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METRICS_DIR_ENV = "VLLMSINK_METRICS_DIR"
-PUBLISH_INTERVAL_S = 0.25
+PUBLISH_INTERVAL_S = 1.0  # (a snapshot is a file write: kept off most steps)
 
 COUNTERS = {
     "pages_evicted": "KV pages freed because they left the window.",
