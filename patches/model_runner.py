@@ -50,6 +50,10 @@ Per step and per sequence (``vllm_sink.policy.plan_step``):
      the compacted count, so the attention kernels of every backend see an ordinary short
      sequence; the positions become frame positions (``t - base``: plus ``w0 - S - base``),
      in the runner's persistent buffer, so CUDA graphs see it too.
+A step in which every row decodes within its ``quiet_end`` (``vllm_sink.policy.quiet_end``:
+its window start and epoch stay as last planned) is not planned again: only step 1's
+computed-token counts and output release are carried out (in Python numbers for batches of
+up to ``SMALL_BATCH`` rows, numpy beyond).
 
 ALiBi models (MPT, BLOOM; no rotary table: ``SinkRunnerHook.table is None``): keys carry no
 position and the attention kernel biases each key by its index in the compacted row
