@@ -44,7 +44,7 @@ from vllm_sink.metrics import SINK_STATS
 from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.patches import refusals
 from vllm_sink.step_meta import StepMeta
-from vllm_sink.policy import SinkGeometry, cdiv
+from vllm_sink.policy import SinkGeometry, cdiv, next_move_at
 from vllm_sink.token_tail import TokenTail
 
 
@@ -144,6 +144,9 @@ class StreamingSinkManager(FullAttentionManager):
         # request id -> footprint in pages (see the class invariants); unknown: the maximum.
         self.footprints: dict[str, int] = {}
         self.first_live_block: dict[str, int] = {}
+        # request id -> processed tokens below which no page leaves its row (``next_move_at``
+        # of its ``first_live_block``): the steps between two moves cost one lookup.
+        self.move_at: dict[str, int] = {}
         # Requests whose footprint no longer changes -> their prompt length then (a
         # streaming-input session's prompt grows: its footprint changes again).
         self.settled: dict[str, int] = {}
@@ -253,14 +256,26 @@ class StreamingSinkManager(FullAttentionManager):
         SINK_STATS.observe_live(request_id, live)
         return new_blocks
 
+    def set_first_live(self, request_id: str, first: int) -> None:
+        """The logical block at which ``request_id``'s window pages now start (its row
+        moved, or it adopted a kept stream's row)."""
+        self.first_live_block[request_id] = first
+        self.move_at.pop(request_id, None)
+
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
         del num_prompt_tokens
+        if processed_computed_tokens < self.move_at.get(request_id, 0):
+            # No page leaves before ``next_move_at`` (asked once per move, not per step).
+            if self.check_rows:
+                ROW_LOG.record_manager(request_id, processed_computed_tokens, self._held_ids(request_id))
+            return
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
         g = self.geometry_of(request_id)
         s = g.sink_pages
-        move = g.row_transition(self.first_live_block.get(request_id, s), g.window_start(processed_computed_tokens))
+        first = self.first_live_block.get(request_id, s)
+        move = g.row_transition(first, g.window_start(processed_computed_tokens))
         if move is not None:
             # Blocks up to the window start hold settled tokens, so they are allocated.
             assert move.last <= len(blocks), (request_id, move, len(blocks))
@@ -269,7 +284,7 @@ class StreamingSinkManager(FullAttentionManager):
             blocks[:s] = row[:s]
             for i in range(move.first, move.last):
                 blocks[i] = self._null_block
-            self.first_live_block[request_id] = move.last
+            self.first_live_block[request_id] = first = move.last
             assert not any(blk.is_null for blk in leaving), "a page left the row twice"
             # Tail-first, like vLLM's own frees, so the oldest pages are reused last.
             self.block_pool.free_blocks(reversed(leaving))
@@ -277,6 +292,7 @@ class StreamingSinkManager(FullAttentionManager):
             SINK_STATS.observe_live(request_id, self.live[request_id])
             SINK_STATS.pages_evicted += len(leaving)
             SINK_STATS.tokens_evicted += len(leaving) * self.block_size
+        self.move_at[request_id] = next_move_at(first, g.sink_tokens, g.kv_window, self.block_size)
         if self.check_rows:
             ROW_LOG.record_manager(request_id, processed_computed_tokens, self._held_ids(request_id))
 
@@ -288,6 +304,7 @@ class StreamingSinkManager(FullAttentionManager):
         self.live.pop(request_id, None)
         self.footprints.pop(request_id, None)
         self.first_live_block.pop(request_id, None)
+        self.move_at.pop(request_id, None)
         self.geometries.pop(request_id, None)
         self.settled.pop(request_id, None)
         self.readmitting.discard(request_id)

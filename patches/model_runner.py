@@ -50,10 +50,11 @@ Per step and per sequence (``vllm_sink.policy.plan_step``):
      the compacted count, so the attention kernels of every backend see an ordinary short
      sequence; the positions become frame positions (``t - base``: plus ``w0 - S - base``),
      in the runner's persistent buffer, so CUDA graphs see it too.
-A step in which every row decodes within its ``quiet_end`` (``vllm_sink.policy.quiet_end``:
-its window start and epoch stay as last planned) is not planned again: only step 1's
-computed-token counts and output release are carried out (in Python numbers for batches of
-up to ``SMALL_BATCH`` rows, numpy beyond).
+A row that decodes within its ``quiet_end`` (``vllm_sink.policy.quiet_end``: its window
+start and epoch stay as last planned) is not planned again: only step 1's computed-token
+count and output release are carried out for it; the step plans the other rows. A step of
+at most ``SMALL_BATCH`` rows that are all quiet is carried out in Python numbers (numpy's
+per-call cost exceeds the work on so few rows).
 
 ALiBi models (MPT, BLOOM; no rotary table: ``SinkRunnerHook.table is None``): keys carry no
 position and the attention kernel biases each key by its index in the compacted row
@@ -81,7 +82,7 @@ from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, quiet_end, row_transition, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
-from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_keep, shift_row
+from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_keep, release_due, shift_row
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
@@ -107,7 +108,7 @@ class _StreamTable:
     ``vllm_sink.token_rows``), ``out_trimmed``, how many of its first output ids the runner's
     request state no longer keeps, and ``sink_ids``, its sink token ids once its window has
     moved; on the device, the pristine sink keys ``[L, whole sink pages, H, B, D]`` and, with
-    a partial sink page, its first ``r`` keys and values ``[L, H, r, D]``.
+    a partial sink page, its first ``r`` keys and values ``[L, 1, H, r, D]``.
     """
 
     def __init__(self, sink_tokens: int, block_size: int, capacity: int = 64):
@@ -329,7 +330,8 @@ class SinkRunnerHook:
         """Sink page writers for the keys and the values of every layer (one kernel launch
         per step on CUDA; ``vllm_sink.page_writer``)."""
         if self._writers is None:
-            self._writers = (PageWriter(self.keys()), PageWriter(self.values()))
+            put = self.stager.put
+            self._writers = (PageWriter(self.keys(), self.table, put), PageWriter(self.values(), None, put))
         return self._writers
 
     # ------------------------------------------------------------------ step 1
@@ -425,14 +427,17 @@ class SinkRunnerHook:
         slots = np.fromiter((table.slot(rids[row]) for row in rows), dtype=np.int64, count=len(rows))
         a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
         b = a + n[rows]
-        # A quiet step: every row decodes within its ``quiet_end``, so its plan is the one the
-        # table holds (``policy.quiet_end``): no page leaves, no epoch, nothing to re-anchor.
-        quiet = bool((b <= table.quiet_end[slots]).all())
-        offs = table.slot_offset[slots] if quiet else self._plan(rows, rids, slots, a, b)
+        # Rows that decode within their ``quiet_end`` keep the plan the table holds
+        # (``policy.quiet_end``): no page leaves, no epoch, nothing to re-anchor. Only the
+        # others ("loud") are planned and carried out.
+        offs = table.slot_offset[slots]
+        loud = np.flatnonzero(b > table.quiet_end[slots])
+        if len(loud):
+            offs[loud] = self._plan(rows[loud], rids, slots[loud], a[loud], b[loud])
         if self.check_rows:
             for i, row in enumerate(rows.tolist()):
                 ROW_LOG.record_worker(rids[row], int(a[i]), self.runner.requests[rids[row]].block_ids[0])
-        self._compact_tokens(rows, rids, slots, a, b, offs, quiet)
+        self._compact_tokens(rows, rids, slots, a, b, offs, loud)
         frame = self.frame_offsets = np.zeros(num_reqs, dtype=np.int64)
         frame[rows] = offs - table.base[slots]
         self.any_offset = bool(frame.any())
@@ -441,7 +446,7 @@ class SinkRunnerHook:
         """A quiet step (every row decodes within its ``quiet_end``) of a batch of at most
         ``SMALL_BATCH`` rows, carried out in Python numbers, which cost less than numpy's
         per-call overhead on so few rows: the same effect as the general path for a quiet
-        step (``_compact_tokens`` with ``quiet``). Returns False, having changed nothing,
+        step (``_compact_tokens`` with no loud row). Returns False, having changed nothing,
         if any row is not quiet."""
         table = self.streams
         ib = self.runner.input_batch
@@ -454,7 +459,7 @@ class SinkRunnerHook:
                 return False
             todo.append((row, slot, n))
         frame = self.frame_offsets = np.zeros(len(rids), dtype=np.int64)
-        threshold = 2 * output_keep(ib.token_ids_cpu.shape[1], 0)
+        width = ib.token_ids_cpu.shape[1]
         any_offset = False
         for row, slot, n in todo:
             if not n:
@@ -465,8 +470,8 @@ class SinkRunnerHook:
             ncc[row] -= off
             frame[row] = shift = off - int(table.base[slot])
             any_offset |= shift != 0
-            kept = int(ib.num_tokens_no_spec[row]) + off - int(ib.num_prompt_tokens[row]) - int(table.out_trimmed[slot])
-            if kept >= threshold:
+            if release_due(int(ib.num_tokens_no_spec[row]), off, int(ib.num_prompt_tokens[row]),
+                           int(table.out_trimmed[slot]), width):
                 self._release_outputs(rids[row], slot)
         self.any_offset = any_offset
         return True
@@ -581,26 +586,23 @@ class SinkRunnerHook:
         ib.num_tokens_no_spec[idx] = N - off
         return idx
 
-    def _compact_tokens(self, rows, rids, slots, a, b, offs, quiet: bool = False) -> None:
+    def _compact_tokens(self, rows, rids, slots, a, b, offs, loud) -> None:
         """Present each scheduled stream to vLLM's runner as its compacted sequence for the
-        step ``[a, b)`` at offset ``offs`` (``w0 - S``): shift the token rows whose window
-        moved, write the step's prompt tokens, and set the rows' computed-token counts to
+        step ``[a, b)`` at offset ``offs`` (``w0 - S``): for the ``loud`` rows (indices into
+        ``rows``: those planned this step), shift the token rows whose window moved and
+        write the step's prompt tokens; for every row, set its computed-token count to
         ``a - off``. vLLM then gathers input ids, positions, ``seq_lens`` and the slot
         mapping at compacted indices, which are the compacted block-table row's; only the
         positions need the frame offset (``after_prepare_inputs``). Also releases output ids
-        the sampler no longer needs (``token_rows.output_keep``). A ``quiet`` step (every row
-        decoding, no offset changed) only sets the counts and releases output ids."""
+        the sampler no longer needs (``token_rows.output_keep``)."""
         ib = self.runner.input_batch
         table = self.streams
-        width = ib.token_ids_cpu.shape[1]
         P = ib.num_prompt_tokens[rows]
-        if not quiet:
-            self._move_tokens(rows, rids, slots, a, b, offs, P)
+        if len(loud):
+            self._move_tokens(rows[loud], rids, slots[loud], a[loud], b[loud], offs[loud], P[loud])
         ib.num_computed_tokens_cpu[rows] = a - offs
-        # The output ids the runner keeps: the stream's count less the prompt and those
-        # released. Only rows with a row's worth twice over can have any to release.
-        kept = ib.num_tokens_no_spec[rows] + offs - P - table.out_trimmed[slots]
-        for i in np.flatnonzero(kept >= 2 * output_keep(width, 0)).tolist():
+        due = release_due(ib.num_tokens_no_spec[rows], offs, P, table.out_trimmed[slots], ib.token_ids_cpu.shape[1])
+        for i in np.flatnonzero(due).tolist():
             self._release_outputs(rids[rows[i]], int(slots[i]))
 
     def _release_outputs(self, rid: str, slot: int) -> None:
@@ -690,8 +692,8 @@ class SinkRunnerHook:
             # The old partial sink page leaves; its sink slots [0, r) are first kept, as
             # written, for re-anchoring in the page that replaces it.
             old_sink = block_ids[s - 1]
-            table.pristine_partial[slot] = torch.stack([k[old_sink, :, :r] for k in self.keys()])
-            table.pristine_partial_values[slot] = torch.stack([v[old_sink, :, :r] for v in self.values()])
+            table.pristine_partial[slot] = torch.stack([k[old_sink, :, :r] for k in self.keys()])[:, None]
+            table.pristine_partial_values[slot] = torch.stack([v[old_sink, :, :r] for v in self.values()])[:, None]
         block_ids[:], _ = move.apply(block_ids, s)
         self._write_row(row, block_ids)
         table.first_live[slot] = move.last
@@ -750,34 +752,29 @@ class SinkRunnerHook:
         rotating = self.table is not None
         s, r = cdiv(sink, self.B), sink % self.B
         nw = (sink // self.B) * bt.blocks_per_kv_block if rotating else 0
-        keys = self.keys()
-        rows_l = rows.tolist()
-        whole_ids = self.stager.put(block_table[rows_l, :nw]).view(len(rows_l), nw) if nw else None
-        for i, slot in enumerate(slots.tolist()):
-            if nw and slot not in table.pristine:
-                # The sink slots still hold the keys as written at positions 0..S-1.
-                assert old_angles[i] == 0, "sink keys moved before their pristine copy was taken"
-                table.pristine[slot] = torch.stack([k[whole_ids[i]] for k in keys])
-            # A partial sink page's are taken when the window first moves (it moves first).
-            assert not r or slot in table.pristine_partial
+        slots_l = slots.tolist()
+        if nw:
+            for i, slot in enumerate(slots_l):
+                if slot not in table.pristine:
+                    # The sink slots still hold the keys as written at positions 0..S-1.
+                    assert old_angles[i] == 0, "sink keys moved before their pristine copy was taken"
+                    ids = self.stager.put(block_table[rows[i], :nw])
+                    table.pristine[slot] = torch.stack([k[ids] for k in self.keys()])  # [L, nw, H, B, D]
+        # A partial sink page's are taken when the window first moves (it moves first).
+        assert not r or all(slot in table.pristine_partial for slot in slots_l)
+        rd, neox = (self.table.rotary_dim, self.table.is_neox_style) if rotating else (0, True)
         if rotating:
-            cos, sin = self._angles(new_angles.tolist())
-            rd, neox = self.table.rotary_dim, self.table.is_neox_style
-        else:  # rotary_dim 0: a copy (cos and sin are not read)
-            cos = sin = torch.zeros(len(rows_l), 1, device=self.device)
-            rd, neox = 0, True
+            self.table.check_all(new_angles)
         key_writer, value_writer = self.writers()
         if nw:
-            src = torch.stack([table.pristine[slot] for slot in slots.tolist()])  # [R, L, nw, H, B, D]
-            key_writer.write(whole_ids, src, cos, sin, rd, neox)
+            key_writer.write(block_table[rows, :nw], [table.pristine[slot] for slot in slots_l], new_angles, rd, neox)
         if r:
-            part_ids = self.stager.put(block_table[rows_l, s - 1]).view(len(rows_l), 1)
-            src = torch.stack([table.pristine_partial[slot] for slot in slots.tolist()])[:, :, None]
-            key_writer.write(part_ids, src, cos, sin, rd, neox)  # [R, L, 1, H, r, D]
-            vals = torch.stack([table.pristine_partial_values[slot] for slot in slots.tolist()])[:, :, None]
-            value_writer.write(part_ids, vals, cos, sin, 0, neox)
+            part_ids = block_table[rows, s - 1 : s]
+            key_writer.write(part_ids, [table.pristine_partial[slot] for slot in slots_l], new_angles, rd, neox)
+            value_writer.write(part_ids, [table.pristine_partial_values[slot] for slot in slots_l], new_angles,
+                               0, neox)
         if rotating:
-            SINK_STATS.sink_rotations += len(rows_l)
+            SINK_STATS.sink_rotations += len(slots_l)
 
     # ------------------------------------------------------------------ step 2
     def after_prepare_inputs(self, scheduler_output) -> None:

@@ -151,7 +151,7 @@ class SchedulerSessions:
         m.num_cached_block[request_id] = len(blocks)
         live = sum(not b.is_null for b in blocks)
         m.live[request_id] = live
-        m.first_live_block[request_id] = handle.first_live
+        m.set_first_live(request_id, handle.first_live)
         SINK_STATS.observe_live(request_id, live)
         self.meta.resumed[request_id] = key
         self.meta.first_live[request_id] = handle.first_live

@@ -30,8 +30,27 @@ def _params(sink, **kw):
                           extra_args=extra, **kw)
 
 
+def _use_writer(llm, writer: str, monkeypatch) -> None:
+    """Re-anchor with the given sink page writer: ``torch`` (the CPU's), or ``triton``, the
+    GPU's kernel run by Triton's interpreter on the CPU (the runner's call of it as on the
+    GPU: one staged copy of the step's integers, the sources read where they lie)."""
+    if writer == "torch":
+        return
+    pytest.importorskip("triton")
+    from vllm_sink import page_writer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(page_writer, "_KERNEL", None)  # built (interpreted) on first use
+    hook = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner._vllm_sink_hook
+    put = hook.stager.put
+    monkeypatch.setattr(hook, "_writers", (page_writer.PageWriter(hook.keys(), hook.table, put, use_triton=True),
+                                           page_writer.PageWriter(hook.values(), None, put, use_triton=True)))
+
+
 @pytest.mark.engine("sink16_own40_p512")
-def test_sinks_of_their_own_in_one_batch_match_the_reference(llm, reference, hamlet_ids):
+@pytest.mark.parametrize("writer", ["torch", "triton"])
+def test_sinks_of_their_own_in_one_batch_match_the_reference(llm, reference, hamlet_ids, writer, monkeypatch):
+    _use_writer(llm, writer, monkeypatch)
     epochs0, rotations0 = SINK_STATS.epochs, SINK_STATS.sink_rotations
     prompts = [hamlet_ids[i * 700 : i * 700 + N_PROMPT] for i in range(len(SINKS))]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [_params(s) for s in SINKS], use_tqdm=False)

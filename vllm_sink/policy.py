@@ -123,6 +123,16 @@ def row_transition(first: int, w0: int, sink_tokens: int, block_size: int) -> Ro
     return RowTransition(first=first, last=cdiv(w0, block_size), swap_sink=sink_tokens % block_size != 0)
 
 
+def next_move_at(first: int, sink_tokens: int, window: int, block_size: int) -> int:
+    """The fewest processed tokens ``a`` at which pages leave a row whose window pages start
+    at logical block ``first``: ``row_transition(first, window_start(a, ...))`` is ``None``
+    for every ``a`` below it and not ``None`` at it (the window start moves past page
+    ``first`` once ``a - W + 1`` reaches its last slot; ``w0`` is ``r`` mod ``B``). The
+    scheduler's manager asks once per move, not once per step."""
+    r = sink_tokens % block_size
+    return first * block_size + window - 1 + (r or block_size)
+
+
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
     """The most pages one running sequence holds: ``s + ceil((W - 1 + C) / B) + 1`` with
     ``C`` the tokens of the sequence in flight (the window's ``W - 1`` earlier tokens and

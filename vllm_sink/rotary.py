@@ -21,6 +21,7 @@ head_size]`` over the backend's cache tensor (no copy, so in-place writes reach 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 KV_LAYOUTS = ("cpu", "paged")
@@ -65,13 +66,25 @@ class RotationTable:
             if not -self.limit < delta < self.limit:
                 raise ValueError(f"rotation by {delta} outside the table (+-{self.limit})")
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table ``(cos, sin)``, each ``[limit, rotary_dim // 2]`` float32 contiguous, on
+        ``device`` (copied there once): row ``|delta|`` rotates by ``delta``, with ``sin``
+        negated for a negative ``delta``."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.cos.to(device).contiguous(), self.sin.to(device).contiguous())
+        return self._on_device[device]
+
+    def check_all(self, deltas) -> None:
+        """:meth:`check` for an integer array of deltas at once."""
+        deltas = np.asarray(deltas)
+        if len(deltas) and int(np.abs(deltas).max()) >= self.limit:
+            self.check(*deltas.tolist())
+
     def angles_of(self, deltas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) of shape ``[len(deltas), rotary_dim // 2]`` for a tensor of deltas
         (already ``check``-ed), on the deltas' device: no host round trip. The table is
         copied to each device once."""
-        if deltas.device not in self._on_device:
-            self._on_device[deltas.device] = (self.cos.to(deltas.device), self.sin.to(deltas.device))
-        cos, sin = self._on_device[deltas.device]
+        cos, sin = self.on(deltas.device)
         idx = deltas.abs()
         # sin(0) = 0, so the sign of a zero delta does not matter.
         return cos[idx], sin[idx] * deltas.sign().to(sin.dtype)[:, None]

@@ -73,3 +73,11 @@ def output_keep(row_tokens: int, min_tokens: int) -> int:
     """How many of a stream's latest output ids the worker keeps (its sampler reads them:
     penalties, and ``min_tokens``, which counts them): a row's worth, and ``min_tokens``."""
     return max(row_tokens, min_tokens + 1)
+
+
+def release_due(row_len, off, prompt_len, trimmed, row_tokens: int):
+    """Whether a stream may have output ids to release: the output ids the worker keeps
+    (the stream's length ``row_len + off``, less its prompt and the ``trimmed`` ids already
+    released) reach twice :func:`output_keep` at ``min_tokens = 0`` (numbers or numpy
+    arrays: the worker asks for one row, or a whole batch at once)."""
+    return row_len + off - prompt_len - trimmed >= 2 * output_keep(row_tokens, 0)

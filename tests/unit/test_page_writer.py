@@ -46,7 +46,7 @@ def test_torch_path_is_rotate_scattered():
 
 
 SCRIPT = r"""
-import torch, itertools
+import numpy as np, torch, itertools
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.rotary import RotationTable
 torch.manual_seed(0)
@@ -65,12 +65,13 @@ for layout, neox, rot, T, dtype in itertools.product(("NHD", "HND"), (True, Fals
         return out
     a, b = caches(), caches()
     table = RotationTable.from_freqs(1.0 / (10000 ** (torch.arange(0, max(rot, 2), 2) / max(rot, 2))), 64, max(rot, 2), neox)
-    cos, sin = table.angles_of(torch.tensor([3, -11, 0]))
-    src = torch.randn(R, L, P, H, T, D).to(dtype)
-    ids = torch.tensor([[1, 5], [9, 0], [3, 11]])
+    deltas = np.array([3, -11, 0])
+    # Each stream's source lies in its own allocation (the kernel reads it where it is).
+    sources = [torch.randn(L, P, H, T, D).to(dtype) for _ in range(R)]
+    ids = np.array([[1, 5], [9, 0], [3, 11]])
     for cs, use in ((a, False), (b, True)):
         views = [c[..., :D] for c in cs]
-        PageWriter(views, use_triton=use).write(ids, src, cos, sin, rot, neox)
+        PageWriter(views, table, use_triton=use).write(ids, sources, deltas, rot, neox)
     for x, y in zip(a, b):
         err = (x.float() - y.float()).abs().max().item()
         tol = 1e-6 if dtype == torch.float32 else 2e-3
@@ -86,6 +87,23 @@ def test_triton_kernel_matches_torch_path():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FAILS []" in out.stdout, out.stdout[-3000:]
+
+
+def test_torch_writer_rotates_each_stream_by_its_delta():
+    """``PageWriter.write`` (torch path): page ``p`` of stream ``r`` lands at
+    ``dst_ids[r, p]`` in every layer, rotated from its source by ``deltas[r]`` positions."""
+    import numpy as np
+
+    caches = _caches(2, 9, 2, 4, 8, torch.float32, "HND")
+    keys = [c[..., :8] for c in caches]
+    table = RotationTable.from_freqs(1.0 / (10000 ** (torch.arange(0, 8, 2) / 8)), 64, 8, True)
+    sources = [torch.randn(2, 1, 2, 4, 8) for _ in range(3)]
+    ids, deltas = np.array([[4], [0], [7]]), np.array([9, -3, 0])
+    PageWriter(keys, table, use_triton=False).write(ids, sources, deltas, 8, True)
+    for r in range(3):
+        cos, sin = table.angles(int(deltas[r]))
+        for layer in range(2):
+            assert torch.allclose(keys[layer][ids[r, 0]], rotate(sources[r][layer, 0], cos, sin, 8, True))
 
 
 def test_writer_refuses_mismatched_layers():

@@ -300,3 +300,20 @@ def test_plan_steps_refuses_like_plan_step():
     with pytest.raises(ValueError, match="rotary positions"):
         plan_steps(np.array([0, 0]), np.array([10, 600]), np.array([0, 0]),
                    sink_tokens=16, window=256, block_size=16, rope_limit=512)
+
+
+@pytest.mark.parametrize("S,B,W", [(16, 16, 64), (4, 16, 64), (0, 16, 48), (20, 8, 40), (33, 16, 17)])
+def test_next_move_at_is_the_first_token_count_that_moves_pages(S, B, W):
+    """For every row state ``first`` a stream passes through, no page leaves below
+    ``next_move_at`` and pages leave at it (the manager skips the steps below it)."""
+    from vllm_sink.policy import next_move_at, row_transition
+
+    first, checked = cdiv(S, B), 0
+    for a in range(0, 40 * B + W):
+        move = row_transition(first, window_start(a, S, W, B), S, B)
+        at = next_move_at(first, S, W, B)
+        assert (move is not None) == (a >= at), (a, first, at)
+        if move is not None:
+            assert a == at  # met exactly when it is due: the previous token counts were below
+            first, checked = move.last, checked + 1
+    assert checked >= 30

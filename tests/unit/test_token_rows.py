@@ -11,6 +11,7 @@ from vllm_sink.token_rows import (
     held_prompt_width,
     held_token,
     output_keep,
+    release_due,
     shift_row,
 )
 
@@ -105,3 +106,15 @@ def test_held_prompt_mask_brute_force():
 def test_output_keep():
     assert output_keep(560, 0) == 560
     assert output_keep(560, 5000) == 5001
+
+
+def test_release_due_counts_the_kept_output_ids():
+    """Output ids are released once the kept ones (the stream's length, less the prompt and
+    those released) reach twice a row's worth; numbers and arrays agree."""
+    width = 560
+    # length = row_len + off = 100 + 1200; kept = 1300 - 180 - trimmed
+    assert release_due(100, 1200, 180, 0, width)  # 1120 kept
+    assert not release_due(100, 1200, 180, 1, width)  # 1119 kept
+    assert not release_due(1120, 0, 0, 1, width)
+    rows = np.array([100, 100, 1120]), np.array([1200, 1200, 0]), np.array([180, 180, 0]), np.array([0, 1, 1])
+    assert release_due(*rows, width).tolist() == [True, False, False]
