@@ -25,7 +25,9 @@ Two timings per measurement:
 
 ``--profile`` adds the host time per step spent in the scheduler, the runner's
 ``execute_model``, and the plugin's hooks (``_update_states`` and ``_prepare_inputs`` wraps,
-the manager's page release), from wrapped timers.
+the manager's page release), from wrapped timers, over each round: in the pipelined round
+a piece's time includes its waits for the device; in the synced round it does not. Each
+round also counts Python's garbage collections.
 
 Speed runs use ``load_format="dummy"``: the Llama-3-8B shape in bfloat16 with CUDA graphs.
 Writes ``benchmarks/results/decode_step.json`` and ``.md``.
@@ -34,6 +36,7 @@ Writes ``benchmarks/results/decode_step.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -108,6 +111,7 @@ def _decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync
         sync()
         if timers is not None:
             timers.take()
+        gc0 = gc.get_stats()
         steps, times = 0, []
         t0 = time.perf_counter()
         while engine.has_unfinished_requests():
@@ -119,6 +123,7 @@ def _decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync
             steps += 1
         sync()
         wall = time.perf_counter() - t0
+        collections = [g["collections"] - g0["collections"] for g, g0 in zip(gc.get_stats(), gc0)]
         generated = decode  # each request decodes max_tokens - 1 tokens after its first
         if mode == "pipelined":
             out["pipelined_ms"] = 1000 * wall / generated
@@ -128,6 +133,9 @@ def _decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync
         else:
             times.sort()
             out["synced_ms"] = 1000 * times[len(times) // 2]
+            if timers is not None:  # host work and the device in series: no waits in the timers
+                out["host_ms_per_step_synced"] = {k: 1000 * v / steps for k, v in timers.take().items()}
+        out[f"gc_collections_{mode}"] = collections
         del outs
     return out
 
@@ -244,14 +252,21 @@ def markdown(doc: dict) -> str:
             f"{b['pipelined_ms'] / v['pipelined_ms']:.3f}x | {v['synced_ms']:.2f} ms | {p['synced_ms']:.2f} ms | "
             f"{p['synced_ms'] / v['synced_ms']:.3f}x | {b['synced_ms']:.2f} ms | {b['synced_ms'] / v['synced_ms']:.3f}x |"
         )
-    prof = [r for r in (rows.get(k) for k in rows) if r and r.get("host_ms_per_step")]
-    if prof:
-        labels = sorted({k for r in prof for k in r["host_ms_per_step"]})
-        lines += ["", "Host time per engine step (ms), from wrapped timers:", "",
-                  "| case | batch | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for key, title in (("host_ms_per_step", "pipelined (a piece's time includes its waits for the device)"),
+                       ("host_ms_per_step_synced", "synced (host and device in series: no waits)")):
+        prof = [r for r in (rows.get(k) for k in rows) if r and r.get(key)]
+        if not prof:
+            continue
+        labels = sorted({k for r in prof for k in r[key]})
+        lines += ["", f"Host time per engine step (ms), from wrapped timers, {title}:", "",
+                  "| case | batch | " + " | ".join(labels) + " | gc collections (gen 0, 1, 2) |",
+                  "|---|---|" + "---|" * (len(labels) + 1)]
+        mode = "synced" if key.endswith("synced") else "pipelined"
         for r in prof:
-            h = r["host_ms_per_step"]
-            lines.append(f"| {r['case']} | {r['batch']} | " + " | ".join(f"{h[k]:.3f}" if k in h else "" for k in labels) + " |")
+            h = r[key]
+            gcs = ", ".join(str(x) for x in r.get(f"gc_collections_{mode}", []))
+            lines.append(f"| {r['case']} | {r['batch']} | " + " | ".join(f"{h[k]:.3f}" if k in h else "" for k in labels)
+                         + f" | {gcs} |")
     return "\n".join(lines) + "\n"
 
 

@@ -251,9 +251,10 @@ class StreamingSinkManager(FullAttentionManager):
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
         self.readmitting.discard(request_id)  # admitted: its reservation covers it again
-        live = self.live.get(request_id, 0) + len(new_blocks)
-        self.live[request_id] = live
-        SINK_STATS.observe_live(request_id, live)
+        if new_blocks or request_id not in self.live:  # (most decode steps allocate nothing)
+            live = self.live.get(request_id, 0) + len(new_blocks)
+            self.live[request_id] = live
+            SINK_STATS.observe_live(request_id, live)
         return new_blocks
 
     def set_first_live(self, request_id: str, first: int) -> None:

@@ -68,6 +68,7 @@ its slots ``[0, r)``.
 from __future__ import annotations
 
 import types
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -420,11 +421,15 @@ class SinkRunnerHook:
         sched = scheduler_output.num_scheduled_tokens
         if num_reqs <= SMALL_BATCH and self._quiet_small_batch(rids, sched):
             return
-        n = np.fromiter((sched.get(rid, 0) for rid in rids), dtype=np.int64, count=num_reqs)
+        n = np.fromiter(map(sched.get, rids, repeat(0, num_reqs)), dtype=np.int64, count=num_reqs)
         rows = np.flatnonzero(n)
         if not len(rows):
             return
-        slots = np.fromiter((table.slot(rids[row]) for row in rows), dtype=np.int64, count=len(rows))
+        names = rids if len(rows) == num_reqs else [rids[row] for row in rows.tolist()]
+        try:  # (every scheduled row has its slot: added above, or by ``reset``)
+            slots = np.fromiter(map(table.slot_of.__getitem__, names), dtype=np.int64, count=len(rows))
+        except KeyError:
+            slots = np.fromiter(map(table.slot, names), dtype=np.int64, count=len(rows))
         a = ib.num_computed_tokens_cpu[rows].astype(np.int64)
         b = a + n[rows]
         # Rows that decode within their ``quiet_end`` keep the plan the table holds

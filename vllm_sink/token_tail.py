@@ -19,7 +19,8 @@ stream that a later request may resume, whether a prompt repeats its history
   ``digest_of(tokens[:released_end])`` of a full sequence equals it exactly when the
   released tokens match.
 
-Invariants: ``len(self) == head_len + released + len(tail)``; after any append,
+Invariants: ``len(self) == head_len + released + len(tail)`` (kept as a count: the
+scheduler asks on every step); after any append,
 ``len(tail) < 2 * keep`` (``keep`` >= 1); the held tokens are ``tokens[:head_len]`` and
 ``tokens[len(self) - len(tail):]``.
 """
@@ -41,7 +42,7 @@ def digest_of(tokens: Sequence[int]) -> bytes:
 class TokenTail:
     """Token ids of which the first ``head`` and the last ``keep`` (at least) are held."""
 
-    __slots__ = ("head", "tail", "released", "keep", "_hash")
+    __slots__ = ("head", "tail", "released", "keep", "_hash", "_n", "_cap")
 
     def __init__(self, tokens: Iterable[int] = (), keep: int = 1024, head: int = 0):
         if keep < 1 or head < 0:
@@ -51,18 +52,25 @@ class TokenTail:
         self.tail: list[int] = tokens[head:]
         self.released = 0
         self.keep = keep
+        self._cap = 2 * keep  # the tail is trimmed when it holds this many
+        self._n = len(tokens)  # len(self): read on every step by the scheduler, kept as a number
         self._hash = hashlib.blake2b(digest_size=16)
         self._trim()
 
     # ------------------------------------------------------------------ growing
     def append(self, token: int) -> None:
-        self.tail.append(token)
-        if len(self.tail) >= 2 * self.keep:
+        tail = self.tail
+        tail.append(token)
+        self._n += 1
+        if len(tail) >= self._cap:
             self._trim()
 
     def extend(self, tokens: Iterable[int]) -> None:
-        self.tail.extend(tokens)
-        if len(self.tail) >= 2 * self.keep:
+        tail = self.tail
+        before = len(tail)
+        tail.extend(tokens)
+        self._n += len(tail) - before
+        if len(tail) >= self._cap:
             self._trim()
 
     def _trim(self) -> None:
@@ -84,10 +92,10 @@ class TokenTail:
         return self._hash.copy().digest()
 
     def __len__(self) -> int:
-        return self.tail_start + len(self.tail)
+        return self._n
 
     def _at(self, i: int) -> int:
-        n = len(self)
+        n = self._n
         if i < 0:
             i += n
         if not 0 <= i < n:
@@ -101,6 +109,8 @@ class TokenTail:
 
     def __getitem__(self, item):
         if not isinstance(item, slice):
+            if -len(self.tail) <= item < 0:  # (the stop checks read the last token)
+                return self.tail[item]
             return self._at(item)
         start, stop, step = item.indices(len(self))
         if step != 1:
