@@ -252,8 +252,8 @@ def markdown(doc: dict) -> str:
             f"{b['pipelined_ms'] / v['pipelined_ms']:.3f}x | {v['synced_ms']:.2f} ms | {p['synced_ms']:.2f} ms | "
             f"{p['synced_ms'] / v['synced_ms']:.3f}x | {b['synced_ms']:.2f} ms | {b['synced_ms'] / v['synced_ms']:.3f}x |"
         )
-    for key, title in (("host_ms_per_step", "pipelined (a piece's time includes its waits for the device)"),
-                       ("host_ms_per_step_synced", "synced (host and device in series: no waits)")):
+    for key, mode, title in (("host_ms_per_step", "pipelined", "pipelined (a piece's time includes its waits for the device)"),
+                             ("host_ms_per_step_synced", "synced", "synced (host and device in series: no waits)")):
         prof = [r for r in (rows.get(k) for k in rows) if r and r.get(key)]
         if not prof:
             continue
@@ -261,7 +261,6 @@ def markdown(doc: dict) -> str:
         lines += ["", f"Host time per engine step (ms), from wrapped timers, {title}:", "",
                   "| case | batch | " + " | ".join(labels) + " | gc collections (gen 0, 1, 2) |",
                   "|---|---|" + "---|" * (len(labels) + 1)]
-        mode = "synced" if key.endswith("synced") else "pipelined"
         for r in prof:
             h = r[key]
             gcs = ", ".join(str(x) for x in r.get(f"gc_collections_{mode}", []))

@@ -74,7 +74,7 @@ class TokenTail:
             self._trim()
 
     def _trim(self) -> None:
-        if len(self.tail) < 2 * self.keep:
+        if len(self.tail) < self._cap:
             return
         cut = len(self.tail) - self.keep
         self._hash.update(array("q", self.tail[:cut]).tobytes())
