@@ -6,7 +6,9 @@ and vanilla `vllm serve`, side by side in one run.
 For each policy (vanilla first, then sink) the stock ``vllm serve`` starts on the Llama-3-8B
 shape with dummy weights (bf16, vLLM's defaults: torch.compile and CUDA graphs) and the
 SmolLM2 tokenizer, with nothing but the stock command and the policy's flags
-(``--kv-policy sink --kv-window 4096``), and serves every workload:
+(``--kv-policy sink --kv-window 4096``), and serves every workload. With ``--gpus`` (a
+machine with several GPUs) the servers start at once, each on its own GPU, and the
+workloads still run against one server at a time:
 
 * ``a``: short chat-like requests that never evict: 512 prompt + 256 output tokens, 256
   prompts, concurrency 64.
@@ -75,18 +77,22 @@ def metrics(url: str) -> dict[str, float]:
 
 
 class Server:
-    def __init__(self, model: Path, policy: str, port: int, log: Path, extra: list[str] = ()):
+    def __init__(self, model: Path, policy: str, port: int, log: Path, extra: list[str] = (), gpu: str | None = None):
         self.url = f"http://127.0.0.1:{port}"
         cmd = ["vllm", "serve", str(model), "--load-format", "dummy", "--dtype", "bfloat16",
                "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port),
                "--disable-uvicorn-access-log", *POLICY_FLAGS[policy], *extra]
         self.cmd = cmd
         self.log = log
+        self.started = time.time()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu is not None else None
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, cwd=tempfile.gettempdir())
+                                     start_new_session=True, cwd=tempfile.gettempdir(), env=env)
 
     def wait(self, timeout: float = 900) -> float:
-        return wait_healthy(self.proc, self.url, self.log, timeout)
+        """Seconds from this server's launch until it is healthy."""
+        wait_healthy(self.proc, self.url, self.log, timeout)
+        return time.time() - self.started
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -122,9 +128,19 @@ def run(args) -> list[dict]:
     extra = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)] if args.smoke else []
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-serve-"))
     rows = []
-    for policy in args.policies.split(","):
+    policies = args.policies.split(",")
+    gpus = args.gpus.split(",") if args.gpus else None
+    if gpus and len(gpus) < len(policies):
+        raise SystemExit(f"--gpus names {len(gpus)} GPUs for {len(policies)} policies")
+    # With --gpus every server starts at once, each on its own GPU; the workloads still run
+    # against one server at a time (the others idle), in the order of --policies.
+    servers = {}
+    if gpus:
+        for i, policy in enumerate(policies):
+            servers[policy] = Server(model, policy, args.port + i, work / f"server-{policy}.log", extra, gpus[i])
+    for policy in policies:
         log = work / f"server-{policy}.log"
-        srv = Server(model, policy, args.port, log, extra)
+        srv = servers.get(policy) or Server(model, policy, args.port, log, extra)
         try:
             start_s = srv.wait()
             print(f"[serve] {policy}: server up in {start_s:.0f} s", flush=True)
@@ -153,6 +169,9 @@ def run(args) -> list[dict]:
                 startup = [l for l in log.read_text().splitlines() if "vllm-sink" in l or "model runner" in l.lower()]
                 rows[-1]["startup_log"] = startup[:6]
         finally:
+            srv.stop()
+    for srv in servers.values():  # (a server that failed before its turn)
+        if srv.proc.poll() is None:
             srv.stop()
     return rows
 
@@ -210,6 +229,10 @@ def main() -> None:
     p.add_argument("--policies", default="full,sink", help="comma-separated, run in this order")
     p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files (default: the SmolLM2 model set up by scripts/setup.sh)")
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--gpus", default=None,
+                   help="comma-separated GPU ids, one per policy: start every server at once, each on its "
+                        "own GPU (a machine with several), to save the servers' start-up time; the "
+                        "workloads still run one server at a time")
     p.add_argument("--smoke", action="store_true", help="check the flow on the CPU: a 4-layer model, short workloads")
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     args = p.parse_args()

@@ -193,6 +193,8 @@ class StreamingSinkManager(FullAttentionManager):
         """Record the sink and footprint of ``request`` (called before each of its
         allocations)."""
         rid = request.request_id
+        if self.settled.get(rid) == request.num_prompt_tokens and request.status != RequestStatus.WAITING:
+            return  # running and decoding: nothing changes (every step of every stream)
         if rid in self.live and getattr(request, "status", None) == RequestStatus.WAITING:
             self.readmitting.add(rid)  # a streaming-input session's next chunk
             s = self.geometry_of(rid).sink_pages
@@ -367,6 +369,22 @@ def hold_tail(request, g: SinkGeometry) -> None:
     request.output_token_ids = ConstantList(request._output_token_ids)
 
 
+# The attribute of vLLM's KVCacheManager that caches its StreamingSinkManager (or None).
+_SINK_MANAGER = "_vllm_sink_manager"
+
+
+def sink_manager_of(kv_cache_manager) -> StreamingSinkManager | None:
+    """The ``StreamingSinkManager`` of vLLM's ``KVCacheManager`` (``None``: the engine runs
+    no sink policy), found once and kept on it: the wraps ask for every request on every
+    step, and a manager's single-type managers never change."""
+    manager = kv_cache_manager.__dict__.get(_SINK_MANAGER, False)
+    if manager is False:
+        manager = next((m for m in kv_cache_manager.coordinator.single_type_managers
+                        if isinstance(m, StreamingSinkManager)), None)
+        setattr(kv_cache_manager, _SINK_MANAGER, manager)
+    return manager
+
+
 def install_admission_hook() -> None:
     """Wrap ``KVCacheManager.allocate_slots`` (idempotent): before each allocation, our
     manager (if the engine has one) learns the request's footprint. Engines without the
@@ -375,9 +393,9 @@ def install_admission_hook() -> None:
 
     def make(orig):
         def allocate_slots(self, request, *args, **kwargs):
-            for manager in self.coordinator.single_type_managers:
-                if isinstance(manager, StreamingSinkManager):
-                    manager.note_request(request)
+            manager = sink_manager_of(self)
+            if manager is not None:
+                manager.note_request(request)
             return orig(self, request, *args, **kwargs)
         return allocate_slots
 

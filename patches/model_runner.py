@@ -54,7 +54,10 @@ A row that decodes within its ``quiet_end`` (``vllm_sink.policy.quiet_end``: its
 start and epoch stay as last planned) is not planned again: only step 1's computed-token
 count and output release are carried out for it; the step plans the other rows. A step of
 at most ``SMALL_BATCH`` rows that are all quiet is carried out in Python numbers (numpy's
-per-call cost exceeds the work on so few rows).
+per-call cost exceeds the work on so few rows). A step in which the batch is the one the last
+planned step left, unchanged, every row decoding one token within its ``quiet_end`` and
+releasing nothing, costs one subtraction over the batch (``_SteadyBatch``): the steady state of
+a long generation, where the host's time per step counts.
 
 ALiBi models (MPT, BLOOM; no rotary table: ``SinkRunnerHook.table is None``): keys carry no
 position and the attention kernel biases each key by its index in the compacted row
@@ -90,6 +93,8 @@ logger = init_logger("vllm." + __name__)
 
 # Batches of at most this many rows take their quiet steps in Python numbers, not numpy.
 SMALL_BATCH = 8
+# Steps of a batch left as the last planned step left it take the steady path (``_SteadyBatch``).
+STEADY = True
 
 
 
@@ -222,6 +227,30 @@ class _StreamTable:
         return len(self.slot_of)
 
 
+class _SteadyBatch:
+    """What a step needs of a batch that stays as the last planned step left it.
+
+    Built at the end of a planned step in which every row of the batch was scheduled, from
+    the table as that step left it: the rows' request ids in order, and per row its slot
+    offset, its ``quiet_end`` (a step ``[a, a + 1)`` is quiet iff ``a < quiet``), the row
+    length at which output ids become due for release (``token_rows.release_due``:
+    ``num_tokens_no_spec >= release_at``), and the step's frame offsets.
+
+    Invariant: it is used for a later step only when nothing has changed the batch or its
+    streams' state since it was built: no request added, finished, resumed or moved to
+    another row, no scheduler decision for the worker (``StepMeta``), no output ids handed
+    back by the scheduler, every row scheduled for exactly one token, every row quiet and
+    none due for release. Then the general path would plan no row, move no token, release
+    nothing and set these same frame offsets, and the step is ``computed -= offs``. Any
+    other step takes the general path, which builds it again (or drops it)."""
+
+    __slots__ = ("rids", "offs", "quiet", "release_at", "frame", "any_offset")
+
+    def __init__(self, rids: list[str], offs, quiet, release_at, frame, any_offset: bool):
+        self.rids, self.offs, self.quiet, self.release_at = rids, offs, quiet, release_at
+        self.frame, self.any_offset = frame, any_offset
+
+
 class _HostStager:
     """Index arrays to the device without a stream synchronisation.
 
@@ -288,6 +317,10 @@ class SinkRunnerHook:
         # ``_update_states`` and read in ``_prepare_inputs``, and whether any is not 0.
         self.frame_offsets = np.zeros(0, dtype=np.int64)
         self.any_offset = False
+        # The batch as the last planned step left it, while it stays so (``_SteadyBatch``),
+        # and how many steps it carried out (tests check that it is used).
+        self._steady: _SteadyBatch | None = None
+        self.steady_steps = 0
         self._writers: tuple[PageWriter, PageWriter] | None = None
         self.check_rows = ROW_LOG.enabled()  # read once, not per row per step
         self.device = runner.device if isinstance(getattr(runner, "device", None), torch.device) else torch.device("cpu")
@@ -413,11 +446,15 @@ class SinkRunnerHook:
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
-        self.any_offset = False
         self.stager.reset()
+        rids = ib.req_ids[:num_reqs]
+        steady, self._steady = self._steady, None
+        if steady is not None and STEADY and self._steady_step(steady, scheduler_output, meta, rids):
+            self._steady = steady
+            return
+        self.any_offset = False
         if not num_reqs:
             return
-        rids = ib.req_ids[:num_reqs]
         sched = scheduler_output.num_scheduled_tokens
         if num_reqs <= SMALL_BATCH and self._quiet_small_batch(rids, sched):
             return
@@ -446,6 +483,31 @@ class SinkRunnerHook:
         frame = self.frame_offsets = np.zeros(num_reqs, dtype=np.int64)
         frame[rows] = offs - table.base[slots]
         self.any_offset = bool(frame.any())
+        if len(rows) == num_reqs:  # (its steps change no row: ``ROW_LOG`` records none)
+            keep = output_keep(ib.token_ids_cpu.shape[1], 0)
+            release_at = 2 * keep + ib.num_prompt_tokens[:num_reqs] + table.out_trimmed[slots] - offs
+            self._steady = _SteadyBatch(list(rids), offs.astype(ib.num_computed_tokens_cpu.dtype),
+                                        table.quiet_end[slots], release_at, frame, self.any_offset)
+
+    def _steady_step(self, steady: _SteadyBatch, scheduler_output, meta, rids: list[str]) -> bool:
+        """Carry out this step from ``steady`` if its invariant holds (``_SteadyBatch``);
+        returns False, having changed nothing, otherwise."""
+        so = scheduler_output
+        cached = so.scheduled_cached_reqs
+        if (so.total_num_scheduled_tokens != len(rids) or so.scheduled_new_reqs or so.finished_req_ids
+                or cached.resumed_req_ids or getattr(cached, "all_token_ids", None) or meta
+                or rids != steady.rids):
+            return False
+        ib = self.runner.input_batch
+        computed = ib.num_computed_tokens_cpu[: len(rids)]
+        late = computed >= steady.quiet
+        due = ib.num_tokens_no_spec[: len(rids)] >= steady.release_at
+        if np.count_nonzero(late) or np.count_nonzero(due):
+            return False
+        computed -= steady.offs
+        self.frame_offsets, self.any_offset = steady.frame, steady.any_offset
+        self.steady_steps += 1
+        return True
 
     def _quiet_small_batch(self, rids, sched) -> bool:
         """A quiet step (every row decodes within its ``quiet_end``) of a batch of at most

@@ -34,6 +34,7 @@ from vllm.logger import init_logger
 
 from vllm_sink.block_row import held_pages
 from vllm_sink.metrics import SINK_STATS
+from vllm_sink.patches.kv_cache_spec import sink_manager_of
 from vllm_sink.patches.wrapping import wrap_once
 from vllm_sink.policy import cdiv
 from vllm_sink.sessions import KeptStream, KeptStreams
@@ -182,12 +183,7 @@ def _scope(request, sink_tokens: int) -> tuple:
     return (lora.lora_name if lora is not None else None, request.cache_salt, sink_tokens)
 
 
-def _sink_manager_of(kv_cache_manager):
-    """The engine's ``StreamingSinkManager`` (``None``: the engine runs no sink policy)."""
-    for manager in kv_cache_manager.coordinator.single_type_managers:
-        if hasattr(manager, "take_step_meta"):
-            return manager
-    return None
+_sink_manager_of = sink_manager_of  # the engine's StreamingSinkManager, or None
 
 
 def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:

@@ -11,13 +11,18 @@ MAX_TOKENS = [24, 8, 40, 16, 32, 12, 20, 28]
 
 
 @pytest.mark.engine("sink16")
-@pytest.mark.parametrize("small_batch", [8, 0], ids=["python-quiet-steps", "numpy-quiet-steps"])
-def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch):
-    """Also checks the worker's two ways of carrying out a quiet step (a batch of at most
-    ``SMALL_BATCH`` rows in Python numbers, any batch with numpy): the same tokens."""
+@pytest.mark.parametrize("small_batch, steady", [(8, False), (0, False), (0, True)],
+                         ids=["python-quiet-steps", "numpy-quiet-steps", "steady-steps"])
+def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch, steady):
+    """Also checks the worker's three ways of carrying out a quiet step (a batch of at most
+    ``SMALL_BATCH`` rows in Python numbers, any batch with numpy, and a batch unchanged since
+    the last planned step by ``_SteadyBatch``): the same tokens."""
     from vllm_sink.patches import model_runner
 
     monkeypatch.setattr(model_runner, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(model_runner, "STEADY", steady)
+    hook = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner._vllm_sink_hook
+    steady0 = hook.steady_steps
     prompts = [hamlet_ids[3000 * i : 3000 * i + n] for i, n in enumerate(PROMPT_LENS)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
     evicted0 = SINK_STATS.pages_evicted
@@ -27,6 +32,9 @@ def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch):
         alone = llm.generate([{"prompt_token_ids": prompt}], p, use_tqdm=False)[0]
         assert list(out.outputs[0].token_ids) == list(alone.outputs[0].token_ids), len(prompt)
         assert len(out.outputs[0].token_ids) == p.max_tokens
+    # The steady path carried out steps (the batched run's and each alone run's decode steps)
+    # only when it is on.
+    assert (hook.steady_steps > steady0 + sum(MAX_TOKENS) // 2) if steady else hook.steady_steps == steady0
 
 
 @pytest.mark.parametrize("S", [
