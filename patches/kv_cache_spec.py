@@ -193,8 +193,6 @@ class StreamingSinkManager(FullAttentionManager):
         """Record the sink and footprint of ``request`` (called before each of its
         allocations)."""
         rid = request.request_id
-        if self.settled.get(rid) == request.num_prompt_tokens and request.status != RequestStatus.WAITING:
-            return  # running and decoding: nothing changes (every step of every stream)
         if rid in self.live and getattr(request, "status", None) == RequestStatus.WAITING:
             self.readmitting.add(rid)  # a streaming-input session's next chunk
             s = self.geometry_of(rid).sink_pages

@@ -86,7 +86,8 @@ from vllm_sink.invariants import ROW_LOG
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.policy import SinkGeometry, cdiv, plan_steps, quiet_end, row_transition, window_moves
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
-from vllm_sink.token_rows import held_prompt_mask, held_prompt_width, output_keep, release_due, shift_row
+from vllm_sink.token_rows import (held_prompt_mask, held_prompt_width, output_keep, release_at, release_due,
+                                  shift_row)
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
 logger = init_logger("vllm." + __name__)
@@ -233,8 +234,8 @@ class _SteadyBatch:
     Built at the end of a planned step in which every row of the batch was scheduled, from
     the table as that step left it: the rows' request ids in order, and per row its slot
     offset, its ``quiet_end`` (a step ``[a, a + 1)`` is quiet iff ``a < quiet``), the row
-    length at which output ids become due for release (``token_rows.release_due``:
-    ``num_tokens_no_spec >= release_at``), and the step's frame offsets.
+    length at which output ids become due for release (``token_rows.release_at``), and the
+    step's frame offsets.
 
     Invariant: it is used for a later step only when nothing has changed the batch or its
     streams' state since it was built: no request added, finished, resumed or moved to
@@ -484,10 +485,10 @@ class SinkRunnerHook:
         frame[rows] = offs - table.base[slots]
         self.any_offset = bool(frame.any())
         if len(rows) == num_reqs:  # (its steps change no row: ``ROW_LOG`` records none)
-            keep = output_keep(ib.token_ids_cpu.shape[1], 0)
-            release_at = 2 * keep + ib.num_prompt_tokens[:num_reqs] + table.out_trimmed[slots] - offs
+            due_at = release_at(offs, ib.num_prompt_tokens[:num_reqs], table.out_trimmed[slots],
+                                ib.token_ids_cpu.shape[1])
             self._steady = _SteadyBatch(list(rids), offs.astype(ib.num_computed_tokens_cpu.dtype),
-                                        table.quiet_end[slots], release_at, frame, self.any_offset)
+                                        table.quiet_end[slots], due_at, frame, self.any_offset)
 
     def _steady_step(self, steady: _SteadyBatch, scheduler_output, meta, rids: list[str]) -> bool:
         """Carry out this step from ``steady`` if its invariant holds (``_SteadyBatch``);

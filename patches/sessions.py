@@ -183,11 +183,8 @@ def _scope(request, sink_tokens: int) -> tuple:
     return (lora.lora_name if lora is not None else None, request.cache_salt, sink_tokens)
 
 
-_sink_manager_of = sink_manager_of  # the engine's StreamingSinkManager, or None
-
-
 def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:
-    manager = _sink_manager_of(kv_cache_manager)
+    manager = sink_manager_of(kv_cache_manager)
     return None if manager is None else manager.sessions
 
 
@@ -221,7 +218,7 @@ def install() -> None:
     def schedule(orig):
         def schedule(self, *args, **kwargs):
             output = orig(self, *args, **kwargs)
-            manager = _sink_manager_of(self.kv_cache_manager)
+            manager = sink_manager_of(self.kv_cache_manager)
             if manager is not None:
                 setattr(output, META_ATTR, manager.take_step_meta(output))
             return output

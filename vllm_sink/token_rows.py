@@ -75,9 +75,15 @@ def output_keep(row_tokens: int, min_tokens: int) -> int:
     return max(row_tokens, min_tokens + 1)
 
 
+def release_at(off, prompt_len, trimmed, row_tokens: int):
+    """The row length (``num_tokens_no_spec``, compacted) from which a stream may have output
+    ids to release: where the output ids the worker keeps (the stream's length
+    ``row_len + off``, less its prompt and the ``trimmed`` ids already released) reach twice
+    :func:`output_keep` at ``min_tokens = 0`` (numbers or numpy arrays)."""
+    return 2 * output_keep(row_tokens, 0) + prompt_len + trimmed - off
+
+
 def release_due(row_len, off, prompt_len, trimmed, row_tokens: int):
-    """Whether a stream may have output ids to release: the output ids the worker keeps
-    (the stream's length ``row_len + off``, less its prompt and the ``trimmed`` ids already
-    released) reach twice :func:`output_keep` at ``min_tokens = 0`` (numbers or numpy
+    """Whether a stream may have output ids to release (:func:`release_at`; numbers or numpy
     arrays: the worker asks for one row, or a whole batch at once)."""
-    return row_len + off - prompt_len - trimmed >= 2 * output_keep(row_tokens, 0)
+    return row_len >= release_at(off, prompt_len, trimmed, row_tokens)

@@ -11,6 +11,7 @@ from vllm_sink.token_rows import (
     held_prompt_width,
     held_token,
     output_keep,
+    release_at,
     release_due,
     shift_row,
 )
@@ -118,3 +119,6 @@ def test_release_due_counts_the_kept_output_ids():
     assert not release_due(1120, 0, 0, 1, width)
     rows = np.array([100, 100, 1120]), np.array([1200, 1200, 0]), np.array([180, 180, 0]), np.array([0, 1, 1])
     assert release_due(*rows, width).tolist() == [True, False, False]
+    # The threshold the worker's steady steps compare the row length with: the first length due.
+    assert release_at(1200, 180, 0, width) == 100 and release_at(1200, 180, 1, width) == 101
+    assert release_at(*rows[1:], width).tolist() == [100, 101, 1121]
