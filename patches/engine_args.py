@@ -13,6 +13,8 @@ Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``)
   LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
                                           max_stream_len into additional_config
   envs.VLLM_RAY_EXTRA_ENV_VARS_TO_COPY    extended with VLLMSINK_METRICS_DIR (Ray workers)
+  os.environ["MALLOC_ARENA_MAX"]          exported for the engine core and workers vLLM
+                                          starts (vllm_sink.allocator), unless the user set it
   envs._is_envs_cache_enabled,            lifted while VLLM_ALLOW_LONG_MAX_MODEL_LEN is set
   envs.disable/enable_envs_cache          for create_engine_config (the cache an engine
                                           already running in the process took)
@@ -30,6 +32,7 @@ import shutil
 import tempfile
 from vllm.logger import init_logger
 
+from vllm_sink import allocator
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
 from vllm_sink.patches.wrapping import wrap_once
@@ -202,6 +205,16 @@ def sink_engine_config(args, orig_create, *a, **kw):
     detokenizer.activate()
     served = vllm_config.model_config.served_model_name
     export_metrics(served if isinstance(served, str) else served[0])
+    arenas, chosen = allocator.limit_arenas()
+    logger.info(
+        "vllm-sink: %s=%s for this engine's processes (%s): glibc's per-thread arenas "
+        "would otherwise grow the engine core's and the worker's memory a little every "
+        "decode step of a long stream",
+        allocator.ENV,
+        arenas,
+        "set by vllm-sink; export it yourself to choose another value, 0 for glibc's default"
+        if chosen else "the value in your environment",
+    )
     row_tokens = geometry.widest.row_capacity * block_size
     logger.info(
         "vllm-sink: kv_policy=sink, sink %d tokens in %d page(s), window %d tokens, block "

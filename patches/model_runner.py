@@ -2,7 +2,8 @@
 
 Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner.__init__(vllm_config, device)              wrapped: built with the model
-    length of a compacted row (``row_tokens``), so its InputBatch is that size
+    length of a compacted row (``row_tokens``), so its InputBatch is that size; limits
+    glibc's arenas where the worker did not inherit the limit (vllm_sink.allocator)
   GPUModelRunner.get_kv_cache_spec()                        wrapped: our spec, attach
   GPUModelRunner._update_states(scheduler_output)           wrapped per instance
   GPUModelRunner._update_streaming_request (relied on: a streaming-input session's next chunk
@@ -77,6 +78,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 
+from vllm_sink import allocator
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals, sampler
 from vllm_sink.patches.wrapping import wrap_once
@@ -965,6 +967,9 @@ def _runner_init(orig):
         tokens = row_tokens(vllm_config)
         if tokens is None:
             return orig(self, vllm_config, *args, **kwargs)
+        # A worker started outside the front end's environment (Ray's) limits its arenas
+        # here; one that inherited the limit (or the user's value) keeps it.
+        allocator.limit_arenas()
         model_config = vllm_config.model_config
         cap = model_config.max_model_len
         model_config.max_model_len = tokens

@@ -37,8 +37,16 @@ SCRIPT = textwrap.dedent(
                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0),
                            use_tqdm=False)[0]
         lps = [next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]
+        def arenas(worker):
+            import os
+            import vllm_sink.allocator as allocator
+            return [os.getpid(), os.environ.get("MALLOC_ARENA_MAX"), allocator.last]
+        arenas = llm.collective_rpc(arenas)
+        import os
+        arenas = [a for a in arenas if a[0] != os.getpid()]
         llm.llm_engine.engine_core.shutdown()
         print("RESULT " + json.dumps(lps), flush=True)
+        print("ARENAS " + json.dumps(arenas), flush=True)
         # vLLM's multiprocess teardown at interpreter exit can abort ("terminate called
         # without an active exception") after the engine is already shut down; the result
         # is in hand, so leave without running it.
@@ -55,7 +63,10 @@ def test_policy_active_in_spawned_processes(llm, tmp_path, hamlet_ids):
     ids = hamlet_ids[:N]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     (tmp_path / "run.py").write_text(SCRIPT)
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    # (Insecure serialisation: the script sends a function to the worker to read its
+    # environment, through collective_rpc.)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    env.pop("MALLOC_ARENA_MAX", None)
     proc = subprocess.run(
         [sys.executable, str(tmp_path / "run.py"), str(assets.model_dir()), str(N), str(tmp_path / "ids.json")],
         env=env, capture_output=True, text=True, timeout=900,
@@ -66,3 +77,8 @@ def test_policy_active_in_spawned_processes(llm, tmp_path, hamlet_ids):
     in_process, _, _, _ = run_scored(llm, ids, 1)
     assert len(spawned) == len(in_process) == N - 1
     assert max(abs(a - b) for a, b in zip(spawned, in_process)) < 1e-5
+    # The worker, a process the engine core started, inherited the arena limit that the
+    # plugin exported in the script's process before vLLM started the engine core
+    # (vllm_sink.allocator); the script's environment had none.
+    arenas = json.loads([l for l in proc.stdout.splitlines() if l.startswith("ARENAS ")][0][len("ARENAS "):])
+    assert arenas and all(a[1:] == ["2", ["2", False]] for a in arenas), arenas
