@@ -390,13 +390,18 @@ def markdown(doc: dict) -> str:
 
 
 def merge(paths: list[Path]) -> dict:
-    """Runs of several files in one document (a later file's run of the same name wins);
-    the comparisons with TP=1 are recomputed over all of them."""
+    """Runs of several files in one document (a later file's run of the same name wins; a
+    later part measured with other settings replaces the earlier part whole, since its runs
+    do not compare); the comparisons with TP=1 are recomputed over all of them."""
     doc: dict = {}
+    derived = ("runs", "vs_reference", "vs_tp1")
     for p in paths:
         part = json.loads(Path(p).read_text())
         for key, value in part.items():
-            if key in ("correctness", "throughput") and key in doc:
+            same = key in doc and all(
+                doc[key].get(k) == value.get(k) for k in set(doc[key]) | set(value) if k not in derived
+            ) if key in ("correctness", "throughput") else False
+            if same:
                 doc[key]["runs"].update(value["runs"])
                 doc[key].setdefault("vs_reference", {}).update(value.get("vs_reference", {}))
             elif key in ("correctness", "throughput") or not doc.get(key):

@@ -141,20 +141,26 @@ class StreamingReference:
     def stream_logits(self, tokens: list[int], steps: list[tuple[int, int]], *,
                       sink_tokens: int, window: int | None, block_size: int):
         """The same run, yielding ``(a, b, logits)`` per step: the next-token logits of
-        queries ``a..b-1`` (``[b - a, vocab]``, in the reference's dtype)."""
+        queries ``a..b-1`` (``[b - a, vocab]``, in the reference's dtype).
+
+        Steps are computed in passes of :func:`fused_steps`: steps that follow one another
+        with the same window start see, query by query, the same keys at the same positions
+        whether they run one by one or in one pass (the causal mask ``j <= t`` does the
+        rest), so a run of decode steps costs one pass per page, not one per token."""
         S, B = sink_tokens, block_size
-        # Pre-RoPE keys and values of every token seen so far, per layer.
-        k_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
-        v_cache = [torch.empty(0, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
+        # Pre-RoPE keys and values of every token seen so far, per layer (row t: token t;
+        # rows at and past the step's end are not read).
+        n = max((b for _, b in steps), default=0)
+        k_cache = [torch.zeros(n, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
+        v_cache = [torch.zeros(n, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
         ids = torch.tensor(tokens)
         rep = self.n_heads // self.n_kv
-        for a, b in steps:
+        for a, b, w0, parts in fused_steps(steps, S, window, B):
             if window is None:
                 keys_idx = torch.arange(0, b)
                 key_pos = keys_idx.clone()
                 q_pos = torch.arange(a, b)
             else:
-                w0 = contract_w0(a, S, window, B)
                 keys_idx = torch.cat([torch.arange(0, min(S, b)), torch.arange(min(max(w0, S), b), b)])
                 key_pos = torch.where(keys_idx < S, keys_idx, S + keys_idx - w0)
                 q_pos = S + torch.arange(a, b) - w0
@@ -165,10 +171,10 @@ class StreamingReference:
                 """Layer ``i``'s attention output ``[b - a, n_heads * head_dim]`` from its
                 pre-RoPE ``q`` [b - a, n_heads, head_dim], ``k`` and ``v`` [b - a, n_kv,
                 head_dim]; ``k`` and ``v`` join the cache."""
-                # Cut at ``a``: a step may start before the tokens computed so far (a
+                # Written at ``a``: a step may start before the tokens computed so far (a
                 # resumed stream computes its last partial page again).
-                k_cache[i] = torch.cat([k_cache[i][:a], k])
-                v_cache[i] = torch.cat([v_cache[i][:a], v])
+                k_cache[i][a:b] = k
+                v_cache[i][a:b] = v
                 vv = v_cache[i][keys_idx].repeat_interleave(rep, dim=1)
                 scores = self.scores(q, k_cache[i][keys_idx], q_pos, key_pos, torch.arange(a, b), keys_idx)
                 scores = scores.masked_fill(~mask[None], float("-inf"))
@@ -177,7 +183,25 @@ class StreamingReference:
             x = self.embed(ids[a:b])
             for i in range(self.n_layers):
                 x = self.layer(i, x, attend)
-            yield a, b, self.head(x)
+            logits = self.head(x)
+            for sa, sb in parts:
+                yield sa, sb, logits[sa - a : sb - a]
+
+
+def fused_steps(steps: list[tuple[int, int]], sink_tokens: int, window: int | None, block_size: int,
+                max_tokens: int = 256) -> list[tuple[int, int, int | None, list[tuple[int, int]]]]:
+    """The steps grouped into passes ``(a, b, w0, [(a_i, b_i), ...])``: a pass joins steps
+    that follow one another (each starts where the last ended) and have the same window
+    start ``w0`` (``None`` for dense attention), up to ``max_tokens`` queries."""
+    passes: list = []
+    for a, b in steps:
+        w0 = None if window is None else contract_w0(a, sink_tokens, window, block_size)
+        last = passes[-1] if passes else None
+        if last is not None and last[1] == a and last[2] == w0 and b - last[0] <= max_tokens:
+            passes[-1] = (last[0], b, w0, last[3] + [(a, b)])
+        else:
+            passes.append((a, b, w0, [(a, b)]))
+    return passes
 
 
 class ReferenceLlama(StreamingReference):
