@@ -398,9 +398,11 @@ def merge(paths: list[Path]) -> dict:
     for p in paths:
         part = json.loads(Path(p).read_text())
         for key, value in part.items():
-            same = key in doc and all(
-                doc[key].get(k) == value.get(k) for k in set(doc[key]) | set(value) if k not in derived
-            ) if key in ("correctness", "throughput") else False
+            is_part = key in ("correctness", "throughput")
+            settings = set(doc.get(key) or {}) | set(value) if is_part else set()
+            same = is_part and key in doc and all(
+                doc[key].get(k) == value.get(k) for k in settings if k not in derived
+            )
             if same:
                 doc[key]["runs"].update(value["runs"])
                 doc[key].setdefault("vs_reference", {}).update(value.get("vs_reference", {}))

@@ -3,8 +3,9 @@
 A stream that generates for days takes millions of decode steps. With glibc's defaults
 (up to eight arenas per core, one taken by each thread that allocates), the engine core's
 and the worker's native memory grows a little every step: 62.8 and 81.5 KiB per 1,000
-decode steps on a 2-core machine, although no Python object grows. With two arenas both
-stay flat (0.3 and 0.0 KiB per 1,000 steps; docs/measurements.md).
+decode steps on a 2-core machine, although no Python object grows. With two arenas the
+worker stays flat in every run measured, the engine core in most (one run of three still
+grew as with the defaults; docs/measurements.md).
 
 glibc reads ``MALLOC_ARENA_MAX`` once, when a process starts. So a sink engine's front end
 exports it before vLLM starts the engine core and its workers, which inherit it, and
