@@ -3,9 +3,11 @@
 A stream that generates for days takes millions of decode steps. With glibc's defaults
 (up to eight arenas per core, one taken by each thread that allocates), the engine core's
 and the worker's native memory grows a little every step: 62.8 and 81.5 KiB per 1,000
-decode steps on a 2-core machine, although no Python object grows. With two arenas the
-worker stays flat in every run measured, the engine core in most (one run of three still
-grew as with the defaults; docs/measurements.md).
+decode steps on a 2-core machine, although no Python object grows. The growth is in the
+heaps of arenas other than the main one: freed memory there is not reused by the thread
+that allocates next. With two arenas it remained in some runs, in the second arena's heap
+(which threads share it is decided by timing); with one arena there is no other heap, and
+every run measured stayed flat (docs/measurements.md).
 
 glibc reads ``MALLOC_ARENA_MAX`` once, when a process starts. So a sink engine's front end
 exports it before vLLM starts the engine core and its workers, which inherit it, and
@@ -13,6 +15,9 @@ applies the same limit to itself with ``mallopt`` (it counts for the arenas the 
 yet to make). A worker that does not inherit the front end's environment (Ray's) applies it
 with ``mallopt`` when its model runner is built. A value the user set is left as it is:
 ``MALLOC_ARENA_MAX=0`` restores glibc's own choice.
+
+Small allocations do not contend for the one arena's lock: each thread serves them from
+its own cache (glibc's tcache), and Python's objects come from its own allocator.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import platform
 from collections.abc import MutableMapping
 
 ENV = "MALLOC_ARENA_MAX"
-ARENAS = 2
+ARENAS = 1
 _M_ARENA_MAX = -8  # glibc's <malloc.h>
 
 
@@ -64,5 +69,31 @@ def limit_arenas(environ: MutableMapping[str, str] | None = None, arenas: int = 
 
 
 # This process's last ``limit_arenas`` result (None before any): a worker that inherited the
-# front end's limit reads ``("2", False)``.
+# front end's limit reads ``("1", False)``.
 last: tuple[str, bool] | None = None
+
+
+def heaps() -> int | None:
+    """How many malloc arenas this process has (glibc's ``malloc_info``: one ``<heap>``
+    each); None where libc is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.open_memstream.restype = ctypes.c_void_p
+    libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.free.argtypes = [ctypes.c_void_p]
+    buf, size = ctypes.c_void_p(), ctypes.c_size_t()
+    stream = libc.open_memstream(ctypes.byref(buf), ctypes.byref(size))
+    if not stream:
+        return None
+    try:
+        libc.malloc_info(0, stream)
+    finally:
+        libc.fclose(stream)
+    try:
+        xml = ctypes.string_at(buf, size.value).decode()
+    finally:
+        libc.free(buf)
+    return xml.count("<heap nr=")
