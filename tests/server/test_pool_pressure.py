@@ -53,13 +53,10 @@ def _run_all(server: Server, prompts, watch=None):
 
 
 @pytest.fixture(scope="module")
-def unpressured(tmp_path_factory):
+def unpressured(shared_server):
+    """The outputs of the session's default server (a pool of hundreds of pages)."""
     prompts = _prompts()
-    srv = Server([], tmp_path_factory.mktemp("unpressured") / "server.log")
-    try:
-        return prompts, _run_all(srv, prompts)
-    finally:
-        srv.stop()
+    return prompts, _run_all(shared_server, prompts)
 
 
 @pytest.fixture(scope="module")

@@ -211,7 +211,7 @@ def test_storm_of_aborted_streams(server, hamlet_tokens):
     _, ids = hamlet_tokens
 
     async def main():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=900)
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=server.api_key, max_retries=0, timeout=900)
         tasks = [_aborted_stream(client, ids[100 * i : 100 * i + 300], i % 13) for i in range(40)]
         return await asyncio.gather(*tasks)
 

@@ -16,7 +16,6 @@ import requests
 
 from serverlib import MODEL_NAME
 
-SERVER_API_KEY = "vllm-sink-test-key"  # stock --api-key keeps working beside our flags
 
 
 def _hamlet(chars: int) -> str:
