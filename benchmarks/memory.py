@@ -122,7 +122,8 @@ def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16, he
     from workers import prometheus_values
 
     m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
-    row = {"tokens": tokens_processed(m, block_size), "t_s": round(time.time() - t0, 2)}
+    row = {"tokens": tokens_processed(m, block_size), "t_s": round(time.time() - t0, 2),
+           "running": m.get("vllm:num_requests_running")}
     for role, proc in procs.items():
         try:
             row[role] = proc.memory_info().rss / 2**20
@@ -151,10 +152,12 @@ def slope_per_1k(rows: list[dict], key: str) -> float | None:
 
 def report(doc: dict, out: Path) -> None:
     rows = doc["samples"]
-    # After the warm-up, and while the stream ran (the last sample is taken once it stopped).
-    after = [r for r in rows[:-1] if r["tokens"] >= doc["warmup"]] or rows
+    # After the warm-up, and while the stream ran: the engine still ran it (vLLM's running
+    # count; a finished request's state is freed) and the client still read it (the last
+    # sample is taken once it stopped).
+    after = [r for r in rows[:-1] if r["tokens"] >= doc["warmup"] and r.get("running", 1) != 0] or rows
     first, last = after[0], after[-1]
-    keys = [k for k in rows[0] if k not in ("tokens", "t_s")]
+    keys = [k for k in rows[0] if k not in ("tokens", "t_s", "running")]
     unit = {"gpu": "GPU MiB"}
     server = "vanilla `vllm serve`" if doc.get("policy") == "full" else "`vllm serve --kv-policy sink`"
     shape = f"W={doc['window']}" if doc.get("policy") != "full" else "no window"

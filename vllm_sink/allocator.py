@@ -3,11 +3,11 @@
 A stream that generates for days takes millions of decode steps. With glibc's defaults
 (up to eight arenas per core, one taken by each thread that allocates), the engine core's
 and the worker's native memory grows a little every step: 62.8 and 81.5 KiB per 1,000
-decode steps on a 2-core machine, although no Python object grows. The growth is in the
-heaps of arenas other than the main one: freed memory there is not reused by the thread
-that allocates next. With two arenas it remained in some runs, in the second arena's heap
-(which threads share it is decided by timing); with one arena there is no other heap, and
-every run measured stayed flat (docs/measurements.md).
+decode steps on a 2-core machine, although no Python object grows. With two arenas the
+engine core still grew in some runs, all of it in the second arena's heap
+(``benchmarks/memory.py --heaps``; which of the engine core's threads share that arena is
+decided by timing as they start). With one arena there is no other heap, and every run
+measured stayed flat (docs/measurements.md).
 
 glibc reads ``MALLOC_ARENA_MAX`` once, when a process starts. So a sink engine's front end
 exports it before vLLM starts the engine core and its workers, which inherit it, and
@@ -16,8 +16,8 @@ yet to make). A worker that does not inherit the front end's environment (Ray's)
 with ``mallopt`` when its model runner is built. A value the user set is left as it is:
 ``MALLOC_ARENA_MAX=0`` restores glibc's own choice.
 
-Small allocations do not contend for the one arena's lock: each thread serves them from
-its own cache (glibc's tcache), and Python's objects come from its own allocator.
+Most small allocations do not take the one arena's lock: glibc serves them from a cache
+per thread (its tcache), and Python's small objects come from Python's own allocator.
 """
 
 from __future__ import annotations
