@@ -1,9 +1,10 @@
 """Real ``vllm serve`` processes for the server tests.
 
-Modules that serve the default settings (``SINK_FLAGS`` with an API key) share one server
-for the whole session: a server takes about a minute to start on 2 cores, and their tests
-measure what they check as differences of ``/metrics`` around their own requests, so what
-ran before them does not count. A module with ``SERVER_EXTRA_ARGS`` gets one of its own.
+Modules that serve the default settings (``SINK_FLAGS`` with an API key; sessions on) share
+one server for the whole session: a server takes about a minute to start on 2 cores, and
+their tests measure what they check as differences of ``/metrics`` around their own
+requests, or as invariants of the whole pool, so what ran before them does not count. A
+module with ``SERVER_EXTRA_ARGS`` gets one of its own.
 """
 
 import sys

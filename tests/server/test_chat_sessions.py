@@ -1,11 +1,10 @@
-"""A chat through the stock OpenAI client against `vllm serve --kv-policy sink --kv-sessions`:
-the client re-sends the whole conversation each turn, and the server resumes each turn from
-the stream the previous one left (only the new turn is prefilled), past the window and the
-model's 512 positions. Kept conversations' pages are accounted for in /metrics."""
+"""A chat through the stock OpenAI client against `vllm serve --kv-policy sink` (sessions are
+on by default; the session's shared server): the client re-sends the whole conversation
+each turn, and the server resumes each turn from the stream the previous one left (only the
+new turn is prefilled), past the window and the model's 512 positions. Kept conversations'
+pages are accounted for in /metrics."""
 
 from __future__ import annotations
-
-SERVER_EXTRA_ARGS = ["--kv-sessions"]
 
 
 def test_chat_turns_resume(server):
