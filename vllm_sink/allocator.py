@@ -42,14 +42,24 @@ def arena_setting(environ: MutableMapping[str, str], arenas: int = ARENAS) -> tu
     return environ[ENV], True
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc (Linux), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _mallopt_arenas(value: int) -> bool:
     """``mallopt(M_ARENA_MAX, value)`` in this process; False where libc is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return bool(libc.mallopt(_M_ARENA_MAX, int(value)))
-    except (OSError, AttributeError, ValueError):
+    except (AttributeError, ValueError):
         return False
 
 
@@ -76,9 +86,9 @@ last: tuple[str, bool] | None = None
 def heaps() -> int | None:
     """How many malloc arenas this process has (glibc's ``malloc_info``: one ``<heap>``
     each); None where libc is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return None
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.open_memstream.restype = ctypes.c_void_p
     libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]

@@ -17,7 +17,6 @@ import requests
 from serverlib import MODEL_NAME
 
 
-
 def _hamlet(chars: int) -> str:
     from vllm_sink import assets
 
