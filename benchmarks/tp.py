@@ -180,6 +180,10 @@ def worker_correctness(task: dict) -> dict:
     t0 = time.perf_counter()
     out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
     run = time.perf_counter() - t0
+    # Workers write their counters for /metrics at most once a second, and at once on the
+    # step that reports a finished request: one more request brings that step, so the files
+    # read below hold the whole stream (8 tokens: it evicts nothing, starts no epoch).
+    llm.generate([{"prompt_token_ids": ids[:8]}], SamplingParams(max_tokens=1), use_tqdm=False)
     gen = list(out.outputs[0].token_ids)
     res = dict(_describe(llm), startup_s=startup, run_s=run,
                plp=[next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]],
