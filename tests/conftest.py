@@ -14,6 +14,16 @@ from pathlib import Path
 
 import pytest
 
+# pytest runs on two workers (pytest-xdist, ``-n 2`` in pyproject.toml): one CPU core each.
+# vLLM binds a server's model worker to core 0 by default (it keeps the other core for the
+# rest), so without this both workers' servers would compute on core 0; an engine in the
+# test process computes on one thread, not on both cores at once.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+if _XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _core = int(_XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_core))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # The manager and the worker run in this process: check after every engine test that
 # they held the same rows of pages (vllm_sink.invariants).
@@ -62,6 +72,22 @@ def pytest_collection_modifyitems(config, items):
         return ENGINE_ORDER.index(marker.args[0]) + 1 if marker else 0
 
     items.sort(key=key)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With pytest-xdist (``-n 2`` in pyproject.toml), a worker takes a whole test module at a
+    time (its engines are built once), and one worker takes all the server tests (they share
+    a server); modules go out in the order above, the server tests first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesAndServerTests(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/server" if path.startswith("tests/server/") else path
+
+    config.option.loadscopereorder = False  # (xdist would put the modules of most tests first)
+    return ModulesAndServerTests(config, log)
 
 
 @pytest.fixture(autouse=True)
