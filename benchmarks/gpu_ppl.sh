@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs of benchmarks/ppl.py behind benchmarks/results/ppl.json (issue 6), in parts that
+# The GPU runs of benchmarks/ppl.py behind benchmarks/results/ppl.json, in parts that
 # each fit one 10-minute device call:
 #   bash benchmarks/gpu_ppl.sh long       # the 38-play corpus, and Hamlet, looped to 4M tokens, sink policy
 #   bash benchmarks/gpu_ppl.sh compare    # dense, window, sink, recompute on 100K tokens

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU runs behind benchmarks/results/throughput.json and drift.json (issue 5), in parts
+# The GPU runs behind benchmarks/results/throughput.json and drift.json, in parts
 # that each fit one 10-minute device call (H100 timings):
 #   bash benchmarks/gpu_speed.sh recompute   # re-computation vs sink, batch 1 and 64, same-run ceiling (~6 min)
 #   bash benchmarks/gpu_speed.sh budget      # 32K-token streams in a fixed KV pool, sink vs dense (~4 min)
