@@ -33,9 +33,9 @@ ENGINES = {
     # "sink20_p512"'s shapes with a 16-token engine sink and requests that bring their own
     # sink of up to 40 tokens (max_sink_tokens).
     "sink16_own40_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # "sink16_sessions" with a pool of 1,900 pages: 100 idle conversations past the window
+    # "sink16_sessions" with a pool of 1,000 pages: 50 idle conversations past the window
     # (18 pages each) fit, and a batch of long streams then needs some of their room.
-    "sink16_sessions_pool1900": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1900 * 737280),
+    "sink16_sessions_pool1000": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1000 * 737280),
     # Vanilla vLLM, same block size and chunking as "sink16".
     "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
 }

@@ -1,6 +1,6 @@
-"""A hundred idle conversations: bounded while kept, released least recently used first.
+"""Fifty idle conversations: bounded while kept, released least recently used first.
 
-Sessions are on by default. A hundred conversations, each past the window, finish and wait
+Sessions are on by default. Fifty conversations, each past the window, finish and wait
 for their next turn: each kept stream holds at most a decoding stream's page bound
 (its sink page and its window's pages, not its history), and the pool accounts for every
 page (free + kept == pool). A batch of long new streams then needs more than the free
@@ -19,11 +19,11 @@ from tolerances import F32_MAX_ABS
 
 from vllm_sink.metrics import SINK_STATS
 
-N_CONV, PROMPT, BATCH = 100, 400, 20
+N_CONV, PROMPT, BATCH = 50, 400, 10
 
 
-@pytest.mark.engine("sink16_sessions_pool1900")
-def test_a_hundred_idle_conversations_are_bounded_and_give_way_lru(llm, hamlet_ids):
+@pytest.mark.engine("sink16_sessions_pool1000")
+def test_fifty_idle_conversations_are_bounded_and_give_way_lru(llm, hamlet_ids):
     sched = scheduler_of(llm)
     manager = sched.kv_cache_manager.coordinator.single_type_managers[0]
     sessions, g = manager.sessions, manager.geometry
