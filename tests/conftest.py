@@ -1,9 +1,9 @@
-"""Shared fixtures: real vLLM engines on the CPU, one alive at a time.
+"""Shared fixtures: real vLLM engines on the CPU, one alive at a time in each pytest worker.
 
 Engines run their core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so tests can
 read the scheduler's block pool and the plugin's counters. Building an engine takes ~20 s
-on the CPU, so each configuration is built once per session and kept until a test asks for
-another one; test modules are grouped by configuration.
+on the CPU, so each configuration is kept until a test asks for another one; a worker's
+tests are grouped by configuration.
 """
 
 from __future__ import annotations
