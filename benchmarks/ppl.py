@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -211,6 +212,20 @@ def machine(device: str) -> dict:
     return info
 
 
+def plugin_rev() -> str | None:
+    """The plugin's commit: ``$VLLM_SINK_REV`` (set where the tree has no .git, as on the
+    GPU machine), else ``git rev-parse`` of this checkout."""
+    if os.environ.get("VLLM_SINK_REV"):
+        return os.environ["VLLM_SINK_REV"]
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 # --------------------------------------------------------------------------- main
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -246,6 +261,7 @@ def parse(argv=None):
     p.add_argument("--report", action="store_true", help="only print tables and draw the plot from --out")
     p.add_argument("--no-write", action="store_true", help="do not touch --out")
     args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     if args.quick:
         args.tokens, args.text, args.window, args.chunk = 2048, "hamlet", 64, 16
         args.recompute_every = 4
@@ -295,7 +311,8 @@ def run(args) -> dict:
         a, args.sink_tokens, args.window, args.block_size) > args.sink_tokens), N)
     name = args.name or f"{args.text}-{N}-W{args.window}-S{args.sink_tokens}-B{args.block_size}-C{args.chunk}"
     group = dict(name=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                 machine=machine(args.device), text=args.text, offset=args.offset,
+                 machine=machine(args.device), plugin=plugin_rev(),
+                 command="python benchmarks/ppl.py " + " ".join(args.argv), text=args.text, offset=args.offset,
                  loop_tokens=args.loop_tokens, tokens=N,
                  model="SmolLM2-135M-Instruct", model_positions=positions, dtype=args.dtype,
                  window=args.window, sink_tokens=args.sink_tokens, recompute_window=args.recompute_window, block_size=args.block_size,
@@ -360,15 +377,15 @@ def merge(path: Path, group: dict) -> None:
 # --------------------------------------------------------------------------- report
 def report(path: Path) -> str:
     data = json.loads(path.read_text())
-    lines = ["| run | text, tokens | W | sink | policy | PPL | PPL after 1st eviction | tokens/s | machine |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | text, tokens | W | sink | policy | PPL | PPL after 1st eviction | tokens/s | machine | plugin |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for g in data["groups"].values():
         for r in g["runs"].values():
             sink = g["sink_tokens"] if r["policy"] == "sink" else (0 if r["policy"] == "window" else "-")
             lines.append(
                 f"| {g['name']} | {g['text']}, {r['tokens']:,} | {g['window']} | {sink} | {r['policy']} | "
                 f"{r['ppl']:.3f} | {r['ppl_after_eviction'] or '-'} | {r['tokens_per_s']:,.0f} | "
-                f"{g['machine'].get('gpu', g['machine']['cpu'])} |")
+                f"{g['machine'].get('gpu', g['machine']['cpu'])} | {g.get('plugin') or '-'} |")
     return "\n".join(lines)
 
 
