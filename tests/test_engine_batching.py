@@ -6,7 +6,7 @@ from vllm import SamplingParams
 
 from vllm_sink.metrics import SINK_STATS
 
-PROMPT_LENS = [40, 150, 300, 520, 700, 950, 1200, 1500]
+PROMPT_LENS = [40, 150, 300, 400, 520, 640, 760, 900]
 MAX_TOKENS = [24, 8, 40, 16, 32, 12, 20, 28]
 
 

@@ -28,9 +28,11 @@ def shared_server(tmp_path_factory):
     srv.stop()
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item, nextitem):
     """Stop the shared server after the last server test: the engine tests that run next
-    need its memory."""
+    need its memory. (After pytest's own teardown of the test's fixtures, which may still
+    ask the server whether it is healthy.)"""
     here = Path(__file__).parent
     if _running and (nextitem is None or here not in nextitem.path.parents):
         _running.pop().stop()

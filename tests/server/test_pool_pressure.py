@@ -18,7 +18,7 @@ from serverlib import MODEL_NAME, SINK_ADDITIONAL_CONFIG, Server
 PAGE_BYTES = 2 * 16 * 3 * 64 * 4 * 30  # B=16, 3 KV heads, head 64, float32, 30 layers
 FOOTPRINT = 1 + -(-(256 - 1 + 32) // 16) + 1  # s + ceil((W - 1 + C)/B) + 1 = 20 pages
 POOL_PAGES = 2 * FOOTPRINT + 10  # room for two streams, not three
-N_STREAMS, MAX_TOKENS = 6, 96
+N_STREAMS, MAX_TOKENS = 6, 64
 
 
 def _prompts():

@@ -55,7 +55,7 @@ def _reference_ppl(prompt_ids, output_ids):
 
 
 def test_completion_far_past_context(server):
-    """A completion of prompt + output = 2,500 tokens (about 5x --max-model-len and the
+    """A completion of prompt + output = 2,200 tokens (over 4x --max-model-len and the
     model's positions) succeeds, and the text stays coherent: its perplexity under the model
     stays bounded."""
     from transformers import AutoTokenizer
@@ -63,23 +63,24 @@ def test_completion_far_past_context(server):
     from vllm_sink import assets
 
     tok = AutoTokenizer.from_pretrained(assets.model_dir())
-    prompt = tok(_hamlet(9000))["input_ids"][:1800]
+    prompt = tok(_hamlet(9000))["input_ids"][:1900]
     before = server.metrics()
     out = server.client(timeout=900).completions.create(
-        model=MODEL_NAME, prompt=prompt, max_tokens=700, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
+        model=MODEL_NAME, prompt=prompt, max_tokens=300, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
     )
-    assert out.usage.prompt_tokens == 1800 and out.usage.completion_tokens == 700
+    assert out.usage.prompt_tokens == 1900 and out.usage.completion_tokens == 300
     assert out.choices[0].finish_reason == "length"
     after = server.wait_idle()
     evicted = after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"]
-    # 2,500 tokens through a 16 + 256 token cache: about (2500 - 272) / 16 pages evicted.
-    assert 130 <= evicted <= 145, evicted
+    # 2,200 tokens through a 16 + 256 token cache: about (2200 - 272) / 16 pages evicted.
+    assert 112 <= evicted <= 126, evicted
     assert after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"] == 16 * evicted
     assert after["vllm_sink:epochs_total"] - before["vllm_sink:epochs_total"] >= 6
     # One re-anchoring per step that moves the window (a 32-token prefill step moves it 2 pages).
     assert after["vllm_sink:sink_rotations_total"] - before["vllm_sink:sink_rotations_total"] >= evicted // 2
     ppl = _reference_ppl(prompt, list(out.choices[0].token_ids))
-    print(f"\n2,500 tokens past 512 positions; reference PPL of the 700 generated tokens {ppl:.2f}")
+    print(f"\n2,200 tokens past 512 positions; reference PPL of the 300 generated tokens {ppl:.2f}; "
+          f"{evicted} pages evicted, {after['vllm_sink:epochs_total'] - before['vllm_sink:epochs_total']} epochs")
     assert ppl < 20
 
 
@@ -103,7 +104,7 @@ def test_streamed_chat_far_past_context(server):
 
 async def _stream(client, i, disconnect):
     stream = await client.completions.create(
-        model=MODEL_NAME, prompt=_hamlet(200 + 40 * i), max_tokens=96, temperature=0, stream=True
+        model=MODEL_NAME, prompt=_hamlet(200 + 40 * i), max_tokens=48, temperature=0, stream=True
     )
     n = 0
     async for _ in stream:
@@ -126,7 +127,7 @@ def test_32_concurrent_streams_a_third_disconnecting(server):
 
     results = asyncio.run(main())
     assert results.count("disconnected") == 11
-    assert all(r == 96 for r in results if r != "disconnected")
+    assert all(r == 48 for r in results if r != "disconnected")
     m = server.wait_idle()
     assert server.free_or_kept(m) == free0
     assert server.healthy()
