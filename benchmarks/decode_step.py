@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import emit, serve_worker, spawn
+from workers import emit, provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -301,7 +301,7 @@ def main() -> None:
 
     doc = dict(device=results[0]["device"], vllm=vllm.__version__,
                model="SmolLM2-135M float32" if args.cpu else "Llama-3-8B shape, dummy weights, bf16, CUDA graphs",
-               command="python benchmarks/decode_step.py " + " ".join(sys.argv[1:]),
+               **provenance(__file__),
                pairs=pairs, results=results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

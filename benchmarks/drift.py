@@ -151,6 +151,10 @@ def main(argv=None) -> None:
     out = Path(args.out)
     if not args.report:
         doc = run(args)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from workers import provenance
+
+        doc.update(provenance(__file__, argv if argv is not None else sys.argv[1:]))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1))
     report(json.loads(out.read_text()), out)

@@ -38,9 +38,11 @@ def main() -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import torch
     from reference import ReferenceLlama, chunked_steps
     from tolerances import check
+    from workers import provenance
     from vllm import LLM, SamplingParams
 
     import vllm_sink
@@ -51,7 +53,8 @@ def main() -> None:
 
     model = assets.prepare_model(Path("/tmp/vllm-sink-model"), gguf=Path(args.gguf))
     B, W, C, G = 16, 256, 64, 32
-    results = {"device": torch.cuda.get_device_name(), "vllm": __import__("vllm").__version__, "runs": []}
+    results = {"device": torch.cuda.get_device_name(), "vllm": __import__("vllm").__version__,
+               **provenance(__file__), "runs": []}
     ref = ReferenceLlama(model)
     for backend, S in [(b, int(x)) for b in args.backends.split(",") for x in args.sinks.split(",")]:
         t0 = time.time()

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from throughput import LLAMA3_8B
-from workers import serve_worker, spawn
+from workers import provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 # The 8B shape, shrunk: the same architecture and rotary settings, four small layers.
@@ -103,8 +103,8 @@ def main() -> None:
     import torch
     import vllm
 
-    doc = dict(device=torch.cuda.get_device_name(), vllm=vllm.__version__,
-               command="python benchmarks/page_writer_check.py", kernel=kernel_check(), engine=[])
+    doc = dict(device=torch.cuda.get_device_name(), vllm=vllm.__version__, **provenance(__file__),
+               kernel=kernel_check(), engine=[])
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_USE_FLASHINFER_SAMPLER="0")
     for sink in (16, 4):
         runs = {w: spawn(__file__, dict(writer=w, sink=sink), env=env) for w in ("torch", "triton")}

@@ -212,20 +212,6 @@ def machine(device: str) -> dict:
     return info
 
 
-def plugin_rev() -> str | None:
-    """The plugin's commit: ``$VLLM_SINK_REV`` (set where the tree has no .git, as on the
-    GPU machine), else ``git rev-parse`` of this checkout."""
-    if os.environ.get("VLLM_SINK_REV"):
-        return os.environ["VLLM_SINK_REV"]
-    import subprocess
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                              capture_output=True, text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # --------------------------------------------------------------------------- main
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,11 +293,14 @@ def run(args) -> dict:
     # The first step that evicts (its w0 passes the sink): no token before it has lost a key.
     from vllm_sink.policy import window_start
 
+    sys.path.insert(0, str(Path(__file__).parent))
+    import workers
+
     first_eviction = next((a for a in range(0, N, args.chunk) if window_start(
         a, args.sink_tokens, args.window, args.block_size) > args.sink_tokens), N)
     name = args.name or f"{args.text}-{N}-W{args.window}-S{args.sink_tokens}-B{args.block_size}-C{args.chunk}"
     group = dict(name=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                 machine=machine(args.device), plugin=plugin_rev(),
+                 machine=machine(args.device), plugin=workers.plugin_rev(),
                  command="python benchmarks/ppl.py " + " ".join(args.argv), text=args.text, offset=args.offset,
                  loop_tokens=args.loop_tokens, tokens=N,
                  model="SmolLM2-135M-Instruct", model_positions=positions, dtype=args.dtype,

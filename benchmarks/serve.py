@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from throughput import LLAMA3_8B  # noqa: E402
-from workers import prometheus_values, wait_healthy  # noqa: E402
+from workers import prometheus_values, provenance, wait_healthy  # noqa: E402
 
 SERVED = "llama3-8b-shape"
 WORKLOADS = {
@@ -199,7 +199,7 @@ def report(rows: list[dict], out: Path) -> None:
     import vllm
 
     meta = dict(device=device, vllm=vllm.__version__, model="Llama-3-8B shape, dummy weights, bf16",
-                command="python benchmarks/serve.py " + " ".join(sys.argv[1:]))
+                **provenance(__file__))
     out.write_text(json.dumps(dict(meta, results=rows), indent=1))
     lines = [f"`vllm bench serve`, {device}, vLLM {vllm.__version__}, {meta['model']}", "",
              "| workload | server | output tok/s | mean TTFT ms | P99 TTFT ms | mean TPOT ms | P99 TPOT ms | served | preemptions | pages evicted | pool whole after |",

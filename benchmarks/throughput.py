@@ -39,11 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from workers import emit, serve_worker, spawn
+from workers import emit, plugin_rev, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -332,10 +333,11 @@ def main() -> None:
         tasks.append(dict(common, policy="full", streams=n_dense, max_num_seqs=args.budget_pages // 2048, engine=eng))
         tasks.append(dict(common, policy="sink", streams=n_sink, max_num_seqs=n_sink,
                           engine=dict(eng, long_prefill_token_threshold=512)))
-    invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
+    invocation, rev = time.strftime("%Y-%m-%dT%H:%M:%S"), plugin_rev()
     results = []
     for task in tqdm(tasks, desc="engines"):
-        results.append(dict(run_task(task, args.vanilla_runner), invocation=invocation))
+        results.append(dict(run_task(task, args.vanilla_runner), invocation=invocation, plugin=rev,
+                            command="python benchmarks/throughput.py " + " ".join(sys.argv[1:])))
     out = Path(args.out)
     if out.exists() and not args.fresh:
         # Keep the other parts' results (a comparison's two sides always come from one
@@ -362,8 +364,10 @@ def report(results: list[dict], out: Path) -> None:
     import vllm
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": results[0]["device"] if results else None, "vllm": vllm.__version__,
-           "model": "Llama-3-8B shape, dummy weights, bfloat16", "results": results}
+    gpu = [r for r in results if r["task"]["kind"] != "overhead_cpu"]
+    doc = {"device": (gpu or results or [{}])[0].get("device"), "vllm": vllm.__version__,
+           "model": "Llama-3-8B shape, dummy weights, bfloat16",
+           "plugins": sorted({r["plugin"] for r in results if r.get("plugin")}), "results": results}
     lines = ["| measurement | vanilla vLLM | sink | ratio |", "|---|---|---|---|"]
     by = {result_key(r)[:3]: r for r in results if r["task"]["kind"] != "overhead_cpu"}
     if ("overhead", "full", None) in by and ("overhead", "sink", None) in by:
@@ -431,7 +435,8 @@ def report(results: list[dict], out: Path) -> None:
                    "invocation of benchmarks/throughput.py (each result's 'invocation'). Vanilla vLLM "
                    "on its default model runner where 'model_runner' says so, vllm-sink on V1.")
     out.write_text(json.dumps(doc, indent=2))
-    out.with_suffix(".md").write_text(f"Device: {doc['device']}, vLLM {doc['vllm']}, {doc['model']}\n\n{table}\n\n{doc['note']}\n")
+    plugins = ", plugin " + " and ".join(doc["plugins"]) if doc["plugins"] else ""
+    out.with_suffix(".md").write_text(f"Device: {doc['device']}, vLLM {doc['vllm']}{plugins}, {doc['model']}\n\n{table}\n\n{doc['note']}\n")
     print(table)
     if "sink" in lat:
         import matplotlib

@@ -67,7 +67,7 @@ import sys
 import time
 from pathlib import Path
 
-from workers import WorkerFailed, serve_worker, spawn
+from workers import WorkerFailed, plugin_rev, serve_worker, spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -484,7 +484,7 @@ def main() -> None:
         ray_version = ray.__version__
     except ImportError:
         ray_version = None
-    doc = dict(device=None, vllm=vllm.__version__, ray=ray_version, argv=sys.argv[1:])
+    doc = dict(device=None, vllm=vllm.__version__, ray=ray_version, argv=sys.argv[1:], plugin=plugin_rev())
     parts = args.parts.split(",")
     executors = [e for e in args.executors.split(",") if e]
     unknown = set(executors) - set(EXECUTORS) | set(parts) - {"correctness", "throughput"}

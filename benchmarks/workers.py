@@ -178,6 +178,26 @@ def prometheus_values(text: str) -> dict[str, float]:
     return values
 
 
+
+def plugin_rev() -> str | None:
+    """The plugin's commit: ``$VLLM_SINK_REV`` (set where the tree has no .git, as on the
+    GPU machine), else ``git rev-parse`` of this checkout."""
+    if os.environ.get("VLLM_SINK_REV"):
+        return os.environ["VLLM_SINK_REV"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def provenance(script: str, argv: list[str] | None = None) -> dict:
+    """What a results file records of its run: the plugin's commit, the command (``python
+    benchmarks/SCRIPT ARGS``) and the date."""
+    args = sys.argv[1:] if argv is None else argv
+    return dict(plugin=plugin_rev(), command=" ".join([f"python benchmarks/{Path(script).name}", *args]),
+                date=time.strftime("%Y-%m-%d"))
+
 def write_results(out: Path, doc: dict, table: list[str]) -> None:
     """``doc`` as JSON at ``out``, and the markdown ``table`` beside it (``.md``), printed."""
     out.parent.mkdir(parents=True, exist_ok=True)
