@@ -104,8 +104,7 @@ def compare(lp16: np.ndarray, lp32: np.ndarray, first_eviction: int, span: int =
     paired = dict(mean_diff=float(d.mean()), sem=float(d.std(ddof=1) / math.sqrt(len(d))),
                   correlation=float(np.corrcoef(first, last)[0, 1]))
     res = dict(first=dict(start=lo + 1, **f), last=dict(start=len(err) - span + 1, **l),
-               last_over_first=l["mean"] / f["mean"], paired=paired, buckets=buckets,
-               no_drift=l["mean"] <= f["mean"])
+               last_over_first=l["mean"] / f["mean"], paired=paired, buckets=buckets)
     if period:
         loops = [dict(loop=k, start=a + 1, **window_stats(err[a : a + span]),
                       **({} if rerotated is None else dict(split=split_stats(err[a : a + span], rr[a : a + span]))))
@@ -117,7 +116,20 @@ def compare(lp16: np.ndarray, lp32: np.ndarray, first_eviction: int, span: int =
             # spread of all steady-state windows.
             res.update(last_over_loop1=steady[-1] / steady[0],
                        steady_min=min(steady), steady_max=max(steady))
+    res["no_drift"] = no_drift(res)
     return res
+
+
+def no_drift(res: dict) -> bool:
+    """Whether the error did not grow along the stream. With loops, the last window against
+    loop 1, the first window in the same step and epoch phase (loop 0 is not: its frame
+    positions are the token indices themselves, base 0, another bf16 trajectory): the last
+    window's mean error at most two standard errors above loop 1's. Without loops, the last
+    window's mean at most the first's."""
+    loops = res.get("loops", [])
+    if len(loops) > 2:
+        return loops[-1]["mean"] <= loops[1]["mean"] + 2 * loops[1]["sem"]
+    return res["last"]["mean"] <= res["first"]["mean"]
 
 
 def aligned(plans, first_start: int, last_start: int, span: int, window: int, chunk: int) -> bool:
@@ -149,15 +161,18 @@ def main(argv=None) -> None:
                         "(its machine and PPLs are read from --out)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    if not args.report:
+    if args.report:
+        doc = json.loads(out.read_text())
+    else:
         doc = run(args)
         sys.path.insert(0, str(Path(__file__).parent))
         from workers import provenance
 
         doc.update(provenance(__file__, argv if argv is not None else sys.argv[1:]))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1))
-    report(json.loads(out.read_text()), out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))  # first, so a failing report loses nothing
+    report(doc, out)
+    out.write_text(json.dumps(doc, indent=1))  # with the verdict the report refreshes
 
 
 def looped_stream(model, text: str, *, window: int, sink_tokens: int, chunk: int) -> dict:
@@ -236,6 +251,7 @@ def report(doc: dict, out: Path) -> None:
     row = lambda name, w: (f"| {name} | {w['start']:,}-{w['start'] + doc['span'] - 1:,} | {w['mean']:.4f} ± "
                            f"{w['sem']:.4f} | {w['p99']:.3f} | {w['max']:.3f} |")
     loops = doc.get("loops", [])
+    doc["no_drift"] = no_drift(doc)
     lines = [
         f"{doc['tokens']:,} tokens of {doc['text']} (looped every {doc['text_period']:,} tokens), "
         f"{doc['sink_tokens']} sink + W={doc['window']}, {doc['chunk']}-token steps, "
@@ -257,6 +273,8 @@ def report(doc: dict, out: Path) -> None:
     if "last_over_loop1" in doc:
         lines[-1] += (f"; last / loop 1 = {doc['last_over_loop1']:.3f}; loops 1..{len(loops) - 1}: "
                       f"{doc['steady_min']:.4f} .. {doc['steady_max']:.4f}")
+    lines.append(f"no drift: {doc['no_drift']} (" + ("the last window within two standard errors of loop 1's, "
+                 "the first window in the same step and epoch phase)" if len(loops) > 2 else "the last window at most the first)"))
     if loops:
         lines.append("mean error of the window in each loop: " + ", ".join(f"{w['mean']:.6f}" for w in loops))
     if "split" in f:

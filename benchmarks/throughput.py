@@ -282,10 +282,16 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "throughput.json"))
     p.add_argument("--fresh", action="store_true", help="replace --out instead of merging into it")
     p.add_argument("--report", metavar="JSON", help="only rebuild the table and plot from a results file")
+    p.add_argument("--runs", nargs="+", metavar="JSON",
+                   help="only tabulate the recompute rows of several results files, one row per "
+                        "invocation and batch (the run-to-run spread), into --out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.report:
         report(json.loads(Path(args.report).read_text())["results"], Path(args.out))
+        return
+    if args.runs:
+        recompute_runs([json.loads(Path(f).read_text())["results"] for f in args.runs], Path(args.out))
         return
     if args.worker:
         serve_worker(worker, args.worker)
@@ -349,6 +355,43 @@ def main() -> None:
 
 def result_key(r: dict) -> tuple:
     return (r["task"]["kind"], r["task"]["policy"], r["task"].get("batch"), r["task"].get("repeat"))
+
+
+def recompute_runs(files: list[list[dict]], out: Path) -> None:
+    """One row per invocation and batch of the recompute part: the speed-up, the same run's
+    ceiling and the sink's decode step past the window against before any eviction; then the
+    median fraction of the ceiling per batch. Each row's two sides come from one invocation."""
+    import statistics
+
+    rows = []
+    for results in files:
+        by = {(r["invocation"], r["task"]["batch"], r["task"]["policy"]): r
+              for r in results if r["task"]["kind"] == "recompute"}
+        for inv, batch in sorted({(i, b) for i, b, _ in by}):
+            f, s = by.get((inv, batch, "full")), by.get((inv, batch, "sink"))
+            if not (f and s and "decode_at_window" in f):
+                continue
+            dec = f["decode_at_window"]["decode_ms_median"]
+            sink, before = s["evicting"]["decode_ms_median"], s["before_eviction"]["decode_ms_median"]
+            speedup, ceiling = f["ms_per_token_step"] / sink, f["ms_per_token_step"] / dec
+            rows.append(dict(invocation=inv, batch=batch, device=s["device"], plugin=s.get("plugin"),
+                             runner=f["task"].get("model_runner"), recompute_ms=f["ms_per_token_step"],
+                             vanilla_decode_ms=dec, sink_past_ms=sink, sink_before_ms=before,
+                             speedup=speedup, ceiling=ceiling, fraction_of_ceiling=speedup / ceiling))
+    medians = {b: statistics.median(r["fraction_of_ceiling"] for r in rows if r["batch"] == b)
+               for b in sorted({r["batch"] for r in rows})}
+    lines = ["| run | batch | re-computation, ms/token | vanilla decode at W | sink past the window | speed-up | "
+             "ceiling | fraction of the ceiling | sink past / before eviction |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['invocation']} | {r['batch']} | {r['recompute_ms']:.2f} | {r['vanilla_decode_ms']:.2f} | "
+              f"{r['sink_past_ms']:.2f} | {r['speedup']:.1f}x | {r['ceiling']:.1f}x | {r['fraction_of_ceiling']:.1%} | "
+              f"{r['sink_past_ms'] / r['sink_before_ms']:.3f} |" for r in rows]
+    lines += ["", "median fraction of the ceiling: " + ", ".join(f"batch {b} {m:.1%}" for b, m in medians.items())]
+    doc = dict(device=rows[0]["device"] if rows else None, runs=rows,
+               median_fraction_of_ceiling={f"batch_{b}": m for b, m in medians.items()})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def repeated(rows: list[dict]) -> list[bool]:

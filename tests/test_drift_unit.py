@@ -56,8 +56,13 @@ def test_every_loop_reports_the_same_text_window():
     assert starts[0] == e and starts[-1] == res["last"]["start"]
     assert all(b - a == period for a, b in zip(starts, starts[1:]))
     assert res["loops"][-1]["mean"] == res["last"]["mean"]
-    assert not res["no_drift"] and 0.8 < res["last_over_loop1"] < 1.25
+    # Loop 0 differs from the rest (another trajectory), the loops after it do not: no drift.
+    assert res["last_over_first"] > 5 and res["no_drift"] and 0.8 < res["last_over_loop1"] < 1.25
     assert res["steady_min"] <= res["loops"][-1]["mean"] <= res["steady_max"]
+    # An error that grows loop after loop is drift, against loop 1 as against loop 0.
+    grows = noise * np.linspace(1, 3, n - 1)
+    res = drift.compare(lp32 + grows, lp32, e, span=span, period=period)
+    assert not res["no_drift"] and res["last_over_loop1"] > 1.5
 
 
 def test_loops_of_whole_epoch_cycles_put_the_last_window_in_phase():
