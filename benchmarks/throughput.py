@@ -190,11 +190,14 @@ def worker(task: dict) -> dict:
 
     out = {"task": task, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()}
     if kind in ("overhead", "overhead_cpu"):
-        prompts = [prompt(task["prompt"]) for _ in range(task["requests"])]
+        # Every request has a prompt of its own (the warm-up's and each round's too): a prompt
+        # sent twice would let the sink engine resume the stream the first one left (sessions
+        # are on by default), a prefill vanilla (prefix caching off) does again.
         params = SamplingParams(max_tokens=task["output"], temperature=0, ignore_eos=True)
-        llm.generate(prompts[: task.get("warmup", 8)], params, use_tqdm=False)  # warm-up
+        llm.generate([prompt(task["prompt"]) for _ in range(task.get("warmup", 8))], params, use_tqdm=False)
         dt, n_out, rounds = 0.0, 0, []
         for _ in range(task.get("rounds", 1)):
+            prompts = [prompt(task["prompt"]) for _ in range(task["requests"])]
             t = time.perf_counter()
             res = llm.generate(prompts, params, use_tqdm=True)
             rounds.append(time.perf_counter() - t)
