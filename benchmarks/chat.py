@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from workers import line_plot, prometheus_values, wait_healthy, write_results
+from workers import line_plot, prometheus_values, provenance, wait_healthy, write_results
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
@@ -178,6 +178,7 @@ def merge(files: list[Path], out: Path) -> None:
                 raise SystemExit(f"{key} differs between the files: {d[key]!r} != {docs[0][key]!r}")
         for res in d["runs"].values():
             res.setdefault("command", d["command"])
+            res.setdefault("plugin", d.get("plugin"))
     doc = dict(docs[0], runs={name: res for d in docs for name, res in d["runs"].items()})
     doc["command"] = " ; ".join(dict.fromkeys(res["command"] for res in doc["runs"].values()))
     report(doc, out)
@@ -248,7 +249,7 @@ def main() -> None:
     else:
         device, model_name = cpu_name(), "SmolLM2-135M-Instruct, float32"
     doc = dict(device=device, vllm=vllm.__version__, model=model_name, window=args.window, words=args.words, reply=args.reply,
-               command="python benchmarks/chat.py " + " ".join(sys.argv[1:]), runs=runs)
+               **provenance(__file__), runs=runs)
     report(doc, Path(args.out))
 
 
