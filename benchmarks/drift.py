@@ -169,10 +169,10 @@ def main(argv=None) -> None:
         from workers import provenance
 
         doc.update(provenance(__file__, argv if argv is not None else sys.argv[1:]))
+    doc["no_drift"] = no_drift(doc)  # an older file's verdict is brought up to date too
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))  # first, so a failing report loses nothing
+    out.write_text(json.dumps(doc, indent=1))
     report(doc, out)
-    out.write_text(json.dumps(doc, indent=1))  # with the verdict the report refreshes
 
 
 def looped_stream(model, text: str, *, window: int, sink_tokens: int, chunk: int) -> dict:
@@ -251,7 +251,6 @@ def report(doc: dict, out: Path) -> None:
     row = lambda name, w: (f"| {name} | {w['start']:,}-{w['start'] + doc['span'] - 1:,} | {w['mean']:.4f} ± "
                            f"{w['sem']:.4f} | {w['p99']:.3f} | {w['max']:.3f} |")
     loops = doc.get("loops", [])
-    doc["no_drift"] = no_drift(doc)
     lines = [
         f"{doc['tokens']:,} tokens of {doc['text']} (looped every {doc['text_period']:,} tokens), "
         f"{doc['sink_tokens']} sink + W={doc['window']}, {doc['chunk']}-token steps, "

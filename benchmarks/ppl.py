@@ -294,14 +294,16 @@ def run(args) -> dict:
     from vllm_sink.policy import window_start
 
     sys.path.insert(0, str(Path(__file__).parent))
-    import workers
+    from workers import provenance
+
+    prov = provenance(__file__, args.argv)
 
     first_eviction = next((a for a in range(0, N, args.chunk) if window_start(
         a, args.sink_tokens, args.window, args.block_size) > args.sink_tokens), N)
     name = args.name or f"{args.text}-{N}-W{args.window}-S{args.sink_tokens}-B{args.block_size}-C{args.chunk}"
     group = dict(name=name, date=datetime.datetime.now().isoformat(timespec="seconds"),
-                 machine=machine(args.device), plugin=workers.plugin_rev(),
-                 command="python benchmarks/ppl.py " + " ".join(args.argv), text=args.text, offset=args.offset,
+                 machine=machine(args.device), plugin=prov["plugin"],
+                 command=prov["command"], text=args.text, offset=args.offset,
                  loop_tokens=args.loop_tokens, tokens=N,
                  model="SmolLM2-135M-Instruct", model_positions=positions, dtype=args.dtype,
                  window=args.window, sink_tokens=args.sink_tokens, recompute_window=args.recompute_window, block_size=args.block_size,

@@ -39,12 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from workers import emit, plugin_rev, serve_worker, spawn
+from workers import emit, provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -342,11 +341,11 @@ def main() -> None:
         tasks.append(dict(common, policy="full", streams=n_dense, max_num_seqs=args.budget_pages // 2048, engine=eng))
         tasks.append(dict(common, policy="sink", streams=n_sink, max_num_seqs=n_sink,
                           engine=dict(eng, long_prefill_token_threshold=512)))
-    invocation, rev = time.strftime("%Y-%m-%dT%H:%M:%S"), plugin_rev()
+    invocation, prov = time.strftime("%Y-%m-%dT%H:%M:%S"), provenance(__file__)
     results = []
     for task in tqdm(tasks, desc="engines"):
-        results.append(dict(run_task(task, args.vanilla_runner), invocation=invocation, plugin=rev,
-                            command="python benchmarks/throughput.py " + " ".join(sys.argv[1:])))
+        results.append(dict(run_task(task, args.vanilla_runner), invocation=invocation,
+                            plugin=prov["plugin"], command=prov["command"]))
     out = Path(args.out)
     if out.exists() and not args.fresh:
         # Keep the other parts' results (a comparison's two sides always come from one

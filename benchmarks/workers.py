@@ -178,7 +178,6 @@ def prometheus_values(text: str) -> dict[str, float]:
     return values
 
 
-
 def plugin_rev() -> str | None:
     """The plugin's commit: ``$VLLM_SINK_REV`` (set where the tree has no .git, as on the
     GPU machine), else ``git rev-parse`` of this checkout."""
@@ -197,6 +196,7 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
     args = sys.argv[1:] if argv is None else argv
     return dict(plugin=plugin_rev(), command=" ".join([f"python benchmarks/{Path(script).name}", *args]),
                 date=time.strftime("%Y-%m-%d"))
+
 
 def write_results(out: Path, doc: dict, table: list[str]) -> None:
     """``doc`` as JSON at ``out``, and the markdown ``table`` beside it (``.md``), printed."""
