@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from workers import provenance
+
 RESULTS = Path(__file__).parent / "results"
 STAGES = ("json_decode", "pydantic", "parse_messages", "chat_template", "tokenize", "render_other",
           "process_inputs", "output_state", "msgpack_encode")
@@ -208,7 +210,7 @@ def main() -> None:
               f"{1e3 * b['first_turn_tokenize']:.1f} | {1e3 * a['first_turn_tokenize']:.1f} |")
     print("\ntoken ids: identical before and after")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    args.out.write_text(json.dumps(dict(provenance(__file__), **result), indent=1))
     print(f"wrote {args.out}")
 
 

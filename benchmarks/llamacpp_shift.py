@@ -70,7 +70,7 @@ from pathlib import Path
 
 from llamacpp_engine import N_KEEP_PAGES_BLOCK, gguf_for, llamacpp_worker
 from quiet_cpu import Contended, best_run, cpu_snap, machine, measure, others_cores
-from workers import Progress, WorkerFailed, serve_worker, spawn
+from workers import Progress, WorkerFailed, provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -238,7 +238,8 @@ def markdown(res: dict) -> str:
     lines = [
         "# vllm-sink vs llama.cpp context shift (CPU)",
         "",
-        f"{res['date']} · {m.get('cpu', m['machine'])} · {m['cpu_count']} CPUs · {m['platform']}",
+        f"{res['date']} · {m.get('cpu', m['machine'])} · {m['cpu_count']} CPUs · {m['platform']}"
+        f" · plugin {res.get('plugin')} · `{res.get('command', 'python benchmarks/llamacpp_shift.py')}`",
         f"SmolLM2-135M-Instruct · cache per stream: sink {a['sink_pages'] * 16} + window {a['window']} = "
         f"{a['sink_pages'] * 16 + a['window']} tokens · prompt {a['prompt_tokens']} tokens of Hamlet per stream"
         f" · {a['gen_tokens']} tokens generated per stream (greedy, EOS ignored) · threads: "
@@ -426,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     res = dict(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **{k: v for k, v in provenance(__file__).items() if k != "date"},
         args=a, machine=machine_info, versions=versions,
         engines=results, warmup_agreement_with_vllm=agreement, wall_s=time.time() - start, loadavg_after=os.getloadavg(), notes=notes,
     )
