@@ -91,7 +91,7 @@ def _instrument(llm, timers: Timers) -> None:
             timers.wrap(m, "remove_skipped_blocks", "sink.remove_skipped_blocks")
 
 
-def _decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync, tag: str,
+def decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync, tag: str,
                   timers: Timers | None = None) -> dict:
     """Add ``batch`` requests, step until each has its first token, then time the decode
     phase: pipelined (free stepping) and, in a second round, synced per step. ``timers``
@@ -209,7 +209,7 @@ def worker(task: dict) -> dict:
     engine = llm.llm_engine
     decode = task["decode"]
     # Warm-up: one short request through every phase.
-    _decode_phase(engine, 1, 64, 8, prompt, sync, "warm")
+    decode_phase(engine, 1, 64, 8, prompt, sync, "warm")
     rows = []
     for batch, ctx in task["pairs"]:
         if task["policy"] == "sink":
@@ -217,7 +217,7 @@ def worker(task: dict) -> dict:
         else:
             cases = [("vanilla", ctx)]
         for name, plen in cases:
-            res = _decode_phase(engine, batch, plen, decode, prompt, sync, f"{name}-{batch}",
+            res = decode_phase(engine, batch, plen, decode, prompt, sync, f"{name}-{batch}",
                                 timers if task.get("profile") else None)
             rows.append(dict(case=name, batch=batch, context=ctx, prompt=plen, decode=decode, **res))
             if task.get("trace_dir") and batch in task.get("trace_batches", []):

@@ -15,9 +15,14 @@ Parts (each engine runs in its own subprocess, so every measurement starts from 
 * ``recompute``: the paper's comparison: per-token cost of sliding window with
   re-computation at W (one W-token prefill per generated token) against the sink policy's
   decode step at the same window, at batch 1 and batch 64. The vanilla engine also times its
-  own decode step at W tokens of context in the same run: the batch-1 ceiling of the speed-up
-  is (W-token prefill) / (decode step at W context), and the sink's speed-up is reported as a
-  fraction of it.
+  own decode step at W tokens of context in the same run: the ceiling of the speed-up is
+  (W-token prefill) / (decode step at W context), and the sink's speed-up is reported as a
+  fraction of it. Decode steps are timed as ``decode_step.py`` times them: ``pipelined``
+  (wall time of ``--recompute-decode`` free-running steps over their number: vLLM overlaps
+  the host's preparation of a step with the device's work on the one before, as a server
+  runs) and ``synced`` (median step with a device synchronisation after each: every
+  microsecond of host work shows). The speed-up and its fraction of the ceiling use the
+  pipelined step; the synced ones are reported beside them.
 * ``overhead-cpu`` (not in the default parts; runs on the CPU): the ``overhead`` comparison
   with the real SmolLM2-135M in float32, 32 requests of 128 + 64 tokens, engines in the
   order vanilla, sink, sink, vanilla, ``--cpu-rounds`` timed rounds each; the ratio of
@@ -213,7 +218,11 @@ def worker(task: dict) -> dict:
             emit("note", rows[-1])
         out.update(rows=rows)
     elif kind == "recompute":
-        W, batch = task["window"], task["batch"]
+        from decode_step import decode_phase
+
+        W, batch, decode, sync = task["window"], task["batch"], task["decode"], torch.cuda.synchronize
+        engine = llm.llm_engine
+        decode_phase(engine, 1, 64, 8, prompt, sync, "warm")  # every phase once, CUDA graphs included
         if task["policy"] == "full":
             # Sliding window with re-computation: each generated token costs a fresh pass over
             # the last W tokens (a W-token prefill), for every stream in the batch.
@@ -228,24 +237,14 @@ def worker(task: dict) -> dict:
             times.sort()
             out.update(ms_per_token_step=1000 * times[len(times) // 2])
             # The same engine's own decode step at W tokens of context (the ceiling's divisor).
-            engine = llm.llm_engine
-            params = SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True)
-            for i in range(batch):
-                engine.add_request(f"d{i}", prompt(W), params)
-            out.update(decode_at_window=batched_decode_ms(engine, batch, torch.cuda.synchronize))
+            out.update(decode_at_window=decode_phase(engine, batch, W, decode, prompt, sync, "window"))
         else:
-            # Sink policy: batch streams already past the window, timed per decode step; then,
-            # as a control, the same engine before any eviction (W - 64 tokens of context).
-            params = SamplingParams(max_tokens=task["decode"] + 1, temperature=0, ignore_eos=True)
-            engine = llm.llm_engine
-            for i in range(batch):
-                engine.add_request(f"s{i}", prompt(W + 512), params)
-            evicting = batched_decode_ms(engine, batch, torch.cuda.synchronize)
-            for i in range(batch):
-                engine.add_request(f"c{i}", prompt(W - 64), params)
-            control = batched_decode_ms(engine, batch, torch.cuda.synchronize)
-            out.update(ms_per_token_step=evicting["decode_ms_median"], evicting=evicting,
-                       before_eviction=control)
+            # Sink policy: batch streams already past the window (every step attends to the
+            # sink and W tokens; a page leaves every 16 tokens); then, as a control, the same
+            # engine with streams that evict nothing during their decode steps.
+            evicting = decode_phase(engine, batch, W + 512, decode, prompt, sync, "past")
+            control = decode_phase(engine, batch, W - decode - 48, decode, prompt, sync, "before")
+            out.update(ms_per_token_step=evicting["pipelined_ms"], evicting=evicting, before_eviction=control)
     elif kind == "budget":
         out.update(budget_run(llm, task, prompt))
     llm.llm_engine.engine_core.shutdown()
@@ -273,6 +272,8 @@ def main() -> None:
     p.add_argument("--budget-streams", default="8,32", help="streams submitted in the budget part: dense,sink")
     p.add_argument("--cpu-rounds", type=int, default=4, help="timed rounds per engine in overhead-cpu")
     p.add_argument("--batches", default="1,64", help="batch sizes of the recompute part")
+    p.add_argument("--recompute-decode", type=int, default=128,
+                   help="decode steps timed per measurement in the recompute part")
     p.add_argument("--recompute-policies", default="full,sink",
                    help="engines of the recompute part (a partial run keeps the other side's "
                         "earlier result in --out: not a side-by-side ratio)")
@@ -318,9 +319,9 @@ def main() -> None:
     if "recompute" in parts:
         for batch in (int(x) for x in args.batches.split(",")):
             if "full" in args.recompute_policies:
-                tasks.append(dict(kind="recompute", policy="full", window=4096, max_len=4224, batch=batch, repeats=5, decode=48, max_num_seqs=max(batch, 8)))
+                tasks.append(dict(kind="recompute", policy="full", window=4096, max_len=4096 + args.recompute_decode + 64, batch=batch, repeats=5, decode=args.recompute_decode, max_num_seqs=max(batch, 8)))
             if "sink" in args.recompute_policies:
-                tasks.append(dict(kind="recompute", policy="sink", window=4096, max_len=16384, batch=batch, decode=48, max_num_seqs=max(batch, 8)))
+                tasks.append(dict(kind="recompute", policy="sink", window=4096, max_len=16384, batch=batch, decode=args.recompute_decode, max_num_seqs=max(batch, 8)))
     if "overhead-cpu" in parts:
         # Short requests that never evict, on the CPU (real SmolLM2, float32): vanilla, sink,
         # sink, vanilla, so slow drifts of the machine fall on both sides alike.
@@ -359,10 +360,22 @@ def result_key(r: dict) -> tuple:
     return (r["task"]["kind"], r["task"]["policy"], r["task"].get("batch"), r["task"].get("repeat"))
 
 
+def recompute_fraction(full: dict, sink: dict, mode: str = "pipelined") -> dict:
+    """The re-computation speed-up of one batch (``full`` and ``sink``: the two recompute
+    results of one invocation), its ceiling (re-computation over vanilla's own decode step at W)
+    and the fraction of it the sink reaches, with decode steps timed ``mode``."""
+    key = f"{mode}_ms"
+    dec, past, before = full["decode_at_window"][key], sink["evicting"][key], sink["before_eviction"][key]
+    speedup, ceiling = full["ms_per_token_step"] / past, full["ms_per_token_step"] / dec
+    return dict(vanilla_decode_ms=dec, sink_past_ms=past, sink_before_ms=before, speedup=speedup,
+                ceiling=ceiling, fraction_of_ceiling=speedup / ceiling, past_over_before=past / before)
+
+
 def recompute_runs(files: list[list[dict]], out: Path) -> None:
     """One row per invocation and batch of the recompute part: the speed-up, the same run's
-    ceiling and the sink's decode step past the window against before any eviction; then the
-    median fraction of the ceiling per batch. Each row's two sides come from one invocation."""
+    ceiling and the sink's decode step past the window against before any eviction, pipelined
+    and synced; then the median fraction of the ceiling per batch. Each row's two sides come
+    from one invocation."""
     import statistics
 
     rows = []
@@ -371,25 +384,29 @@ def recompute_runs(files: list[list[dict]], out: Path) -> None:
               for r in results if r["task"]["kind"] == "recompute"}
         for inv, batch in sorted({(i, b) for i, b, _ in by}):
             f, s = by.get((inv, batch, "full")), by.get((inv, batch, "sink"))
-            if not (f and s and "decode_at_window" in f):
+            if not (f and s and "pipelined_ms" in f.get("decode_at_window", {})):
                 continue
-            dec = f["decode_at_window"]["decode_ms_median"]
-            sink, before = s["evicting"]["decode_ms_median"], s["before_eviction"]["decode_ms_median"]
-            speedup, ceiling = f["ms_per_token_step"] / sink, f["ms_per_token_step"] / dec
             rows.append(dict(invocation=inv, batch=batch, device=s["device"], plugin=s.get("plugin"),
                              runner=f["task"].get("model_runner"), recompute_ms=f["ms_per_token_step"],
-                             vanilla_decode_ms=dec, sink_past_ms=sink, sink_before_ms=before,
-                             speedup=speedup, ceiling=ceiling, fraction_of_ceiling=speedup / ceiling))
-    medians = {b: statistics.median(r["fraction_of_ceiling"] for r in rows if r["batch"] == b)
-               for b in sorted({r["batch"] for r in rows})}
-    lines = ["| run | batch | re-computation, ms/token | vanilla decode at W | sink past the window | speed-up | "
-             "ceiling | fraction of the ceiling | sink past / before eviction |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['invocation']} | {r['batch']} | {r['recompute_ms']:.2f} | {r['vanilla_decode_ms']:.2f} | "
-              f"{r['sink_past_ms']:.2f} | {r['speedup']:.1f}x | {r['ceiling']:.1f}x | {r['fraction_of_ceiling']:.1%} | "
-              f"{r['sink_past_ms'] / r['sink_before_ms']:.3f} |" for r in rows]
-    lines += ["", "median fraction of the ceiling: " + ", ".join(f"batch {b} {m:.1%}" for b, m in medians.items())]
+                             pipelined=recompute_fraction(f, s), synced=recompute_fraction(f, s, "synced")))
+    batches = sorted({r["batch"] for r in rows})
+    medians = {mode: {b: statistics.median(r[mode]["fraction_of_ceiling"] for r in rows if r["batch"] == b)
+                      for b in batches} for mode in ("pipelined", "synced")}
+    lines = ["| run | batch | re-computation, ms/token | decode steps | vanilla decode at W | sink past the window | "
+             "speed-up | ceiling | fraction of the ceiling | sink past / before eviction |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for mode in ("pipelined", "synced"):
+            m = r[mode]
+            lines.append(f"| {r['invocation']} | {r['batch']} | {r['recompute_ms']:.2f} | {mode} | {m['vanilla_decode_ms']:.2f} | "
+                         f"{m['sink_past_ms']:.2f} | {m['speedup']:.1f}x | {m['ceiling']:.1f}x | {m['fraction_of_ceiling']:.1%} | "
+                         f"{m['past_over_before']:.3f} |")
+    lines.append("")
+    lines += [f"median fraction of the ceiling, {mode}: " + ", ".join(f"batch {b} {v:.1%}" for b, v in med.items())
+              for mode, med in medians.items()]
     doc = dict(device=rows[0]["device"] if rows else None, runs=rows,
-               median_fraction_of_ceiling={f"batch_{b}": m for b, m in medians.items()})
+               median_fraction_of_ceiling={mode: {f"batch_{b}": v for b, v in med.items()}
+                                           for mode, med in medians.items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -427,22 +444,23 @@ def report(results: list[dict], out: Path) -> None:
         doc["overhead_cpu"] = dict(device=cpu[0]["device"], vanilla_tok_s=v, sink_tok_s=s_, ratio=s_ / v,
                                    runs=[round(r["output_tok_s"], 2) for r in cpu])
         lines.append(f"| CPU ({cpu[0]['device']}), SmolLM2-135M fp32: short requests, output tok/s ({t['requests']} x {t['prompt']}+{t['output']}, 2 engines each, ABBA, {t.get('rounds', 1)} rounds per engine) | {v:,.1f} | {s_:,.1f} | {s_ / v:.3f} |")
-    for batch in (1, 64):
+    for batch in sorted({r["task"]["batch"] for r in results if r["task"]["kind"] == "recompute"}):
         f, s = by.get(("recompute", "full", batch)), by.get(("recompute", "sink", batch))
-        if f and s:
-            speedup = f["ms_per_token_step"] / s["ms_per_token_step"]
-            lines.append(f"| ms per generated token step, batch {batch}, W=4096: recompute vs sink | {f['ms_per_token_step']:.2f} | {s['ms_per_token_step']:.2f} | {speedup:.1f}x |")
-            if "decode_at_window" in f:
-                dec = f["decode_at_window"]["decode_ms_median"]
-                ceiling = f["ms_per_token_step"] / dec
-                doc.setdefault("recompute_speedup", {})[f"batch_{batch}"] = dict(
-                    speedup=speedup, ceiling=ceiling, fraction_of_ceiling=speedup / ceiling)
-                lines.append(f"| decode step at 4,096 context, batch {batch} (ceiling {ceiling:.1f}x; sink reaches {speedup / ceiling:.1%}) | {dec:.2f} | {s['ms_per_token_step']:.2f} | {s['ms_per_token_step'] / dec:.3f} |")
-    for r in results:
-        if r["task"]["kind"] in ("recompute", "recompute_check") and "before_eviction" in r:
-            e, b = r["evicting"]["decode_ms_median"], r["before_eviction"]["decode_ms_median"]
-            label = r["task"].get("label", "")
-            lines.append(f"| sink decode step past the window vs before any eviction, batch {r['task']['batch']}, same engine{label} | {b:.2f} | {e:.2f} | {e / b:.3f} |")
+        if not (f and s):
+            continue
+        p, y = recompute_fraction(f, s), recompute_fraction(f, s, "synced")
+        doc.setdefault("recompute_speedup", {})[f"batch_{batch}"] = dict(
+            speedup=p["speedup"], ceiling=p["ceiling"], fraction_of_ceiling=p["fraction_of_ceiling"],
+            synced=dict(speedup=y["speedup"], ceiling=y["ceiling"], fraction_of_ceiling=y["fraction_of_ceiling"]))
+        lines.append(f"| ms per generated token, batch {batch}, W=4096: re-computation vs sink (decode step pipelined) | "
+                     f"{f['ms_per_token_step']:.2f} | {p['sink_past_ms']:.2f} | {p['speedup']:.1f}x |")
+        for mode, m in (("pipelined", p), ("synced", y)):
+            lines.append(f"| decode step at 4,096 context, batch {batch}, {mode} (ceiling {m['ceiling']:.1f}x; sink "
+                         f"reaches {m['fraction_of_ceiling']:.1%}) | {m['vanilla_decode_ms']:.2f} | {m['sink_past_ms']:.2f} | "
+                         f"{m['sink_past_ms'] / m['vanilla_decode_ms']:.3f} |")
+        for mode, m in (("pipelined", p), ("synced", y)):
+            lines.append(f"| sink decode step past the window vs before any eviction, batch {batch}, same engine, {mode} | "
+                         f"{m['sink_before_ms']:.2f} | {m['sink_past_ms']:.2f} | {m['past_over_before']:.3f} |")
     bd, bs = by.get(("budget", "full", None)), by.get(("budget", "sink", None))
     if bd and bs:
         t = bs["task"]
