@@ -294,7 +294,7 @@ def main() -> None:
         report(json.loads(Path(args.report).read_text())["results"], Path(args.out))
         return
     if args.runs:
-        recompute_runs([json.loads(Path(f).read_text())["results"] for f in args.runs], Path(args.out))
+        recompute_runs({Path(f).name: json.loads(Path(f).read_text())["results"] for f in args.runs}, Path(args.out))
         return
     if args.worker:
         serve_worker(worker, args.worker)
@@ -371,34 +371,34 @@ def recompute_fraction(full: dict, sink: dict, mode: str = "pipelined") -> dict:
                 ceiling=ceiling, fraction_of_ceiling=speedup / ceiling, past_over_before=past / before)
 
 
-def recompute_runs(files: list[list[dict]], out: Path) -> None:
+def recompute_runs(files: dict[str, list[dict]], out: Path) -> None:
     """One row per invocation and batch of the recompute part: the speed-up, the same run's
     ceiling and the sink's decode step past the window against before any eviction, pipelined
-    and synced; then the median fraction of the ceiling per batch. Each row's two sides come
-    from one invocation."""
+    and synced; then the median fraction of the ceiling per batch. ``files``: each results
+    file's name and results. Each row's two sides come from one invocation."""
     import statistics
 
     rows = []
-    for results in files:
+    for name, results in files.items():
         by = {(r["invocation"], r["task"]["batch"], r["task"]["policy"]): r
               for r in results if r["task"]["kind"] == "recompute"}
         for inv, batch in sorted({(i, b) for i, b, _ in by}):
             f, s = by.get((inv, batch, "full")), by.get((inv, batch, "sink"))
             if not (f and s and "pipelined_ms" in f.get("decode_at_window", {})):
                 continue
-            rows.append(dict(invocation=inv, batch=batch, device=s["device"], plugin=s.get("plugin"),
+            rows.append(dict(file=name, invocation=inv, batch=batch, device=s["device"], plugin=s.get("plugin"),
                              runner=f["task"].get("model_runner"), recompute_ms=f["ms_per_token_step"],
                              pipelined=recompute_fraction(f, s), synced=recompute_fraction(f, s, "synced")))
     batches = sorted({r["batch"] for r in rows})
     medians = {mode: {b: statistics.median(r[mode]["fraction_of_ceiling"] for r in rows if r["batch"] == b)
                       for b in batches} for mode in ("pipelined", "synced")}
-    lines = ["| run | batch | re-computation, ms/token | decode steps | vanilla decode at W | sink past the window | "
+    lines = ["| results file | started | batch | re-computation, ms/token | decode steps | vanilla decode at W | sink past the window | "
              "speed-up | ceiling | fraction of the ceiling | sink past / before eviction |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         for mode in ("pipelined", "synced"):
             m = r[mode]
-            lines.append(f"| {r['invocation']} | {r['batch']} | {r['recompute_ms']:.2f} | {mode} | {m['vanilla_decode_ms']:.2f} | "
+            lines.append(f"| {r['file']} | {r['invocation']} | {r['batch']} | {r['recompute_ms']:.2f} | {mode} | {m['vanilla_decode_ms']:.2f} | "
                          f"{m['sink_past_ms']:.2f} | {m['speedup']:.1f}x | {m['ceiling']:.1f}x | {m['fraction_of_ceiling']:.1%} | "
                          f"{m['past_over_before']:.3f} |")
     lines.append("")
