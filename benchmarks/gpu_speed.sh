@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/results/throughput.json and drift.json, in parts
 # that each fit one 10-minute device call (H200 timings, 2026-11-30):
-#   bash benchmarks/gpu_speed.sh recompute   # re-computation vs sink, batch 1 and 64, same-run ceiling,
-#                                            # both on vLLM's V1 model runner (~4-6 min)
+#   bash benchmarks/gpu_speed.sh recompute   # re-computation vs sink, batch 1 and 64, same-run ceiling, decode steps pipelined and synced,
+#                                            # both on vLLM's V1 model runner (~4.5 min)
 #   bash benchmarks/gpu_speed.sh budget      # 32K-token streams in a fixed KV pool, sink vs dense (~3 min)
 #   bash benchmarks/gpu_speed.sh overhead    # short non-evicting requests, and latency against position (~5.5 min)
 #   bash benchmarks/gpu_speed.sh drift       # 1M tokens in bf16 (FA3) vs fp32 (TRITON_ATTN) (~2 min)
