@@ -332,10 +332,14 @@ def main() -> None:
         device = "GPU " + torch.cuda.get_device_name()
     else:
         device = f"CPU ({os.cpu_count()} cores)"
+    # The allocator settings the server inherited from this environment (the plugin leaves a
+    # value the user set as it is).
+    env_set = {k: os.environ[k] for k in ("MALLOC_ARENA_MAX",) if k in os.environ}
     doc = dict(device=device, vllm=vllm.__version__, model=model_name,
                window=args.window if args.policy == "sink" else None, policy=args.policy,
                prompt_tokens=args.prompt_tokens, plugin=label, warmup=args.warmup,
-               command="python benchmarks/memory.py " + " ".join(sys.argv[1:]), samples=samples,
+               command=" ".join([*(f"{k}={v}" for k, v in env_set.items()), "python benchmarks/memory.py",
+                                 *sys.argv[1:]]), environment=env_set or None, samples=samples,
                generated=result.get("generated"), client_error=result.get("error"), stopped=stopped)
     report(doc, Path(args.out))
 

@@ -2,9 +2,9 @@
 
 A stream that generates for days takes millions of decode steps. With glibc's defaults
 (up to eight arenas per core, one taken by each thread that allocates), the engine core's
-and the worker's native memory grows a little every step: 62.8 and 81.5 KiB per 1,000
+and the worker's native memory grows a little every step: 35.7 and 76.7 KiB per 1,000
 decode steps on a 2-core machine, although no Python object grows. With two arenas the
-engine core still grew in some runs, all of it in the second arena's heap
+engine core still grew (34 to 39 KiB per 1,000 steps), all of it in the second arena's heap
 (``benchmarks/memory.py --heaps``; which of the engine core's threads share that arena is
 decided by timing as they start). With one arena there is no other heap, and every run
 measured stayed flat (docs/measurements.md).
