@@ -64,7 +64,7 @@ def build(cache_on: bool):
     from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
     from vllm_sink import assets
-    from vllm_sink.patches import chat_tokens
+    from vllm_sink.patches.frontend import chat_tokens
 
     chat_tokens.install()  # the plugin does it too; idempotent
     os.environ["VLLMSINK_TOKEN_CACHE_MB"] = str(chat_tokens.DEFAULT_MAX_MB if cache_on else 0)

@@ -24,7 +24,7 @@ The streaming policies score the text as one request with prompt logprobs, ``--c
 per step (the query of a step at token ``a`` sees the sink and the window from
 ``w0 = floor((a - W + 1) / B) * B``, so between ``W`` and ``W + B + chunk - 2`` recent
 tokens). Prompt logprobs are taken from the engine core as one float per token
-(``vllm_sink.patches.scoring``): no per-token Python objects, so millions of tokens fit.
+(``scoring``): no per-token Python objects, so millions of tokens fit.
 
 Results: every run (settings, text, token count, PPL overall and per bucket of ``--bucket``
 tokens, a log-PPL curve, wall time, machine) is merged into ``benchmarks/results/ppl.json``
@@ -82,7 +82,7 @@ def engine(args, policy: str, n_tokens: int):
     """A vLLM engine for one policy (import vllm_sink first for the kv_policy keywords)."""
     from vllm_sink import LLM  # vLLM's LLM, with the kv_policy keywords
 
-    from vllm_sink.patches.scoring import install_prompt_tensor_cache
+    from scoring import install_prompt_tensor_cache
 
     install_prompt_tensor_cache()  # vLLM re-converts the whole prompt every step otherwise
     kw = dict(dtype=args.dtype, block_size=args.block_size, enable_prefix_caching=False,
@@ -129,7 +129,7 @@ def score_stream(llm, ids: np.ndarray, desc: str) -> np.ndarray:
     from tqdm import tqdm
     from vllm import SamplingParams
 
-    from vllm_sink.patches.scoring import PromptLogprobTap
+    from scoring import PromptLogprobTap
 
     bar = tqdm(total=len(ids), desc=desc, unit="tok", unit_scale=True, mininterval=2)
 

@@ -91,8 +91,8 @@ def stage_plugin() -> Path:
     tmp = PLUGIN_DIR.with_name(PLUGIN_DIR.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ignore = shutil.ignore_patterns("__pycache__")
-    # vllm_sink/patches is a link to patches/: copied as the files it points to.
     shutil.copytree(ROOT / "vllm_sink", tmp / "vllm_sink", ignore=ignore)
+    shutil.copytree(ROOT / "patches", tmp / "vllm_sink" / "patches", ignore=ignore)
     info = tmp / "vllm_sink-0.1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-sink\nVersion: 0.1.0\n")

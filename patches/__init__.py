@@ -41,17 +41,8 @@ def install() -> None:
             VLLM_VERSION,
             vllm.__version__,
         )
-    from vllm_sink.patches import (chat_sink, chat_tokens, detokenizer, engine_args, input_processor,
-                                   kv_cache_spec, model_runner, sessions, vllm_config, worker)
+    from vllm_sink.patches import frontend, scheduler, worker
 
-    vllm_config.install()
-    engine_args.install()
-    kv_cache_spec.register()
-    kv_cache_spec.install_admission_hook()
-    sessions.install()
-    model_runner.install()
+    frontend.install()
+    scheduler.install()
     worker.install()
-    input_processor.install()
-    chat_tokens.install()
-    chat_sink.install()
-    detokenizer.install()

@@ -19,7 +19,7 @@ def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch, steady)
     second case carries out the quiet rows of every step in which some row moves (the eight
     streams move at different steps), and a batch unchanged since the last planned step by
     ``_SteadyBatch`` (second case, and every other engine test): the same tokens."""
-    from vllm_sink.patches import model_runner
+    from vllm_sink.patches.worker import runner as model_runner
 
     monkeypatch.setattr(model_runner, "SMALL_BATCH", small_batch)
     monkeypatch.setattr(model_runner, "STEADY", steady)

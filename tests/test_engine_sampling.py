@@ -2,7 +2,7 @@
 
 vLLM samples every row of a step, also the rows of prefill chunks that are not the prompt's
 last, and rewinds their generators by offset, which a CPU generator cannot do: without the
-plugin's rewind by state (``vllm_sink.patches.sampler``) the first such request kills the
+plugin's rewind by state (``vllm_sink.patches.worker.sampler``) the first such request kills the
 engine. The test checks more than survival: the tokens drawn are exactly those that the
 request's own seeded generator gives when it draws once per generated token, against the
 independent reference's logits (so no draw was spent on a discarded chunk). The same

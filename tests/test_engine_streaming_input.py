@@ -234,7 +234,7 @@ def test_next_chunk_is_admitted_like_a_new_stream():
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.request import RequestStatus
 
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
     from vllm_sink.policy import SinkGeometry
 
     g = SinkGeometry(block_size=B, sink_tokens=16, kv_window=64, step_tokens=64, concurrent_steps=1, rope_limit=8192)

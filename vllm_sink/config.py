@@ -217,7 +217,7 @@ class SinkConfig:
         the positions the default window is half of (at most 4096); ``rope_limit`` if
         ``None`` (ALiBi models give their trained context). The per-sequence step size is
         clamped by the caller to ``policy.max_step_tokens`` (see
-        ``vllm_sink.patches.engine_args``).
+        ``vllm_sink.patches.frontend.engine_args``).
         """
         B = block_size
         system = self.system_sink

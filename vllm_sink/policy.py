@@ -313,7 +313,7 @@ def max_step_tokens(sink_tokens: int, window: int, block_size: int, rope_limit: 
 @dataclass(frozen=True)
 class SinkGeometry:
     """Every number the policy derives from the settings and the engine, resolved once at
-    start-up (``vllm_sink.patches.engine_args``), carried to every process in the engine's
+    start-up (``vllm_sink.patches.frontend.engine_args``), carried to every process in the engine's
     config and by the KV-cache spec, and read by the scheduler's manager, the worker and the
     metrics alike.
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vllm_sink.patches.chat_tokens import _ENTRY_OVERHEAD, SegmentTokenizer
+from vllm_sink.patches.frontend.chat_tokens import _ENTRY_OVERHEAD, SegmentTokenizer
 
 PLAIN = {"add_special_tokens": False}
 CHAT = {"add_special_tokens": False, "truncation": True, "max_length": 1_048_577}  # vLLM's chat kwargs
@@ -192,7 +192,7 @@ def test_renderer_goes_through_the_wrap(renderers, chat):
     from vllm.renderers.params import ChatParams
 
     from vllm_sink import patches
-    from vllm_sink.patches import chat_tokens
+    from vllm_sink.patches.frontend import chat_tokens
 
     patches.install()
     fn = BaseRenderer._tokenize_prompt
@@ -245,7 +245,7 @@ def test_active_only_with_sessions(renderers, tok, monkeypatch):
     """Sink + sessions: on; the bound at 0, sink without sessions, or vanilla vLLM: off."""
     from types import SimpleNamespace
 
-    from vllm_sink.patches.chat_tokens import segments_of
+    from vllm_sink.patches.frontend.chat_tokens import segments_of
 
     def fake(additional_config):
         return SimpleNamespace(config=SimpleNamespace(additional_config=additional_config), tokenizer=tok)

@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from vllm_sink.patches import detokenizer
-from vllm_sink.patches.detokenizer import PRIME_MAX, PRIME_MIN, prompt_suffix
+from vllm_sink.patches.frontend import detokenizer
+from vllm_sink.patches.frontend.detokenizer import PRIME_MAX, PRIME_MIN, prompt_suffix
 
 # Real text with characters of 2, 3 and 4 UTF-8 bytes, which byte-level BPE splits into
 # several tokens (a cut can fall inside one).

@@ -43,7 +43,7 @@ def test_spec_registered_with_its_manager():
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
     from vllm_sink.policy import SinkGeometry
 
     g = SinkGeometry(block_size=16, sink_tokens=16, kv_window=256, step_tokens=64, concurrent_steps=1, rope_limit=8192)
@@ -71,7 +71,7 @@ def test_manager_frees_pages_leaving_the_window(S):
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
     from vllm_sink.policy import SinkGeometry
     from vllm_sink.policy import cdiv, window_start
 
@@ -112,7 +112,7 @@ def test_admission_reserves_the_bounded_footprint():
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
     from vllm_sink.policy import SinkGeometry
 
     B = 16
@@ -150,7 +150,7 @@ def test_footprint_follows_request_length_and_phase():
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
     from vllm_sink.policy import SinkGeometry
 
     B = 16

@@ -61,7 +61,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, SinkConfigError
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 logger = init_logger("vllm." + __name__)
 

@@ -6,19 +6,19 @@ Binds to vLLM 0.26.0 (``vllm/config/vllm.py``):
 vLLM 0.26 picks its V2 model runner by default for dense models on the GPU, from this
 property; the worker builds its runner from it, and the scheduler and
 ``max_concurrent_batches`` read it too. The sink policy's bindings are on the V1 runner
-(``patches.model_runner``), so the property answers ``False`` for a config that carries the
+(``patches.worker.runner``), so the property answers ``False`` for a config that carries the
 sink policy in ``additional_config`` (the plugin stores it there before vLLM builds the rest of
-the config, see ``patches.engine_args``). The config is pickled to the engine core and every
+the config, see ``patches.frontend.engine_args``). The config is pickled to the engine core and every
 worker, and the plugin is loaded in each of them, so all processes agree, whether the engine
 is made by ``LLM(...)``, ``vllm serve`` or ``AsyncLLM``: no environment variable is needed.
 An explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` with the sink policy is refused at start-up
-(``patches.engine_args``). Configs without the sink policy get vLLM's own answer.
+(``patches.frontend.engine_args``). Configs without the sink policy get vLLM's own answer.
 """
 
 from __future__ import annotations
 
 from vllm_sink.config import CONFIG_KEY
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 
 def wants_v1_runner(additional_config) -> bool:

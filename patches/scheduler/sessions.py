@@ -34,8 +34,8 @@ from vllm.logger import init_logger
 
 from vllm_sink.block_row import held_pages
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.patches.kv_cache_spec import sink_manager_of
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.scheduler.manager import sink_manager_of
+from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.policy import cdiv
 from vllm_sink.sessions import KeptStream, KeptStreams
 from vllm_sink.step_meta import META_ATTR

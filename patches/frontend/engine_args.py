@@ -35,8 +35,9 @@ from vllm.logger import init_logger
 from vllm_sink import allocator
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
 from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
-from vllm_sink.patches.wrapping import wrap_once
-from vllm_sink.patches import detokenizer, refusals
+from vllm_sink.patches.bindings import wrap_once
+from vllm_sink.patches import refusals
+from vllm_sink.patches.frontend import detokenizer
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -166,7 +167,7 @@ def sink_engine_config(args, orig_create, *a, **kw):
     args.disable_cascade_attn = True
     args.max_model_len = cfg.stream_cap
     # Marks the config as a sink engine's while vLLM builds it (the V1 model runner is
-    # chosen from it: patches.vllm_config); replaced by the resolved settings below.
+    # chosen from it: patches.frontend.vllm_config); replaced by the resolved settings below.
     args.additional_config = {**rest, CONFIG_KEY: {"policy": cfg.policy}}
     with _env(VLLM_ALLOW_LONG_MAX_MODEL_LEN="1"):
         vllm_config = orig_create(args, *a, **kw)

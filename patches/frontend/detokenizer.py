@@ -45,7 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.token_tail import TokenTail
 
 PRIME_MIN, PRIME_MAX = 4, 24

@@ -4,7 +4,7 @@ Binds to vLLM 0.26.0: ``vllm.v1.worker.gpu_worker.Worker.get_kv_cache_spec`` (in
 ``vllm.v1.worker.cpu_worker.CPUWorker``), and ``Worker.model_runner``.
 
 On the GPU, vLLM 0.26 picks its V2 model runner by default for dense models; the plugin
-makes sink engines pick V1 (``patches.vllm_config``). If a worker still ends up on another
+makes sink engines pick V1 (``patches.frontend.vllm_config``). If a worker still ends up on another
 runner, it refuses to start rather than serve without the policy.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 
 def install() -> None:

@@ -18,7 +18,7 @@ Here the same rewind is done by state: before sampling, the state of every offse
 generator of a discarded row is saved; after sampling it is restored, and the generator is
 hidden from ``_bookkeeping_sync`` while it runs, so vLLM's own rewind never touches it.
 CUDA generators are left to vLLM. Only runners of sink engines are wrapped
-(``vllm_sink.patches.model_runner.attach``).
+(``vllm_sink.patches.worker.runner.attach``).
 """
 
 from __future__ import annotations

@@ -20,14 +20,12 @@ Binds to vLLM 0.26.0:
   allocate_new_blocks, free
 
 The spec is what makes a layer "sink-managed": workers hand it out instead of
-``FullAttentionSpec`` (see ``patches.worker``), and the engine core picks
+``FullAttentionSpec`` (see ``patches.worker.guard``), and the engine core picks
 :class:`StreamingSinkManager` for it through the registry. Importing this module registers
 the pair, so unpickling the spec in the engine core is enough to make it resolvable.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, fields
 
 from vllm.v1.core.single_type_kv_cache_manager import (
     FullAttentionManager,
@@ -41,60 +39,12 @@ from vllm_sink.block_row import BlockRow, held_pages
 from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
+from vllm_sink.patches.spec import SinkWindowSpec
 from vllm_sink.patches import refusals
 from vllm_sink.step_meta import StepMeta
 from vllm_sink.policy import SinkGeometry, cdiv, next_move_at
 from vllm_sink.token_tail import TokenTail
-
-
-@dataclass(frozen=True, kw_only=True)
-class SinkWindowSpec(FullAttentionSpec):
-    """Full attention whose sequences keep only the sink + the last ``kv_window`` tokens.
-
-    ``geometry`` (``vllm_sink.policy.SinkGeometry``) carries every number of the policy,
-    resolved once at start-up: sink, window, per-sequence step, steps in flight, and the
-    page bounds derived from them. Its ``block_size`` is the spec's.
-    """
-
-    geometry: SinkGeometry
-    # Pages that finished streams may keep for resumption (0: sessions off; see
-    # ``patches.sessions``).
-    kept_pages: int = 0
-
-    @property
-    def max_live_pages(self) -> int:
-        """Pages one running sequence may hold: ``s + ceil((W - 1 + C) / B) + 1`` (``s``
-        of the largest sink a request may have)."""
-        return self.geometry.widest.max_live_pages
-
-    def max_memory_usage_bytes(self, vllm_config) -> int:
-        # A sequence never holds more pages than its whole length (the stream cap) needs.
-        cap = cdiv(vllm_config.model_config.max_model_len, self.block_size)
-        return min(self.max_live_pages, cap) * self.page_size_bytes
-
-    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # The worker's compacted row, before it is compacted again in a step, also holds
-        # the pages allocated for the step in flight.
-        return min(cdiv(max_len, self.block_size), self.geometry.widest.row_capacity)
-
-    @classmethod
-    def merge(cls, specs):
-        assert all(isinstance(s, SinkWindowSpec) for s in specs), (
-            "every layer of a sink-managed KV cache group must be SinkWindowSpec"
-        )
-        geometries = {(s.geometry, s.kept_pages) for s in specs}
-        assert len(geometries) == 1, f"layers disagree on the sink geometry: {geometries}"
-        geometry, kept_pages = geometries.pop()
-        return cls.from_full(FullAttentionSpec.merge(specs), geometry, kept_pages)
-
-    @classmethod
-    def from_full(cls, spec: FullAttentionSpec, geometry: SinkGeometry, kept_pages: int = 0) -> "SinkWindowSpec":
-        """This spec with every ``FullAttentionSpec`` field of ``spec`` and ``geometry``."""
-        if geometry.block_size != spec.block_size:
-            raise ValueError(f"sink geometry for {geometry.block_size}-token pages, spec has {spec.block_size}")
-        base = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**base, geometry=geometry, kept_pages=kept_pages)
 
 
 class StreamingSinkManager(FullAttentionManager):
@@ -110,7 +60,7 @@ class StreamingSinkManager(FullAttentionManager):
         where ``w0`` is ``vllm_sink.policy.window_start``. With a partial sink page
         (``S mod B > 0``), the page holding ``w0`` (its slots from ``w0`` on are the
         window's first tokens) moves to block ``s - 1`` as the new sink page and the old
-        sink page is freed in its place, as the worker does (``patches.model_runner``).
+        sink page is freed in its place, as the worker does (``patches.worker.runner``).
       * ``live[r]`` counts the non-null blocks of ``r``; it never exceeds
         ``geometry_of(r).max_live_pages``.
       * each request has one sink size for its whole life (``geometries[r]``: the engine's
@@ -160,7 +110,7 @@ class StreamingSinkManager(FullAttentionManager):
         # Kept streams (finished streams held for resumption), if sessions are on.
         self.sessions = None
         if kv_cache_spec.kept_pages:
-            from vllm_sink.patches.sessions import SchedulerSessions
+            from vllm_sink.patches.scheduler.sessions import SchedulerSessions
 
             self.sessions = SchedulerSessions(self, kv_cache_spec.kept_pages)
         self.meta = StepMeta()  # this step's decisions for the worker (``take_step_meta``)
@@ -240,7 +190,7 @@ class StreamingSinkManager(FullAttentionManager):
 
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
                                   num_external_computed_tokens):
-        """A resuming request adopts its kept stream's pages (``patches.sessions``); with
+        """A resuming request adopts its kept stream's pages (``patches.scheduler.sessions``); with
         prefix caching off there are no other computed blocks."""
         if self.sessions is not None and request_id in self.sessions.pending:
             self.sessions.adopt(request_id, list(new_computed_blocks))

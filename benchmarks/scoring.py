@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 
 class PromptLogprobTap:

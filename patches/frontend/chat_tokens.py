@@ -44,7 +44,7 @@ from collections import OrderedDict
 
 from vllm.logger import init_logger
 
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 logger = init_logger("vllm." + __name__)
 

@@ -14,7 +14,7 @@ The value is read again, as checked, by the scheduler's manager
 from __future__ import annotations
 
 from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, request_sink_tokens
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches.bindings import wrap_once
 
 
 def install() -> None:

@@ -80,8 +80,9 @@ from vllm.logger import init_logger
 
 from vllm_sink import allocator
 from vllm_sink.config import SinkConfig
-from vllm_sink.patches import refusals, sampler
-from vllm_sink.patches.wrapping import wrap_once
+from vllm_sink.patches import refusals
+from vllm_sink.patches.worker import sampler
+from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.step_meta import META_ATTR as STEP_META
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.invariants import ROW_LOG
@@ -125,7 +126,7 @@ class _StreamTable:
         self.slot_of: dict[str, int] = {}
         # Streaming-input sessions whose next chunk starts this step (``before_update_states``).
         self.continuing: set[str] = set()
-        self.kept: dict[str, int] = {}  # kept stream id -> slot (``patches.sessions``)
+        self.kept: dict[str, int] = {}  # kept stream id -> slot (``patches.scheduler.sessions``)
         self.free: list[int] = []
         self.pristine: dict[int, torch.Tensor] = {}
         self.pristine_partial: dict[int, torch.Tensor] = {}
@@ -418,7 +419,7 @@ class SinkRunnerHook:
         scheduler's manager freed: both apply ``row_transition``), epochs rotate the window,
         moved sinks are re-anchored in one write for all rows and layers."""
         table = self.streams
-        # The scheduler's session decisions (``patches.sessions``): keep, resume, release.
+        # The scheduler's session decisions (``patches.scheduler.sessions``): keep, resume, release.
         meta = getattr(scheduler_output, STEP_META, None)
         kept = set(meta.kept) if meta else ()
         for rid in scheduler_output.finished_req_ids:
@@ -909,7 +910,7 @@ def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
 def sink_specs(runner, specs: dict) -> dict:
     """Turn every layer's ``FullAttentionSpec`` into a ``SinkWindowSpec``, refusing what
     the policy cannot serve exactly, and attach the runner hook."""
-    from vllm_sink.patches.kv_cache_spec import SinkWindowSpec
+    from vllm_sink.patches.spec import SinkWindowSpec
 
     geometry = SinkConfig.geometry_from_additional_config(runner.vllm_config.additional_config)
     config = SinkConfig.from_additional_config(runner.vllm_config.additional_config)
