@@ -5,10 +5,11 @@ kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
 pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
 is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,
 hf_text_config, model_arch_config.derived_max_model_len_and_key, architecture: the
-registry name vLLM resolved, ``Transformers*`` for its Transformers modeling backend), the rotary embedding
-classes under ``vllm.model_executor.layers.rotary_embedding``, ``FullAttentionSpec`` and
-``KVQuantMode``, ``get_layers_from_vllm_config`` with ``AttentionLayerBase.get_attn_backend``,
-the attention backends' names and the CPU backend's ``_get_attn_isa``.
+registry name vLLM resolved, ``Transformers*`` for its Transformers modeling backend),
+``FullAttentionSpec`` and ``KVQuantMode``, and ``GPUModelRunner`` (the runner the policy
+binds). What is allowed is data, in ``vllm_sink.allowlist``; what the worker reads off the
+built model (its rotary embedding, its attention backend) is probed by
+``patches.worker.probes``.
 
 Settings that need no vLLM object are validated by ``vllm_sink.config``; everything else
 the policy cannot serve exactly is refused here, each with a ``SinkConfigError`` naming
@@ -22,8 +23,6 @@ function that raises it):
   (``CHECKED_ARCHITECTURES``; ``scripts/registry_sweep.py`` runs both over vLLM's registry);
 * ``position_limits``: the rotary positions and the context the default window comes from;
 * ``check_layer_spec``: each attention layer's KV-cache spec, on the worker;
-* ``rotary_table``: the model's rotary embedding (an allow-list of pure rotations);
-* ``kv_layout``: the attention backend and its key layout;
 * ``check_alibi_backend``: ALiBi models only on backends that bias by index in the row;
 * ``check_runner``: the worker's model runner;
 * ``check_partial_sink_kernel``: a partial sink page needs kernel block == KV block;
@@ -35,32 +34,14 @@ from __future__ import annotations
 
 import os
 
-import torch
 from vllm.logger import init_logger
 
+from vllm_sink.allowlist import (ALIBI_ARCHITECTURES, ALIBI_BACKENDS, ALLOW_UNCHECKED_ENV, CHECKED_ARCHITECTURES,
+                                 SAME_CLASS_ALIASES, SUPPORTED_ROPE_TYPES, TESTED_ARCHITECTURES, VLLM_DEFAULT_MAX_LEN)
 from vllm_sink.config import SinkConfigError
 from vllm_sink.policy import NO_ROTARY_LIMIT
-from vllm_sink.rotary import RotationTable
 
 logger = init_logger("vllm." + __name__)
-
-# rope types whose rotary table is a pure function of position (vLLM 0.26 semantics).
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn", "dynamic", "ntk"}
-
-# Rotary embedding classes whose cos/sin table is a rotation by a fixed angle per position
-# (times a constant scale, e.g. YaRN's mscale, which vllm_sink.rotary divides out): keys
-# can be re-positioned by rotating them. Any other class (M-RoPE, dual-chunk, LongRoPE,
-# XD-RoPE, a new one) is refused.
-PURE_ROTARY_CLASSES = frozenset({
-    "RotaryEmbedding",
-    "LinearScalingRotaryEmbedding",
-    "Llama3RotaryEmbedding",
-    "NTKScalingRotaryEmbedding",
-    "DynamicNTKScalingRotaryEmbedding",
-    "DynamicNTKAlphaRotaryEmbedding",
-    "YaRNScalingRotaryEmbedding",
-})
-
 
 def rope_limit_of(hf_text_config) -> int:
     """Rows of the rotary table vLLM builds for this config (checked again on the worker)."""
@@ -72,64 +53,6 @@ def rope_limit_of(hf_text_config) -> int:
     if rope_type in ("linear", "yarn"):
         limit = int(limit * float(params.get("factor", 1.0)))
     return limit
-
-
-_FAMILY = "tests/test_families.py::test_plugin_matches_family_reference"
-_ALIBI_FAMILY = "tests/test_families.py::test_alibi_plugin_matches_reference"
-
-# The architectures (vLLM registry names, as a config's ``architectures`` gives them) whose
-# output with the sink policy a test matches against an independent plain-PyTorch
-# StreamingLLM reference (tests/reference.py, tests/reference_families.py), each with that
-# test. Any other architecture is refused at start-up (``check_architecture``): the worker's
-# checks (pure rotary, full-attention layers, one backend) are necessary, not sufficient; a
-# model's own code can still place positions, norms or scales where the policy does not
-# expect them, and only a reference comparison shows it.
-TESTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "tests/test_engine_reference.py (SmolLM2-135M, real weights); "
-                        f"{_FAMILY}[llama3] (Llama-3 rope scaling)",
-    "GPTNeoXForCausalLM": f"{_FAMILY}[pythia], [neox_seq]",
-    "FalconForCausalLM": f"{_FAMILY}[falcon7b], [falcon40b] (RoPE; Falcon with ALiBi is refused)",
-    "Qwen3ForCausalLM": f"{_FAMILY}[qwen3]",
-    "GemmaForCausalLM": f"{_FAMILY}[gemma]",
-    "PhiForCausalLM": f"{_FAMILY}[phi2]",
-    "GPTJForCausalLM": f"{_FAMILY}[gptj]",
-    "MistralForCausalLM": f"{_FAMILY}[mistral] (sliding_window: null; a sliding window is refused)",
-    "Qwen2ForCausalLM": f"{_FAMILY}[qwen2] (q/k/v biases; use_sliding_window: false)",
-    "MptForCausalLM": f"{_ALIBI_FAMILY}[mpt-page], [mpt-4] (ALiBi)",
-    "BloomForCausalLM": f"{_ALIBI_FAMILY}[bloom-page], [bloom-4] (ALiBi)",
-}
-
-# Other registry names that vLLM 0.26 maps to exactly the same model class (same module,
-# same class: the same attention, rotary and layer code) as a tested one; they are served
-# on the strength of that class's test, not a test of their own config
-# (tests/unit/test_allowlist.py checks each still resolves to its tested name's class).
-SAME_CLASS_ALIASES = {
-    "LLaMAForCausalLM": "LlamaForCausalLM",  # decapoda-research/llama-*
-    "InternLM3ForCausalLM": "LlamaForCausalLM",
-    "IQuestCoderForCausalLM": "LlamaForCausalLM",
-    "TeleChat3ForCausalLM": "LlamaForCausalLM",
-    "CwmForCausalLM": "LlamaForCausalLM",  # its configs' sliding layers are refused anyway
-    "RWForCausalLM": "FalconForCausalLM",  # tiiuae's original Falcon configs
-    "MPTForCausalLM": "MptForCausalLM",  # vLLM's own spelling of MPT
-}
-
-# name -> the test that checks it (for an alias: its tested name's test).
-CHECKED_ARCHITECTURES = {
-    **TESTED_ARCHITECTURES,
-    **{alias: f"same vLLM class as {target}: {TESTED_ARCHITECTURES[target]}"
-       for alias, target in SAME_CLASS_ALIASES.items()},
-}
-
-# ALiBi architectures whose sink-policy output is checked against a reference
-# (tests/test_families.py); other ALiBi models (Falcon-RW, Baichuan-13B, ...) are refused.
-ALIBI_ARCHITECTURES = ("MptForCausalLM", "MPTForCausalLM", "BloomForCausalLM")
-
-# Set to 1 to serve an architecture that is not in CHECKED_ARCHITECTURES (every other
-# start-up check still applies); the engine logs a warning that its output is unverified.
-ALLOW_UNCHECKED_ENV = "VLLMSINK_ALLOW_UNCHECKED"
-
-# vLLM's assumption for a config that names no maximum length (``_get_and_verify_max_len``).
-VLLM_DEFAULT_MAX_LEN = 2048
 
 
 def position_limits(model_config) -> tuple[int, int]:
@@ -315,97 +238,6 @@ def check_engine_args(args) -> None:
             "pipeline parallelism is not supported with the sink KV policy yet; use "
             "--tensor-parallel-size"
         )
-
-
-def rotary_table(model: torch.nn.Module) -> RotationTable:
-    """The model's one rotary embedding as a pure rotation table; refuses what is not a
-    plain RoPE (M-RoPE, dual-chunk, several distinct embeddings, none at all)."""
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-
-    found = {}
-    for module in model.modules():
-        if isinstance(module, RotaryEmbeddingBase):
-            found[id(module)] = module
-    if not found:
-        raise SinkConfigError(
-            "the sink KV policy needs a model with rotary position embeddings (RoPE); "
-            f"{type(model).__name__} has none. Use --kv-policy full for this model"
-        )
-    modules = list(found.values())
-    kinds = {type(m).__name__ for m in modules}
-    unsupported = kinds - PURE_ROTARY_CLASSES
-    if unsupported:
-        raise SinkConfigError(
-            f"the sink KV policy re-positions keys by pure rotation and supports the rotary "
-            f"embeddings {sorted(PURE_ROTARY_CLASSES)}, not {sorted(unsupported)}; "
-            "use --kv-policy full for this model"
-        )
-    shapes = {(m.rotary_dim, m.is_neox_style, tuple(m.cos_sin_cache.shape)) for m in modules}
-    if len(shapes) != 1:
-        raise SinkConfigError(
-            "the sink KV policy needs one rotary embedding shared by all layers; this "
-            f"model has {len(shapes)} different ones. Use --kv-policy full"
-        )
-    m = modules[0]
-    with torch.no_grad():
-        cache = m._compute_cos_sin_cache().to("cpu", torch.float32)
-    return RotationTable(cache, m.rotary_dim, m.is_neox_style)
-
-
-def kv_layout(runner) -> str:
-    """The key layout of the runner's attention backend (see ``vllm_sink.rotary``)."""
-    backends = set()
-    for groups in getattr(runner, "attn_groups", []):
-        for group in groups:
-            backends.add(group.backend.get_name())
-    if not backends:
-        raise SinkConfigError("no attention backend found for the sink KV policy")
-    if len(backends) != 1:
-        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {backends}")
-    name = backends.pop()
-    if name == "CPU_ATTN":
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-        cfg = runner.vllm_config
-        isa = _get_attn_isa(
-            cfg.model_config.dtype,
-            cfg.cache_config.block_size,
-            cfg.model_config.get_head_size(),
-            cfg.cache_config.cache_dtype,
-        )
-        if isa not in ("vec", "vec16"):
-            raise SinkConfigError(
-                f"the sink KV policy supports the CPU attention kernels 'vec' and 'vec16', "
-                f"not {isa!r} (chosen for this dtype and block size); use dtype float32 "
-                "or a block_size that is not a multiple of 32"
-            )
-        return "cpu"
-    if name in ("FLASH_ATTN", "TRITON_ATTN"):
-        return "paged"
-    raise SinkConfigError(
-        f"the sink KV policy supports the CPU_ATTN, FLASH_ATTN and TRITON_ATTN attention "
-        f"backends, not {name}; pick one with --attention-backend"
-    )
-
-
-# Backends whose ALiBi bias is ``slope * (kv_idx - q_idx)`` with ``kv_idx`` the key's index
-# in the block-table row and ``q_idx = seq_len - q_len + i``: with a compacted row that is
-# the contract's cache positions (CPU: ``apply_alibi_slopes``; Triton:
-# ``triton_attention_helpers``). Others (FLASH_ATTN, ...) are not verified.
-ALIBI_BACKENDS = ("CPU_ATTN", "TRITON_ATTN")
-
-
-def attention_backend(runner) -> str:
-    """The name of the one attention backend of the runner's attention layers (known as
-    soon as the model is built, before the KV cache and ``runner.attn_groups`` exist)."""
-    from vllm.config import get_layers_from_vllm_config
-    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
-
-    layers = get_layers_from_vllm_config(runner.vllm_config, AttentionLayerBase)
-    names = {layer.get_attn_backend().get_name() for layer in layers.values()}
-    if len(names) != 1:
-        raise SinkConfigError(f"the sink KV policy needs one attention backend, got {sorted(names)}")
-    return names.pop()
 
 
 def check_alibi_backend(backend: str) -> None:

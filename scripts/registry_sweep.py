@@ -159,7 +159,7 @@ class NotConstructible(Exception):
 
 def build_config(arch, key, rows, names, tested):
     """(label, config object or directory) for ``arch``; raises NotConstructible."""
-    from vllm_sink.patches.refusals import SAME_CLASS_ALIASES
+    from vllm_sink.allowlist import SAME_CLASS_ALIASES
 
     if arch in tested:
         return tested[arch]
@@ -237,7 +237,8 @@ def reason_of(message: str) -> str:
 
 def sweep_one(arch, impl, key, rows, names, tested, tmp):
     from vllm_sink.config import SinkConfigError
-    from vllm_sink.patches.refusals import CHECKED_ARCHITECTURES, architecture_of, check_architecture, check_model
+    from vllm_sink.allowlist import CHECKED_ARCHITECTURES
+    from vllm_sink.patches.refusals import architecture_of, check_architecture, check_model
 
     row = dict(architecture=arch, implementation=impl)
     try:
@@ -282,7 +283,7 @@ def counts_of(results):
 
 
 def markdown(results, counts, versions):
-    from vllm_sink.patches.refusals import (
+    from vllm_sink.allowlist import (
         ALLOW_UNCHECKED_ENV,
         CHECKED_ARCHITECTURES,
         SAME_CLASS_ALIASES,

@@ -81,7 +81,7 @@ from vllm.logger import init_logger
 from vllm_sink import allocator
 from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals
-from vllm_sink.patches.worker import sampler
+from vllm_sink.patches.worker import probes, sampler
 from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.step_meta import META_ATTR as STEP_META
 from vllm_sink.metrics import SINK_STATS
@@ -306,9 +306,9 @@ class SinkRunnerHook:
         # The rotary table, or None for an ALiBi model (nothing rotates: module docstring).
         self.table: RotationTable | None = None
         if runner.vllm_config.model_config.uses_alibi:
-            refusals.check_alibi_backend(refusals.attention_backend(runner))
+            refusals.check_alibi_backend(probes.attention_backend(runner))
         else:
-            self.table = refusals.rotary_table(runner.get_model())
+            self.table = probes.rotary_table(runner.get_model())
             refusals.check_rotary_limit(self.table.limit, g.rope_limit)
         self.rope_limit = g.rope_limit
         self._layout: str | None = None
@@ -342,7 +342,7 @@ class SinkRunnerHook:
     def keys(self) -> list[torch.Tensor]:
         """Logical key views of every layer's cache, built once the cache exists."""
         if self._keys is None:
-            self._layout = refusals.kv_layout(self.runner)
+            self._layout = probes.kv_layout(self.runner)
             self._keys = [
                 key_view(kv, self._layout, self.num_kv_heads, self.head_size)
                 for kv in self.runner.kv_caches

@@ -130,7 +130,7 @@ def test_allowlist_matches_vllm_registry():
     that moves one fails here, not silently)."""
     from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS
 
-    from vllm_sink.patches.refusals import (
+    from vllm_sink.allowlist import (
         ALIBI_ARCHITECTURES,
         CHECKED_ARCHITECTURES,
         SAME_CLASS_ALIASES,

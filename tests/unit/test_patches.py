@@ -257,7 +257,7 @@ def test_rotary_embeddings_are_an_allow_list():
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     from vllm_sink import SinkConfigError
-    from vllm_sink.patches.refusals import rotary_table
+    from vllm_sink.patches.worker.probes import rotary_table
 
     class CustomRotaryEmbedding(RotaryEmbedding):
         pass
