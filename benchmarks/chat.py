@@ -169,7 +169,7 @@ def report(doc: dict, out: Path) -> None:
 
 
 def merge(files: list[Path], out: Path) -> None:
-    """One result from the runs of several (a run split over device calls): the servers of
+    """One result from the runs of several (a run split over several invocations): the servers of
     every file, each with the command that measured it."""
     docs = [json.loads(f.read_text()) for f in files]
     for d in docs:

@@ -17,7 +17,7 @@ of *epoch cycles* (the steady-state distance between epoch starts, a whole numbe
 ``--chunk``-token steps: ``vllm_sink.policy.epoch_cycle``), and the stream length puts its
 last 10K tokens on the same text, step phase and epoch phase as windows one loop, two loops,
 ... after the first eviction. Every such window (one per loop) is reported: the first one
-(loop 0) is the issue's reference; loops 1.. are in the steady state and must match each
+(loop 0) is the first measurement; loops 1.. are in the steady state and must match each
 other, whatever their distance into the stream. Loop 0 is special by construction: it starts
 before the first epoch start (frame positions are token indices there, and its first steps
 see no re-rotated key), which no later window can repeat. So the report also gives, for the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs of benchmarks/ppl.py behind benchmarks/results/ppl.json, in parts that
-# each fit one 10-minute device call:
+# each take under 10 minutes on one GPU:
 #   bash benchmarks/gpu_ppl.sh long       # the 38-play corpus, and Hamlet, looped to 4M tokens, sink policy
 #   bash benchmarks/gpu_ppl.sh compare    # dense, window, sink, recompute on 100K tokens
 #   bash benchmarks/gpu_ppl.sh ablation   # sink sizes 0..16 tokens and window sizes

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs behind benchmarks/results/throughput.json and drift.json, in parts
-# that each fit one 10-minute device call (H200 timings, 2026-11-30):
+# that each take under 10 minutes on one GPU (H200 timings, 2026-11-30):
 #   bash benchmarks/gpu_speed.sh recompute   # re-computation vs sink, batch 1 and 64, same-run ceiling, decode steps pipelined and synced,
 #                                            # both on vLLM's V1 model runner (~4.5 min)
 #   bash benchmarks/gpu_speed.sh budget      # 32K-token streams in a fixed KV pool, sink vs dense (~3 min)

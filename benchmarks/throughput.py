@@ -32,7 +32,7 @@ Parts (each engine runs in its own subprocess, so every measurement starts from 
   streams): how many run at once (peak), preemptions, and aggregate tokens/s, sink against
   dense. Dense runs ``budget / pages-per-stream`` streams at a time (more would only preempt
   each other); the sink policy admits as many as its page bound lets it (vllm-sink's
-  admission control), never preempting.
+  admit check), never preempting.
 
 Speed runs use ``load_format="dummy"``: random weights of the real size (a hand-written
 Llama-3-8B config), no weight files. Writes ``benchmarks/results/throughput.json``, a

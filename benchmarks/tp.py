@@ -25,32 +25,22 @@ rewritten after every engine, so a run cut short keeps what it measured.
   tokens (output tok/s, TP=2 / TP=1), then, on the same engine, batch-1 decode latency at
   stream position ``--position`` (32,768).
 
-On the GPU machine (two H200, Python 3.12, no internet, vLLM staged under /tmp/site; every
-command from the repository root; kind ``nvidia-h200-x2``), one device call per line (the
-carry folders: ``bash ../shared/gpu/build-bundle.sh`` makes c1 and c2, ``bash
-scripts/gpu_extras.sh`` m1, m2, ray1 and ray2):
+To run on a GPU machine with two GPUs: install vLLM 0.26.0's CUDA build (and Ray 2.56.1
+for the Ray executor) and the ``gguf`` package, put the model GGUF and the text where the
+commands below name them, and from the repository root run each part (each takes a few
+minutes on two H200s):
 
-    # 1-2: vLLM (carry .gpu/c1, then .gpu/c2)
-    bash .gpu/c1/stage1.sh
-    bash .gpu/c2/stage2.sh
-    # 3-4: the model (two GGUF parts) and the text (carry .gpu/m1, then .gpu/m2)
-    cp .gpu/m1/gguf.part00 .gpu/m1/hamlet.md /tmp/ && python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/m1/gguf-*.whl
-    cat /tmp/gguf.part00 .gpu/m2/gguf.part01 > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf && ls -l /tmp/SmolLM2-135M-Instruct.Q4_1.gguf
-    # 5-6: Ray 2.56.1 (carry .gpu/ray1, then .gpu/ray2)
-    mkdir -p /tmp/rayparts && cp .gpu/ray1/ray.whl.part00 /tmp/rayparts/
-    bash .gpu/ray2/stage_ray.sh
-    # 7-8: the two parts (carry nothing); each should stay under the 10-minute limit of a call
-    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 benchmarks/tp.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --text /tmp/hamlet.md --parts correctness --out $OUT/tp_correctness.json
-    PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 python3 benchmarks/tp.py --parts throughput --out $OUT/tp_throughput.json
+    python benchmarks/tp.py --gguf /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --text /tmp/hamlet.md --parts correctness --out tp_correctness.json
+    python benchmarks/tp.py --parts throughput --out tp_throughput.json
 
-and back here: ``python benchmarks/tp.py --report tp_correctness.json tp_throughput.json``
-writes benchmarks/results/tp.json and tp.md. The script sets both variables for its engines
-anyway, and makes the plugin loadable in every worker process (mp workers, Ray actors) by
+then ``python benchmarks/tp.py --report tp_correctness.json tp_throughput.json``
+writes benchmarks/results/tp.json and tp.md. The script sets ``VLLM_USE_FLASHINFER_SAMPLER=0``
+for its engines, and makes the plugin loadable in every worker process (mp workers, Ray actors) by
 itself: it stages a copy of vllm_sink with its ``vllm.general_plugins`` entry point under
 /tmp/vllm-sink-plugin, first on PYTHONPATH (no install, no build). ``--executors`` runs a
 subset of ``tp1,mp,ray`` (the default) and ``ray_v1`` (vLLM's older Ray executor, with Ray's
-compiled graph: ``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``): if a part comes near the call's
-limit, split it (``--executors tp1,mp``, then ``--executors ray`` into another file) and
+compiled graph: ``VLLM_USE_RAY_V2_EXECUTOR_BACKEND=0``): if a part runs too long, split
+it (``--executors tp1,mp``, then ``--executors ray`` into another file) and
 merge every file with ``--report``. Each engine is killed after ``--timeout`` seconds (300).
 
 ``--cpu`` runs the same code on the CPU (float32, eager, a 256 MiB KV pool, Ray with the

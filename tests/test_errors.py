@@ -1,8 +1,8 @@
-"""Must-show 7: invalid settings and unsupported models are refused at start-up with a
-message that names the fix, never silently ignored.
+"""Invalid settings and unsupported models are refused at start-up with a message that
+names the fix, never silently ignored.
 
-``python tests/test_errors.py`` prints the table (setting, error) for the README from the
-real messages.
+``python tests/test_errors.py`` prints the table (setting, error) of docs/refusals.md from
+the real messages.
 """
 
 from __future__ import annotations

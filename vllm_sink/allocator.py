@@ -7,7 +7,7 @@ decode steps on a 2-core machine, although no Python object grows. With two aren
 engine core still grew (34 to 39 KiB per 1,000 steps), all of it in the second arena's heap
 (``benchmarks/memory.py --heaps``; which of the engine core's threads share that arena is
 decided by timing as they start). With one arena there is no other heap, and every run
-measured stayed flat (docs/measurements.md).
+measured stayed flat (docs/benchmarks.md).
 
 glibc reads ``MALLOC_ARENA_MAX`` once, when a process starts. So a sink engine's front end
 exports it before vLLM starts the engine core and its workers, which inherit it, and

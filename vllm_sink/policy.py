@@ -1,6 +1,6 @@
 """The StreamingLLM eviction rule and position arithmetic, as pure functions.
 
-Notation (MISSION.md, "the contract"): page (vLLM block) size ``B``, sink tokens ``S`` (any
+Notation (the contract, README.md): page (vLLM block) size ``B``, sink tokens ``S`` (any
 count, not only whole pages: the paper's default is 4), held in ``s = ceil(S / B)`` sink
 pages, ``r = S mod B``, window ``W`` tokens, and a step that computes tokens ``[a, b)`` of
 one sequence.
@@ -47,13 +47,27 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def window_start(a: int, sink_tokens: int, window: int, block_size: int) -> int:
+def window_start(a, sink_tokens, window: int, block_size: int):
     """``w0``: first token of the window for a step that starts at token ``a``.
 
     Always ``= sink_tokens (mod block_size)`` and ``>= sink_tokens``; never above ``a``.
+    Numbers, or numpy arrays (``a`` and ``sink_tokens``, element by element: the worker
+    plans a whole batch at once, :func:`plan_steps`).
     """
     r = sink_tokens % block_size
-    return max(sink_tokens, ((a - window + 1 - r) // block_size) * block_size + r)
+    w0 = ((a - window + 1 - r) // block_size) * block_size + r
+    if isinstance(w0, int):
+        return max(sink_tokens, w0)
+    import numpy as np
+
+    return np.maximum(sink_tokens, w0)
+
+
+def first_step_at(w0, window: int):
+    """The inverse of :func:`window_start`: the first token ``a`` a step starts at whose
+    window start is ``w0`` (for ``w0 > S``, ``w0 = S mod B``): ``w0 + W - 1``. A step
+    starting below it has a window start at least a page lower. Numbers or numpy arrays."""
+    return w0 + window - 1
 
 
 def sink_page_count(sink_tokens: int, block_size: int) -> int:
@@ -129,8 +143,10 @@ def next_move_at(first: int, sink_tokens: int, window: int, block_size: int) -> 
     for every ``a`` below it and not ``None`` at it (the window start moves past page
     ``first`` once ``a - W + 1`` reaches its last slot; ``w0`` is ``r`` mod ``B``). The
     scheduler's manager asks once per move, not once per step."""
+    # The row's pages leave once the window start is past page ``first``: at the first
+    # window start ``= r (mod B)`` in page ``first + 1`` (``r = 0``) or in page ``first``.
     r = sink_tokens % block_size
-    return first * block_size + window - 1 + (r or block_size)
+    return first_step_at(first * block_size + (r or block_size), window)
 
 
 def page_bound(sink_pages: int, window: int, block_size: int, in_flight: int) -> int:
@@ -268,8 +284,7 @@ def plan_steps(a, b, base, *, sink_tokens: int, window: int, block_size: int, ro
     if (b <= a).any():
         i = int(np.flatnonzero(b <= a)[0])
         raise ValueError(f"empty step [{a[i]}, {b[i]})")
-    r = S % B
-    w0 = np.maximum(S, ((a - window + 1 - r) // B) * B + r)
+    w0 = window_start(a, S, window, B)
     new_epoch = b - 1 - base >= rope_limit
     new_base = np.where(new_epoch, w0 - S, base)
     if (b - 1 - new_base >= rope_limit).any():
@@ -286,10 +301,10 @@ def quiet_end(w0, base, *, window: int, block_size: int, rope_limit: int):
     window start (it moves once ``a`` reaches ``w0 + B + W - 1``: ``w0`` is ``r`` mod ``B``)
     and starts no epoch (``b - 1 - base < P``), so the same slot offset and sink angle, and
     no page leaves. Numbers or numpy arrays (the worker's steps that change nothing skip
-    the plan: ``patches/model_runner.py``)."""
+    the plan: ``patches/worker``)."""
     import numpy as np
 
-    return np.minimum(w0 + block_size + window - 1, base + rope_limit)
+    return np.minimum(first_step_at(w0 + block_size, window), base + rope_limit)
 
 
 def apply_plan(state: FrameState, plan: StepPlan) -> None:
