@@ -29,38 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from workers import line_plot, prometheus_values, provenance, wait_healthy, write_results
+from engine_bench import cpu_name, model_dir
+from workers import line_plot, prometheus_values, provenance, stop_group, vllm_serve, write_results
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
-
-
-def serve(model: Path, flags: list[str], port: int, log: Path, python: str | None = None) -> subprocess.Popen:
-    """``vllm serve`` of the environment of ``python`` (default: this interpreter's; else
-    the one on PATH), in a process group of its own, once it answers ``/health``."""
-    beside = Path(python or sys.executable).parent / "vllm"
-    cmd = [str(beside) if beside.exists() else "vllm", "serve", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--served-model-name", SERVED, "--disable-uvicorn-access-log", *flags]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=tempfile.gettempdir())
-    wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout=900)
-    return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name: str,
@@ -213,10 +190,9 @@ def main() -> None:
     words = (Path(args.text).read_text() if args.text else assets.play_text("hamlet")).split()
     allowed = None
     if args.gpu:
-        from serve import model_dir
         from transformers import AutoTokenizer
 
-        model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
+        model = model_dir(tokenizer_dir=Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
         allowed = whole_word_tokens(AutoTokenizer.from_pretrained(model), words)
         common = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
     else:
@@ -231,16 +207,14 @@ def main() -> None:
     runs = {}
     for name in args.servers.split(","):
         flags, turns = configs[name]
-        proc = serve(model, flags, args.port, work / f"{name}.log")
+        proc = vllm_serve(model, flags, args.port, work / f"{name}.log", served=SERVED)
         try:
             rows = chat(f"http://127.0.0.1:{args.port}", turns, words, args.words, args.reply, name, allowed,
                         args.max_seconds)
         finally:
-            stop(proc)
+            stop_group(proc)
         runs[name] = dict(flags=flags, rows=rows, summary=summary(rows))
         print(f"@chat {name} {json.dumps(runs[name]['summary'])}", flush=True)
-
-    from throughput import cpu_name
 
     if args.gpu:
         import torch

@@ -36,44 +36,17 @@ Writes ``benchmarks/results/decode_step.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
+from engine_bench import LLAMA3_8B, Timers, cpu_name, decode_phase, engine_kwargs, model_dir, policy_kwargs
 from workers import emit, provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
 
 
 # --------------------------------------------------------------------------- worker side
-class Timers:
-    """Accumulated host seconds per labelled function, reset per measurement."""
-
-    def __init__(self):
-        self.total: dict[str, float] = {}
-
-    def wrap(self, obj, name: str, label: str) -> None:
-        orig = getattr(obj, name)
-        total = self.total
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return orig(*args, **kwargs)
-            finally:
-                total[label] = total.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(obj, name, timed)
-
-    def take(self) -> dict[str, float]:
-        out = dict(self.total)
-        self.total.clear()
-        return out
-
-
 def _instrument(llm, timers: Timers) -> None:
     core = llm.llm_engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
@@ -85,59 +58,10 @@ def _instrument(llm, timers: Timers) -> None:
     hook = getattr(runner, "_vllm_sink_hook", None)
     if hook is not None:
         timers.wrap(hook, "after_update_states", "sink.after_update_states")
-        timers.wrap(hook, "after_prepare_inputs", "sink.after_prepare_inputs")
-        timers.wrap(hook, "_reanchor", "sink._reanchor")
+        timers.wrap(hook.frames, "after_prepare_inputs", "sink.after_prepare_inputs")
+        timers.wrap(hook.kv, "reanchor", "sink._reanchor")
         for m in core.scheduler.kv_cache_manager.coordinator.single_type_managers:
             timers.wrap(m, "remove_skipped_blocks", "sink.remove_skipped_blocks")
-
-
-def decode_phase(engine, batch: int, prompt_len: int, decode: int, prompt, sync, tag: str,
-                  timers: Timers | None = None) -> dict:
-    """Add ``batch`` requests, step until each has its first token, then time the decode
-    phase: pipelined (free stepping) and, in a second round, synced per step. ``timers``
-    are read over the pipelined decode phase only."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=decode + 1, temperature=0, ignore_eos=True)
-    out = {}
-    for mode in ("pipelined", "synced"):
-        ids = [f"{tag}-{mode}-{i}" for i in range(batch)]
-        for rid in ids:
-            engine.add_request(rid, prompt(prompt_len), params)
-        counts: dict[str, int] = {}
-        while len([r for r in ids if counts.get(r, 0) >= 1]) < batch:
-            for o in engine.step():
-                counts[o.request_id] = len(o.outputs[0].token_ids)
-        sync()
-        if timers is not None:
-            timers.take()
-        gc0 = gc.get_stats()
-        steps, times = 0, []
-        t0 = time.perf_counter()
-        while engine.has_unfinished_requests():
-            t = time.perf_counter()
-            outs = engine.step()
-            if mode == "synced":
-                sync()
-                times.append(time.perf_counter() - t)
-            steps += 1
-        sync()
-        wall = time.perf_counter() - t0
-        collections = [g["collections"] - g0["collections"] for g, g0 in zip(gc.get_stats(), gc0)]
-        generated = decode  # each request decodes max_tokens - 1 tokens after its first
-        if mode == "pipelined":
-            out["pipelined_ms"] = 1000 * wall / generated
-            out["engine_steps"] = steps
-            if timers is not None:
-                out["host_ms_per_step"] = {k: 1000 * v / steps for k, v in timers.take().items()}
-        else:
-            times.sort()
-            out["synced_ms"] = 1000 * times[len(times) // 2]
-            if timers is not None:  # host work and the device in series: no waits in the timers
-                out["host_ms_per_step_synced"] = {k: 1000 * v / steps for k, v in timers.take().items()}
-        out[f"gc_collections_{mode}"] = collections
-        del outs
-    return out
 
 
 def _trace(engine, batch: int, prompt_len: int, prompt, sync, path: Path, steps: int = 48) -> None:
@@ -179,7 +103,6 @@ def worker(task: dict) -> dict:
     import vllm_sink
 
     vllm_sink.register()
-    from throughput import cpu_name, engine_kwargs, model_dir
 
     cpu = task.get("cpu", False)
     max_batch = max(b for b, _ in task["pairs"])
@@ -188,16 +111,13 @@ def worker(task: dict) -> dict:
 
         kw = dict(dtype="float32", block_size=16, max_num_seqs=max_batch, enable_prefix_caching=False,
                   kv_cache_memory_bytes=1 << 30, skip_tokenizer_init=True)
-        if task["policy"] == "sink":
-            kw.update(kv_policy="sink", sink_pages=1, kv_window=task["window"], max_stream_len=task["max_len"])
-        else:
-            kw.update(max_model_len=task["max_len"])
+        kw.update(policy_kwargs(task["policy"], task["window"], task["max_len"]))
         llm = LLM(str(assets.model_dir()), **kw)
         vocab, sync, device = 49152 - 10, (lambda: None), cpu_name()
     else:
         kw = engine_kwargs(task["policy"], task["window"], task["max_len"], max_batch)
         llm = LLM(str(model_dir()), **kw)
-        vocab, sync, device = 128256 - 10, torch.cuda.synchronize, torch.cuda.get_device_name()
+        vocab, sync, device = LLAMA3_8B["vocab_size"] - 10, torch.cuda.synchronize, torch.cuda.get_device_name()
     rng = random.Random(0)
 
     def prompt(n):

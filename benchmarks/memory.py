@@ -37,8 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from chat import serve, stop  # noqa: E402
-from workers import line_plot, write_results  # noqa: E402
+from engine_bench import LLAMA3_8B, LLAMA32_1B, model_dir  # noqa: E402
+from workers import line_plot, stop_group, vllm_serve, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
@@ -245,16 +245,12 @@ def main() -> None:
     from vllm_sink import assets
 
     if args.gpu:
-        from serve import model_dir
-
         if args.model:  # its config and tokenizer, dummy weights
             model = Path(args.model)
             model_name = f"{model.name} shape (dummy weights), bf16"
         else:
-            from throughput import LLAMA3_8B, LLAMA32_1B
-
             config = LLAMA32_1B if args.shape == "1b" else LLAMA3_8B
-            model = model_dir(Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir(), config)
+            model = model_dir(config, Path(args.tokenizer_dir) if args.tokenizer_dir else assets.model_dir())
             model_name = ("Llama-3.2-1B" if args.shape == "1b" else "Llama-3-8B") + " shape (dummy weights), bf16"
         flags = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-num-seqs", "8"]
     else:
@@ -279,7 +275,7 @@ def main() -> None:
         copies, rest = divmod(args.prompt_tokens, len(offsets))  # (copies join within a token or two)
         prompt = text * copies + text[: offsets[rest][0]]
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-memory-"))
-    proc = serve(model, flags, args.port, work / "server.log", python=args.python)
+    proc = vllm_serve(model, flags, args.port, work / "server.log", served=SERVED, python=args.python)
     samples: list[dict] = []
     stopped, result = None, {"generated": 0}
     try:
@@ -325,7 +321,7 @@ def main() -> None:
         stopping.set()
         samples.append(sample(procs, url, t0, args.gpu, heaps=args.heaps))
     finally:
-        stop(proc)
+        stop_group(proc)
     if args.gpu:  # CUDA in this process only now: the server is gone, the samples are taken
         import torch
 

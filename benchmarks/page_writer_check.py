@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from throughput import LLAMA3_8B
+from engine_bench import LLAMA3_8B
 from workers import provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,7 +88,7 @@ def engine_worker(task: dict) -> dict:
     for o in outs:
         plp = [next(iter(x.values())).logprob for x in o.prompt_logprobs[1:]]
         res.append(dict(prompt_logprobs=plp, tokens=list(o.outputs[0].token_ids)))
-    writers = hook.writers()
+    writers = hook.kv.writers()
     return dict(writer=task["writer"], used_triton=writers[0].use_triton, streams=res)
 
 

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,8 +38,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from throughput import LLAMA3_8B  # noqa: E402
-from workers import prometheus_values, provenance, wait_healthy  # noqa: E402
+from engine_bench import LLAMA3_8B, model_dir  # noqa: E402
+from workers import prometheus_values, provenance, stop_group, wait_healthy  # noqa: E402
 
 SERVED = "llama3-8b-shape"
 WORKLOADS = {
@@ -49,25 +47,12 @@ WORKLOADS = {
     "b": dict(input_len=1024, output_len=8192, num_prompts=32, concurrency=32),
 }
 POLICY_FLAGS = {"full": [], "sink": ["--kv-policy", "sink", "--kv-window", "4096"]}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "vocab.json", "merges.txt", "generation_config.json")
 
 
 # --smoke: the same flow on the CPU in minutes (a 4-layer model of the same family, shorter
 # workloads), to check the script, not to measure.
 SMOKE_CONFIG = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                     num_key_value_heads=2, num_hidden_layers=4)
-
-
-def model_dir(tokenizer_dir: Path, config: dict = LLAMA3_8B) -> Path:
-    """The 8B-shape config (dummy weights) beside the SmolLM2 tokenizer's files."""
-    d = Path(tempfile.gettempdir()) / "vllm-sink-serve-8b-shape"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(config))
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).exists() and name != "generation_config.json":
-            shutil.copy(tokenizer_dir / name, d / name)
-    return d
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -95,11 +80,7 @@ class Server:
         return time.time() - self.started
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_group(self.proc)
 
 
 def bench(model: Path, url: str, w: dict, out_dir: Path, name: str) -> dict:
@@ -124,7 +105,7 @@ def run(args) -> list[dict]:
     from vllm_sink import assets
 
     config = SMOKE_CONFIG if args.smoke else LLAMA3_8B
-    model = model_dir(Path(args.tokenizer) if args.tokenizer else assets.model_dir(), config)
+    model = model_dir(config, Path(args.tokenizer) if args.tokenizer else assets.model_dir())
     extra = ["--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30)] if args.smoke else []
     work = Path(tempfile.mkdtemp(prefix="vllm-sink-serve-"))
     rows = []

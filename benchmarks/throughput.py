@@ -44,46 +44,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from engine_bench import LLAMA3_8B, cpu_name, decode_phase, decode_step_ms, engine_kwargs, model_dir, policy_kwargs
 from workers import emit, provenance, serve_worker, spawn
 
 RESULTS = Path(__file__).parent / "results"
-
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "num_hidden_layers": 32, "vocab_size": 128256, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 8192, "rope_theta": 500000.0, "hidden_act": "silu",
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
-}
-# Llama-3.2-1B's shape (16 layers of 2,048, 32 query and 8 KV heads of 64, tied embeddings).
-LLAMA32_1B = dict(LLAMA3_8B, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
-                  tie_word_embeddings=True)
-
-
-def model_dir() -> Path:
-    d = Path(tempfile.gettempdir()) / "vllm-sink-llama3-8b-shape"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(LLAMA3_8B))
-    return d
-
-
-def policy_kwargs(policy: str, window: int, max_len: int) -> dict:
-    """The only settings in which the two sides of a comparison differ."""
-    if policy == "sink":
-        return dict(kv_policy="sink", sink_pages=1, kv_window=window, max_stream_len=max_len)
-    return dict(max_model_len=max_len)
-
-
-def engine_kwargs(policy: str, window: int, max_len: int, max_num_seqs: int, extra: dict | None = None) -> dict:
-    kw = dict(load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True, block_size=16,
-              max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85, enable_prefix_caching=False)
-    kw.update(policy_kwargs(policy, window, max_len))
-    kw.update(extra or {})
-    return kw
 
 
 def cpu_engine_kwargs(task: dict) -> dict:
@@ -94,39 +61,7 @@ def cpu_engine_kwargs(task: dict) -> dict:
     return kw
 
 
-def cpu_name() -> str:
-    from quiet_cpu import machine
-
-    m = machine()
-    return f"{m.get('cpu', m['machine'])} ({m['cpu_count']} cores)"
-
-
 # --------------------------------------------------------------------------- workers
-def decode_step_ms(engine, sync) -> dict:
-    """Step ``engine`` (an ``LLMEngine`` with one request added) until it finishes; the
-    median and mean time of the steps after its first token (pure decode steps), each step
-    timed with ``sync`` after it."""
-    step_times, counts = [], {}
-    while engine.has_unfinished_requests():
-        t = time.perf_counter()
-        outs = engine.step()
-        sync()
-        dt = time.perf_counter() - t
-        decoded = False
-        for o in outs:
-            n = len(o.outputs[0].token_ids) if o.outputs else 0
-            if n > counts.get(o.request_id, 0):
-                decoded = counts.get(o.request_id, 0) >= 1
-                counts[o.request_id] = n
-        if decoded:
-            step_times.append(dt)
-    step_times.sort()
-    return dict(batch=1, steps=len(step_times),
-                decode_ms_median=1000 * step_times[len(step_times) // 2],
-                decode_ms_p10=1000 * step_times[len(step_times) // 10],
-                decode_ms_mean=1000 * sum(step_times) / len(step_times))
-
-
 def budget_run(llm, task: dict, prompt) -> dict:
     """Serve ``task["streams"]`` streams of ``prompt + output`` tokens at once in a KV pool of
     ``task["budget_pages"]`` pages; record concurrency, preemptions and tokens/s."""
@@ -213,8 +148,6 @@ def worker(task: dict) -> dict:
             emit("note", rows[-1])
         out.update(rows=rows)
     elif kind == "recompute":
-        from decode_step import decode_phase
-
         W, batch, decode, sync = task["window"], task["batch"], task["decode"], torch.cuda.synchronize
         engine = llm.llm_engine
         decode_phase(engine, 1, 64, 8, prompt, sync, "warm")  # every phase once, CUDA graphs included

@@ -14,13 +14,13 @@ rewritten after every engine, so a run cut short keeps what it measured.
   epochs happen), streams ``--tokens`` (2,048) tokens of real text with prompt logprobs
   (64-token chunks) and then ``--gen`` (128) greedy tokens, through TP=1 and through TP=2
   with each executor. SmolLM2's 9 query / 3 KV heads do not split over 2 GPUs, so TP=2 runs
-  the head-padded copy (``vllm_sink.assets.pad_heads``: 12 / 4 heads, the new heads' q/k/v
+  the head-padded copy (``tests/padded_model.py``: 12 / 4 heads, the new heads' q/k/v
   rows and o_proj columns zero: the same function, see tests/test_padded_model.py); TP=1
   runs both the original and the padded model (the padding's own bf16 effect). Reported:
   max/mean |logprob difference| of TP=2 against TP=1 (prompt tokens), whether the greedy
   tokens are the same and how many first ones agree, and each run against the float32
   plain-PyTorch reference (tests/reference.py) for scale: what bfloat16 costs anyway.
-* ``throughput``: the Llama-3-8B-shaped config of benchmarks/throughput.py
+* ``throughput``: the Llama-3-8B-shaped config of benchmarks/engine_bench.py
   (``load_format="dummy"``), sink policy (W=4096): 256 requests of 512 prompt + 128 output
   tokens (output tok/s, TP=2 / TP=1), then, on the same engine, batch-1 decode latency at
   stream position ``--position`` (32,768).
@@ -185,11 +185,11 @@ def worker_correctness(task: dict) -> dict:
 
 def worker_throughput(task: dict) -> dict:
     """Output tok/s of 256 x (512 + 128) requests, then batch-1 decode latency at a long
-    position, on one engine (the Llama-3-8B shape of benchmarks/throughput.py)."""
+    position, on one engine (the Llama-3-8B shape of benchmarks/engine_bench.py)."""
     import random
 
     import torch
-    from throughput import LLAMA3_8B, decode_step_ms, engine_kwargs, model_dir
+    from engine_bench import LLAMA3_8B, decode_step_ms, engine_kwargs, model_dir
     from vllm import LLM, SamplingParams
 
     import vllm_sink
@@ -411,12 +411,14 @@ def merge(paths: list[Path]) -> dict:
 # --------------------------------------------------------------------------- main
 def correctness_inputs(args) -> tuple[Path, Path, list[int]]:
     """The model, its head-padded copy and the prompt ids of the correctness part."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from padded_model import pad_heads
     from transformers import AutoTokenizer
 
     from vllm_sink import assets
 
     model = assets.prepare_model(MODEL, gguf=Path(args.gguf) if args.gguf else None)
-    padded = assets.pad_heads(model, PADDED)
+    padded = pad_heads(model, PADDED)
     text = Path(args.text).read_text(encoding="utf-8") if args.text else assets.play_text("hamlet")
     return model, padded, AutoTokenizer.from_pretrained(model)(text)["input_ids"][: args.tokens]
 

@@ -18,7 +18,8 @@ Every other line (the engine's own logging) is shown through ``echo`` and kept i
 child has succeeded when a ``result`` came, whatever its exit status after it (vLLM's teardown
 can abort once the engine is shut down).
 
-``wait_healthy`` is the same idea for a server child (``vllm serve``): wait for ``/health``.
+``wait_healthy`` is the same idea for a server child (``vllm serve``): wait for ``/health``;
+``vllm_serve`` starts one and waits, ``stop_group`` stops it.
 """
 
 from __future__ import annotations
@@ -164,6 +165,28 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
             pass
         time.sleep(2)
     raise TimeoutError(f"vllm serve did not start in {timeout:.0f} s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def vllm_serve(model: Path, flags: list[str], port: int, log: Path, *, served: str,
+               python: str | None = None) -> subprocess.Popen:
+    """``vllm serve`` of the environment of ``python`` (default: this interpreter's; else
+    the one on PATH), in a process group of its own, once it answers ``/health``."""
+    beside = Path(python or sys.executable).parent / "vllm"
+    cmd = [str(beside) if beside.exists() else "vllm", "serve", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--served-model-name", served, "--disable-uvicorn-access-log", *flags]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=tempfile.gettempdir())
+    wait_healthy(proc, f"http://127.0.0.1:{port}", log, timeout=900)
+    return proc
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started in a process group of its own: TERM, then KILL after 120 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def prometheus_values(text: str) -> dict[str, float]:

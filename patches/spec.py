@@ -2,7 +2,7 @@
 
 Binds to vLLM 0.26.0: ``vllm.v1.kv_cache_interface.FullAttentionSpec`` (subclassed).
 
-Workers hand it out instead of ``FullAttentionSpec`` (``patches.worker.runner``); the engine
+Workers hand it out instead of ``FullAttentionSpec`` (``patches.worker``); the engine
 core picks :class:`~vllm_sink.patches.scheduler.manager.StreamingSinkManager` for it through
 vLLM's ``KVCacheSpecRegistry`` (``patches.scheduler.manager.register``). It is pickled from
 the workers to the engine core, where the plugin has registered the pair at start-up.

@@ -18,15 +18,15 @@ Here the same rewind is done by state: before sampling, the state of every offse
 generator of a discarded row is saved; after sampling it is restored, and the generator is
 hidden from ``_bookkeeping_sync`` while it runs, so vLLM's own rewind never touches it.
 CUDA generators are left to vLLM. Only runners of sink engines are wrapped
-(``vllm_sink.patches.worker.runner.attach``).
+(``vllm_sink.patches.worker.runner.attach``), per instance through ``bindings.wrap_once``.
 """
 
 from __future__ import annotations
 
-import types
-
 import numpy as np
 import torch
+
+from vllm_sink.patches.bindings import wrap_once
 
 
 def _discarded_offsetless(runner) -> dict[int, torch.Generator]:
@@ -46,31 +46,31 @@ def _discarded_offsetless(runner) -> dict[int, torch.Generator]:
 
 
 def attach(runner) -> None:
-    """Wrap ``_sample`` and ``_bookkeeping_sync`` of this runner instance (idempotent)."""
-    if getattr(runner, "_vllm_sink_sampler", False):
-        return
-    orig_sample = runner._sample
-    orig_bookkeeping = runner._bookkeeping_sync
+    """Wrap ``_sample`` and ``_bookkeeping_sync`` of this runner instance (idempotent:
+    ``bindings.wrap_once``)."""
 
-    def _sample(self, *args, **kwargs):
-        saved = {row: gen.get_state() for row, gen in _discarded_offsetless(self).items()}
-        try:
-            return orig_sample(*args, **kwargs)
-        finally:
-            generators = self.input_batch.generators
-            for row, state in saved.items():
-                generators[row].set_state(state)
+    def make_sample(orig_sample):
+        def _sample(*args, **kwargs):
+            saved = {row: gen.get_state() for row, gen in _discarded_offsetless(runner).items()}
+            try:
+                return orig_sample(*args, **kwargs)
+            finally:
+                generators = runner.input_batch.generators
+                for row, state in saved.items():
+                    generators[row].set_state(state)
+        return _sample
 
-    def _bookkeeping_sync(self, *args, **kwargs):
-        hidden = _discarded_offsetless(self)
-        generators = self.input_batch.generators
-        for row in hidden:
-            del generators[row]
-        try:
-            return orig_bookkeeping(*args, **kwargs)
-        finally:
-            generators.update(hidden)
+    def make_bookkeeping(orig_bookkeeping):
+        def _bookkeeping_sync(*args, **kwargs):
+            hidden = _discarded_offsetless(runner)
+            generators = runner.input_batch.generators
+            for row in hidden:
+                del generators[row]
+            try:
+                return orig_bookkeeping(*args, **kwargs)
+            finally:
+                generators.update(hidden)
+        return _bookkeeping_sync
 
-    runner._sample = types.MethodType(_sample, runner)
-    runner._bookkeeping_sync = types.MethodType(_bookkeeping_sync, runner)
-    runner._vllm_sink_sampler = True
+    wrap_once(runner, "_sample", make_sample)
+    wrap_once(runner, "_bookkeeping_sync", make_bookkeeping)
