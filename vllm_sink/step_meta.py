@@ -1,7 +1,7 @@
 """The scheduler's decisions of one step, shipped to the worker on the ``SchedulerOutput``.
 
 The scheduler side decides and ships (``vllm_sink.patches.scheduler.channel``);
-the worker (``vllm_sink.patches.worker.runner``) executes, in this order: ``kept`` (finished
+the worker (``vllm_sink.patches.worker.hook``) executes, in this order: ``kept`` (finished
 request ids whose state is kept under the same id), ``resumed`` (new request id -> kept
 stream id: the request takes that state), ``continued`` (a streaming-input session's next
 chunk, scheduled as a new request under its own id: its state goes on), ``released`` (kept

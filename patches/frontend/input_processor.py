@@ -8,7 +8,7 @@ Binds to vLLM 0.26.0 (``vllm/v1/engine/input_processor.py``):
   InputProcessor.vllm_config
 
 The value is read again, as checked, by the scheduler's manager
-(``kv_cache_spec.StreamingSinkManager.sink_geometry``), which decides the request's sink.
+(``patches.scheduler.manager.StreamingSinkManager.sink_geometry``), which decides the request's sink.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Binds to vLLM 0.26.0 (``vllm/config/vllm.py``):
 vLLM 0.26 picks its V2 model runner by default for dense models on the GPU, from this
 property; the worker builds its runner from it, and the scheduler and
 ``max_concurrent_batches`` read it too. The sink policy's bindings are on the V1 runner
-(``patches.worker.runner``), so the property answers ``False`` for a config that carries the
+(``patches.worker``), so the property answers ``False`` for a config that carries the
 sink policy in ``additional_config`` (the plugin stores it there before vLLM builds the rest of
 the config, see ``patches.frontend.engine_args``). The config is pickled to the engine core and every
 worker, and the plugin is loaded in each of them, so all processes agree, whether the engine

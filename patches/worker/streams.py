@@ -106,7 +106,7 @@ class StreamTable:
     def reset(self, rid: str) -> None:
         """A sequence restarts from token 0 in fresh pages, with its sink (resumed after a
         preemption: vLLM recomputes it). Admission never preempts a sink stream
-        (``kv_cache_spec.StreamingSinkManager``); one whose output ids this runner released
+        (``patches.scheduler.manager.StreamingSinkManager``); one whose output ids this runner released
         could not be recomputed, and stops the engine rather than run on wrong tokens (with
         asynchronous scheduling the scheduler hands them back: ``before_update_states``)."""
         slot = self.slot(rid)
