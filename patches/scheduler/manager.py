@@ -8,7 +8,7 @@ Binds to vLLM 0.26.0:
     remove_skipped_blocks, pop_blocks_for_free, free, new_step_starts,
     get_num_common_prefix_blocks; reads req_to_blocks (a sink stream's entry is a
     ``BlockRow``, read by vLLM through len(), [i], [a:b], extend, iteration and reversed()),
-    num_cached_block, _null_block, block_pool.free_blocks/get_num_free_blocks/num_gpu_blocks,
+    num_cached_block, block_pool.null_block/free_blocks/get_num_free_blocks/num_gpu_blocks,
     dcp_world_size, pcp_world_size; passes max_admission_blocks_per_request)
   vllm.v1.core.single_type_kv_cache_manager.register_all_kvcache_specs
   vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
@@ -101,7 +101,7 @@ class StreamingSinkManager(FullAttentionManager):
         self.geometry = kv_cache_spec.geometry
         self.streams: dict[str, SinkStream] = {}  # request id -> its record
         self.check_rows = ROW_LOG.enabled()  # read once, not per allocation
-        self.channel = StepChannel(self.geometry, self._null_block.block_id)
+        self.channel = StepChannel(self.geometry, self.block_pool.null_block.block_id)
         # Kept streams (finished streams held for resumption), if sessions are on.
         self.sessions = None
         if kv_cache_spec.kept_pages:
@@ -154,7 +154,7 @@ class StreamingSinkManager(FullAttentionManager):
             stream = self._open(rid, self.sink_geometry(request))
             hold_tail(request, stream.geometry)
             if rid not in self.req_to_blocks:  # (before any page: vLLM extends it from here)
-                self.req_to_blocks[rid] = BlockRow((), stream.geometry.sink_pages, self._null_block)
+                self.req_to_blocks[rid] = BlockRow((), stream.geometry.sink_pages, self.block_pool.null_block)
         g = stream.geometry
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
@@ -231,7 +231,7 @@ class StreamingSinkManager(FullAttentionManager):
             row, leaving = move.apply(live, s)
             blocks[:s] = row[:s]
             for i in range(move.first, move.last):
-                blocks[i] = self._null_block
+                blocks[i] = self.block_pool.null_block
             stream.first_live = first = move.last
             assert not any(blk.is_null for blk in leaving), "a page left the row twice"
             # Tail-first, like vLLM's own frees, so the oldest pages are reused last.
