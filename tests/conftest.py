@@ -1,9 +1,9 @@
 """Shared fixtures: real vLLM engines on the CPU, one alive at a time in each pytest worker.
 
 Engines run their core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so tests can
-read the scheduler's block pool and the plugin's counters. Building an engine takes ~20 s
+read the scheduler's block pool and the plugin's counters. Building an engine takes ~10-20 s
 on the CPU, so each configuration is kept until a test asks for another one; a worker's
-tests are grouped by configuration.
+tests are grouped by configuration, across the modules of its lane (``LANES``).
 """
 
 from __future__ import annotations
@@ -53,41 +53,88 @@ def hamlet_ids():
 
 @pytest.fixture(scope="session")
 def reference():
+    """The plain-PyTorch reference (tests/reference.py). Its logprobs for the same tokens,
+    steps and contract are computed once per worker, and a run whose first passes are a
+    recent run's takes them from it (the same computation gives the same bits): several
+    tests stream the same text with the same steps (Hamlet's first tokens, 64-token chunks)."""
     from reference import ReferenceLlama
 
     from vllm_sink import assets
 
-    return ReferenceLlama(assets.model_dir())
+    class Memoised(ReferenceLlama):
+        keep_runs = 8  # and a run that starts as a recent one did starts after it (~100 MB a run)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.memo = {}
+
+        def stream_logprobs(self, tokens, steps, **contract):
+            key = (tuple(tokens), tuple(tuple(s) for s in steps), tuple(sorted(contract.items())))
+            if key not in self.memo:
+                self.memo[key] = super().stream_logprobs(tokens, steps, **contract)
+            return self.memo[key].clone()
+
+    return Memoised(assets.model_dir())
 
 
 ENGINE_ORDER = list(ENGINES)
 
+# The modules of real engines and servers, in two lanes: with pytest-xdist each lane is one
+# worker's (a lane goes out whole, its tests grouped by engine configuration across its
+# modules, so each engine is built once per lane and a Memo's results stay with their
+# engines). Lane "a": the server tests first (they share a server), then the modules on the
+# unshrunk and 512-position sink engines. Lane "b": the other engine modules. The lanes take
+# about the same time (from a whole run's --durations on 2 cores: about 23 minutes each);
+# every other module goes out on its own, to whichever worker is free first.
+LANES = {
+    "a": ["tests/server/", "tests/test_engine_positions.py", "tests/test_engine_ray.py"],
+    "b": ["tests/test_engine_batching.py", "tests/test_engine_bounded_state.py", "tests/test_engine_idle_sessions.py",
+          "tests/test_engine_memory.py", "tests/test_engine_multiprocess.py", "tests/test_engine_own_sink.py",
+          "tests/test_engine_reference.py", "tests/test_engine_rows.py", "tests/test_engine_sampling.py",
+          "tests/test_engine_sessions.py", "tests/test_engine_streaming_input.py", "tests/test_engine_vanilla.py"],
+}
+
+
+def lane_of(path: str) -> str | None:
+    return next((lane for lane, paths in LANES.items() if any(path.startswith(p) for p in paths)), None)
+
 
 def pytest_collection_modifyitems(config, items):
-    """Run unit tests first, then engine tests grouped by engine configuration, so each
+    """Lane "a", lane "b", then the other modules; in a lane the tests without an engine
+    first (the server tests), then the engine tests grouped by engine configuration, so each
     engine is built once."""
+    lanes = list(LANES)
 
     def key(item):
+        lane = lane_of(item.nodeid.split("::", 1)[0])
         marker = item.get_closest_marker("engine")
-        return ENGINE_ORDER.index(marker.args[0]) + 1 if marker else 0
+        return (lanes.index(lane) if lane else len(lanes), ENGINE_ORDER.index(marker.args[0]) + 1 if marker else 0)
 
     items.sort(key=key)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """With pytest-xdist (``-n 2`` in pyproject.toml), a worker takes a whole test module at a
-    time (its engines are built once), and one worker takes all the server tests (they share
-    a server); modules go out in the order above, the server tests first."""
+    """With pytest-xdist (``-n 2`` in pyproject.toml), a worker takes a whole lane at a time
+    (see ``LANES``), or a whole module outside the lanes; they go out in the order above."""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ModulesAndServerTests(LoadScopeScheduling):
+    class Lanes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "tests/server" if path.startswith("tests/server/") else path
+            lane = lane_of(path)
+            return f"lane {lane}" if lane else path
 
-    config.option.loadscopereorder = False  # (xdist would put the modules of most tests first)
-    return ModulesAndServerTests(config, log)
+    config.option.loadscopereorder = False  # (xdist would put the scopes of most tests first)
+    return Lanes(config, log)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_kept_streams_of_other_modules(engines):
+    """A module's engine tests start with no kept stream (session) that another module's
+    tests left on the engine they share: none of their prompts resumes one, as on a fresh
+    engine."""
+    engines.release_kept()
 
 
 @pytest.fixture(autouse=True)

@@ -24,16 +24,15 @@ ENGINES = {
     "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # "sink16" in bfloat16: the tolerance the GPU runs are held to (benchmarks/gpu_correctness.py).
     "sink16_bf16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
-    # "sink16" and "sink20_p512" keeping finished streams for resumption (sessions).
-    "sink16_sessions": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True),
-    "sink20_p512_sessions": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, kv_sessions=True),
-    # "sink16_sessions" in a pool of 50 pages (737,280 bytes each): two kept conversations
+    # (Sessions, kept finished streams, are on by default: "sink16" and "sink20_p512" keep
+    # them too; kv_sessions=True below only says so.)
+    # "sink16" in a pool of 50 pages (737,280 bytes each): two kept conversations
     # leave too little for a third stream's footprint (22 pages).
     "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280),
     # "sink20_p512"'s shapes with a 16-token engine sink and requests that bring their own
     # sink of up to 40 tokens (max_sink_tokens).
     "sink16_own40_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # "sink16_sessions" with a pool of 1,000 pages: 50 idle conversations past the window
+    # "sink16" with a pool of 1,000 pages: 50 idle conversations past the window
     # (18 pages each) fit, and a batch of long streams then needs some of their room.
     "sink16_sessions_pool1000": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1000 * 737280),
     # Vanilla vLLM, same block size and chunking as "sink16".
@@ -61,6 +60,23 @@ class EngineCache:
         self.llm = LLM(str(model), **{**COMMON, **config})
         self.name = name
         return self.llm
+
+    def release_kept(self):
+        """Release the streams the live engine keeps for resumption (as pool pressure would:
+        pages back to the pool, the worker told at the next step), so that the next module's
+        tests find the engine as a fresh one: no stream that one of their prompts could
+        resume. Engines are shared by the modules of a worker (tests/conftest.py)."""
+        if self.llm is None or not hasattr(self.llm.llm_engine.engine_core, "engine_core"):
+            return
+        from vllm_sink.metrics import SINK_STATS
+
+        pressure = SINK_STATS.kept_released_for_pressure  # (not pool pressure: not counted)
+        for m in scheduler_of(self.llm).kv_cache_manager.coordinator.single_type_managers:
+            sessions = getattr(m, "sessions", None)
+            if sessions is not None and len(sessions.kept):
+                sessions.release_for(float("inf"))
+                assert not len(sessions.kept)
+        SINK_STATS.kept_released_for_pressure = pressure
 
     def close(self):
         if self.llm is not None:

@@ -5,7 +5,7 @@ It does not import vLLM or vllm_sink. It follows the paper's semantics directly,
 the research code does: keys are cached *before* RoPE, and at every step the visible keys
 get their positions re-assigned within the cache and are rotated afresh.
 
-The contract (MISSION.md): a step computes tokens ``[a, b)``; the window starts at
+The contract (the sink policy's, as vllm_sink.policy implements it): a step computes tokens ``[a, b)``; the window starts at
 ``w0 = max(S, floor((a - W + 1 - r) / B) * B + r)`` with ``r = S mod B`` (0 for whole sink
 pages); query ``t`` sees the sink ``[0, S)`` and the
 window ``[w0, t]``; sink token ``j`` sits at position ``j``, window token ``p`` at
@@ -97,6 +97,9 @@ class StreamingReference:
     (the model's Hugging Face names, in ``dtype``)."""
 
     neox = True
+    # Finished runs kept so that a later run sharing their first passes (the same tokens,
+    # steps and contract) starts after them (0: none kept). See :meth:`stream_logits`.
+    keep_runs = 0
 
     def __init__(self, model_dir: str | Path, dtype: torch.dtype = torch.float32):
         model_dir = Path(model_dir)
@@ -146,7 +149,13 @@ class StreamingReference:
         Steps are computed in passes of :func:`fused_steps`: steps that follow one another
         with the same window start see, query by query, the same keys at the same positions
         whether they run one by one or in one pass (the causal mask ``j <= t`` does the
-        rest), so a run of decode steps costs one pass per page, not one per token."""
+        rest), so a run of decode steps costs one pass per page, not one per token.
+
+        With ``keep_runs`` set, a run whose first passes are those of a kept run (same
+        contract, same passes, same tokens up to their end, and cache rows that no later
+        pass of the kept run rewrote) takes those passes' keys and values and final hidden
+        states from it instead of computing them again: the same computation on the same
+        inputs, so the same bits, less the work."""
         S, B = sink_tokens, block_size
         # Pre-RoPE keys and values of every token seen so far, per layer (row t: token t;
         # rows at and past the step's end are not read).
@@ -155,7 +164,23 @@ class StreamingReference:
         v_cache = [torch.zeros(n, self.n_kv, self.head_dim, dtype=self.dtype) for _ in range(self.n_layers)]
         ids = torch.tensor(tokens)
         rep = self.n_heads // self.n_kv
-        for a, b, w0, parts in fused_steps(steps, S, window, B):
+        passes = fused_steps(steps, S, window, B)
+        contract = (S, window, B)
+        kept, done = self._kept_prefix(contract, tokens, passes)
+        if done:
+            end = passes[done - 1][1]
+            for i in range(self.n_layers):
+                k_cache[i][:end] = kept["k"][i][:end]
+                v_cache[i][:end] = kept["v"][i][:end]
+        xs = []
+        for j, (a, b, w0, parts) in enumerate(passes):
+            if j < done:
+                x = kept["x"][j]
+                xs.append(x)
+                logits = self.head(x)
+                for sa, sb in parts:
+                    yield sa, sb, logits[sa - a : sb - a]
+                continue
             if window is None:
                 keys_idx = torch.arange(0, b)
                 key_pos = keys_idx.clone()
@@ -183,9 +208,34 @@ class StreamingReference:
             x = self.embed(ids[a:b])
             for i in range(self.n_layers):
                 x = self.layer(i, x, attend)
+            xs.append(x)
             logits = self.head(x)
             for sa, sb in parts:
                 yield sa, sb, logits[sa - a : sb - a]
+        if self.keep_runs:
+            runs = self.__dict__.setdefault("_runs", [])
+            runs.append(dict(contract=contract, tokens=tuple(tokens), passes=passes, x=xs, k=k_cache, v=v_cache))
+            del runs[: -self.keep_runs]
+
+    def _kept_prefix(self, contract, tokens, passes) -> tuple[dict | None, int]:
+        """The kept run sharing the most first passes with this one, and how many."""
+        best, best_m = None, 0
+        for run in self.__dict__.get("_runs", []):
+            if run["contract"] != contract:
+                continue
+            theirs = run["passes"]
+            m = 0
+            while m < min(len(passes), len(theirs)) and passes[m] == theirs[m]:
+                m += 1
+            # Their rows [0, end) must hold what their pass m - 1 left there: no later pass
+            # of theirs wrote below its end (a resumed stream's step starts before it).
+            while m and any(a < theirs[m - 1][1] for a, _, _, _ in theirs[m:]):
+                m -= 1
+            while m and tuple(tokens[: passes[m - 1][1]]) != run["tokens"][: passes[m - 1][1]]:
+                m -= 1
+            if m > best_m:
+                best, best_m = run, m
+        return best, best_m
 
 
 def fused_steps(steps: list[tuple[int, int]], sink_tokens: int, window: int | None, block_size: int,

@@ -1,4 +1,4 @@
-"""Must-show 4: continuous batching. Eight requests of different lengths, most of them
+"""Continuous batching: eight requests of different lengths, most of them
 evicting, run concurrently and give the same greedy tokens as each run alone."""
 
 import pytest
@@ -18,13 +18,13 @@ def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch, steady)
     ``SMALL_BATCH`` rows in Python numbers (first case); any batch with numpy, which in the
     second case carries out the quiet rows of every step in which some row moves (the eight
     streams move at different steps), and a batch unchanged since the last planned step by
-    ``_SteadyBatch`` (second case, and every other engine test): the same tokens."""
-    from vllm_sink.patches.worker import runner as model_runner
+    ``SteadyBatch`` (second case, and every other engine test): the same tokens."""
+    from vllm_sink.patches.worker import steady as fast_paths
 
-    monkeypatch.setattr(model_runner, "SMALL_BATCH", small_batch)
-    monkeypatch.setattr(model_runner, "STEADY", steady)
+    monkeypatch.setattr(fast_paths, "SMALL_BATCH", small_batch)
+    monkeypatch.setattr(fast_paths, "STEADY", steady)
     hook = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner._vllm_sink_hook
-    steady0 = hook.steady_steps
+    steady0 = hook.fast.steady_steps
     prompts = [hamlet_ids[3000 * i : 3000 * i + n] for i, n in enumerate(PROMPT_LENS)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in MAX_TOKENS]
     evicted0 = SINK_STATS.pages_evicted
@@ -36,7 +36,8 @@ def test_batched_equals_alone(llm, hamlet_ids, monkeypatch, small_batch, steady)
         assert len(out.outputs[0].token_ids) == p.max_tokens
     # The steady path carried out steps (the batched run's and each alone run's decode steps)
     # only when it is on.
-    assert (hook.steady_steps > steady0 + sum(MAX_TOKENS) // 2) if steady else hook.steady_steps == steady0
+    steady_steps = hook.fast.steady_steps
+    assert (steady_steps > steady0 + sum(MAX_TOKENS) // 2) if steady else steady_steps == steady0
 
 
 @pytest.mark.parametrize("S", [

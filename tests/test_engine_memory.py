@@ -1,4 +1,4 @@
-"""Must-show 3: a stream many times longer than the window holds a bounded number of pages,
+"""A stream many times longer than the window holds a bounded number of pages,
 and every page goes back to the pool when requests finish or are aborted.
 
 Pages are counted straight from vLLM's own KV-cache manager (non-null entries of

@@ -42,9 +42,9 @@ def _use_writer(llm, writer: str, monkeypatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(page_writer, "_KERNEL", None)  # built (interpreted) on first use
     hook = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner._vllm_sink_hook
-    put = hook.stager.put
-    monkeypatch.setattr(hook, "_writers", (page_writer.PageWriter(hook.keys(), hook.table, put, use_triton=True),
-                                           page_writer.PageWriter(hook.values(), None, put, use_triton=True)))
+    kv, put = hook.kv, hook.stager.put
+    monkeypatch.setattr(kv, "_writers", (page_writer.PageWriter(kv.keys(), hook.table, put, use_triton=True),
+                                         page_writer.PageWriter(kv.values(), None, put, use_triton=True)))
 
 
 _REFERENCE: dict = {}

@@ -1,4 +1,4 @@
-"""Must-show 5: a request runs far past the model's rotary positions.
+"""A request runs far past the model's rotary positions.
 
 With ``hf_overrides={"max_position_embeddings": 512}`` a 5,200-token prompt plus 64
 generated tokens (over 10x the model's positions) is served. Its perplexity on real text

@@ -25,7 +25,7 @@ What it takes to run this on the CPU (the script does each step):
   in the script's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), where the shim is.
 * **TP=2 needs the head-padded model**: SmolLM2-135M's 9 query / 3 KV heads do not split
   over 2 ranks (vLLM refuses: 9 heads not divisible by tensor_parallel_size 2). The script
-  runs the copy made by ``vllm_sink.assets.pad_heads`` (12 / 4 heads, the new heads zero:
+  runs the copy made by ``padded_model.pad_heads`` (12 / 4 heads, the new heads zero:
   the same function, see tests/test_padded_model.py).
 * **Tolerance**: the logprobs differ from TP=1's only by float32 rounding, but TP=2 sums
   each layer's output in two halves (and the padded matrices have other shapes), so the
@@ -129,9 +129,11 @@ def _script_kwargs(name: str) -> dict:
 @pytest.mark.engine(ENGINE)
 def test_policy_active_in_ray_workers(llm, tmp_path, hamlet_ids):
     pytest.importorskip("ray")
+    from padded_model import pad_heads
+
     from vllm_sink import assets
 
-    padded = assets.pad_heads(assets.model_dir(), tmp_path / "padded")
+    padded = pad_heads(assets.model_dir(), tmp_path / "padded")
     ids = hamlet_ids[:N]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
     (tmp_path / "run.py").write_text(SCRIPT)

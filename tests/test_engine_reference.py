@@ -1,4 +1,4 @@
-"""Must-show 1: the plugin's per-token log-probabilities equal an independent reference.
+"""The plugin's per-token log-probabilities equal an independent reference.
 
 The reference (tests/reference.py) is plain PyTorch, does not import vLLM, caches keys
 before RoPE and re-assigns positions at every step, exactly as the paper's code does. The

@@ -46,9 +46,9 @@ def _chat(llm, turns, own_sink=None):
 
 
 @pytest.mark.parametrize("S,own", [
-    pytest.param(16, False, marks=pytest.mark.engine("sink16_sessions")),
+    pytest.param(16, False, marks=pytest.mark.engine("sink16")),
     # A partial sink page and 512 rotary positions: epochs start inside turns.
-    pytest.param(20, False, marks=pytest.mark.engine("sink20_p512_sessions")),
+    pytest.param(20, False, marks=pytest.mark.engine("sink20_p512")),
     # The conversation's own sink (two pages and a partial one, as a system prompt's would
     # be) on an engine whose sink is one page: epochs inside turns too.
     pytest.param(36, True, marks=pytest.mark.engine("sink16_own40_p512"), id="own36"),

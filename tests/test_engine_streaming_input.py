@@ -86,7 +86,7 @@ def _engine_probe():
         return dict(
             kept_pages=sessions.kept.pages if sessions is not None else 0,
             held={rid: sum(not b.is_null for b in blocks) for rid, blocks in manager.req_to_blocks.items()},
-            first_live=dict(manager.first_live_block),
+            first_live={rid: stream.first_live for rid, stream in manager.streams.items()},
             metric_live=dict(SINK_STATS.live_pages),
             free=manager.block_pool.get_num_free_blocks(),
             max_live_pages=manager.geometry.max_live_pages,
@@ -234,7 +234,8 @@ def test_next_chunk_is_admitted_like_a_new_stream():
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.request import RequestStatus
 
-    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import StreamingSinkManager
+    from vllm_sink.patches.spec import SinkWindowSpec
     from vllm_sink.policy import SinkGeometry
 
     g = SinkGeometry(block_size=B, sink_tokens=16, kv_window=64, step_tokens=64, concurrent_steps=1, rope_limit=8192)
@@ -260,20 +261,20 @@ def test_next_chunk_is_admitted_like_a_new_stream():
     while s.num_computed_tokens < 207:
         assert step(s, min(64, 200 - s.num_computed_tokens) if s.num_computed_tokens < 200 else 1)
     mgr.note_request(s)
-    assert mgr.live["s"] == mgr.footprints["s"] == g.decode_live_pages == 6
+    assert mgr.streams["s"].live == mgr.streams["s"].footprint == g.decode_live_pages == 6
     # A long stream is admitted meanwhile: its footprint (10) is reserved.
     o = SimpleNamespace(request_id="o", num_prompt_tokens=1000, max_tokens=100, num_computed_tokens=0,
                         status=RequestStatus.WAITING, sampling_params=None)
-    assert step(o, 64) and mgr.outstanding_pages() == g.max_live_pages - mgr.live["o"] == 6
+    assert step(o, 64) and mgr.outstanding_pages() == g.max_live_pages - mgr.streams["o"].live == 6
     # The session's next chunk: 6 free pages would serve its first step, but not both the
     # session's growth to 10 pages and the stream's reserved 6: it waits.
     s.status, s.num_prompt_tokens = RequestStatus.WAITING, 300
     assert not step(s, 64)
-    assert "s" in mgr.live  # still holding its pages, nothing preempted
+    assert mgr.streams["s"].admitted  # still holding its pages, nothing preempted
     mgr.free("o")
     assert step(s, 64)
     while s.num_computed_tokens < 300:
         assert step(s, min(64, 300 - s.num_computed_tokens))
-        assert mgr.live["s"] <= g.max_live_pages
+        assert mgr.streams["s"].live <= g.max_live_pages
     mgr.free("s")
     assert pool.get_num_free_blocks() == 16

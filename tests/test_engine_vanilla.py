@@ -1,4 +1,4 @@
-"""Must-show 2: before the first eviction the plugin's output is vanilla vLLM's."""
+"""Before the first eviction the plugin's output is vanilla vLLM's."""
 
 import pytest
 from vllm import SamplingParams

@@ -1,4 +1,4 @@
-"""The head-padded SmolLM2 (``vllm_sink.assets.pad_heads``: 12 query / 4 KV heads instead of
+"""The head-padded SmolLM2 (``padded_model.pad_heads``: 12 query / 4 KV heads instead of
 9 / 3, so that tensor parallelism 2 can split it) computes the same function as the
 original, checked with the plain-PyTorch reference (no engine) on real text streamed past
 the window (sink 16, W=256, 64-token chunks: pages evicted).
@@ -16,6 +16,7 @@ import json
 import pytest
 import torch
 
+from padded_model import pad_heads
 from reference import ReferenceLlama, chunked_steps
 
 N, CHUNK, S, W, B = 600, 64, 16, 256, 16
@@ -26,7 +27,7 @@ def dirs(tmp_path_factory):
     from vllm_sink import assets
 
     src = assets.model_dir()
-    return src, assets.pad_heads(src, tmp_path_factory.mktemp("padded") / "model")
+    return src, pad_heads(src, tmp_path_factory.mktemp("padded") / "model")
 
 
 def _stream(ref, ids):

@@ -43,7 +43,8 @@ def test_spec_registered_with_its_manager():
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import StreamingSinkManager
+    from vllm_sink.patches.spec import SinkWindowSpec
     from vllm_sink.policy import SinkGeometry
 
     g = SinkGeometry(block_size=16, sink_tokens=16, kv_window=256, step_tokens=64, concurrent_steps=1, rope_limit=8192)
@@ -71,7 +72,8 @@ def test_manager_frees_pages_leaving_the_window(S):
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import StreamingSinkManager
+    from vllm_sink.patches.spec import SinkWindowSpec
     from vllm_sink.policy import SinkGeometry
     from vllm_sink.policy import cdiv, window_start
 
@@ -106,13 +108,14 @@ def test_manager_frees_pages_leaving_the_window(S):
     assert mgr.get_num_common_prefix_blocks("r") == 0
 
 
-def test_admission_reserves_the_bounded_footprint():
+def test_admitting_reserves_the_bounded_footprint():
     """Requests are admitted only while every admitted stream can still grow to its
     footprint, so growing streams never run out of pages (never preempted)."""
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import StreamingSinkManager
+    from vllm_sink.patches.spec import SinkWindowSpec
     from vllm_sink.policy import SinkGeometry
 
     B = 16
@@ -144,13 +147,14 @@ def test_admission_reserves_the_bounded_footprint():
 
 def test_footprint_follows_request_length_and_phase():
     """Short requests reserve only what their whole length needs; a decoding stream only
-    the decode bound; so many short requests run at once (no throughput lost to admission)."""
+    the decode bound; so many short requests run at once (no throughput lost to admitting them)."""
     from types import SimpleNamespace
 
     import torch
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_sink.patches.scheduler.manager import SinkWindowSpec, StreamingSinkManager
+    from vllm_sink.patches.scheduler.manager import StreamingSinkManager
+    from vllm_sink.patches.spec import SinkWindowSpec
     from vllm_sink.policy import SinkGeometry
 
     B = 16
@@ -162,13 +166,13 @@ def test_footprint_follows_request_length_and_phase():
     assert spec.max_live_pages == 1 + -(-(255 + 1024) // 16) + 1  # 82
     short = SimpleNamespace(request_id="short", num_prompt_tokens=40, max_tokens=24, num_computed_tokens=0)
     mgr.note_request(short)
-    assert mgr.footprints["short"] == 4  # ceil(64 / 16), not 82
+    assert mgr.streams["short"].footprint == 4  # ceil(64 / 16), not 82
     long_ = SimpleNamespace(request_id="long", num_prompt_tokens=5000, max_tokens=10_000, num_computed_tokens=0)
     mgr.note_request(long_)
-    assert mgr.footprints["long"] == 82  # prefilling with 1024-token chunks in flight
+    assert mgr.streams["long"].footprint == 82  # prefilling with 1024-token chunks in flight
     long_.num_computed_tokens = 5002
     mgr.note_request(long_)
-    assert mgr.footprints["long"] == 1 + -(-(255 + 2) // 16) + 1  # 19 once decoding
+    assert mgr.streams["long"].footprint == 1 + -(-(255 + 2) // 16) + 1  # 19 once decoding
     # 100 short requests fit in a 400-page pool at once.
     admitted = 0
     for i in range(100):
