@@ -269,11 +269,18 @@ def params_of(fn: Callable) -> str:
     return ", ".join(out)
 
 
+def function_of(raw: Any) -> Any:
+    """The plain function under a descriptor as a class holds it (a property's getter, a
+    static or class method's function); anything else as it is."""
+    if isinstance(raw, property):
+        return raw.fget
+    if isinstance(raw, (staticmethod, classmethod)):
+        return raw.__func__
+    return raw
+
+
 def _unwrap(obj: Any) -> Any:
-    if isinstance(obj, property):
-        obj = obj.fget
-    elif isinstance(obj, (staticmethod, classmethod)):
-        obj = obj.__func__
+    obj = function_of(obj)
     while getattr(obj, MARK, False):
         obj = obj.__wrapped__
     return obj
@@ -403,12 +410,7 @@ def wrap_once(owner: Any, name: str, make: Callable[[Callable], Callable]) -> bo
         raise LookupError(f"vllm-sink: {where}.{name} is not listed as a {expected} in "
                           "vllm_sink.patches.bindings.BINDINGS")
     raw = inspect.getattr_static(owner, name) if inspect.isclass(owner) else getattr(owner, name)
-    if isinstance(raw, property):
-        orig = raw.fget
-    elif isinstance(raw, (staticmethod, classmethod)):
-        orig = raw.__func__
-    else:
-        orig = raw
+    orig = function_of(raw)
     if is_wrapped(orig):
         return False
     new = make(orig)

@@ -95,8 +95,7 @@ def test_every_wrap_is_installed_and_listed():
     for b in BINDINGS:
         if b.kind != WRAP or b.side == bindings.BENCHMARKS:
             continue
-        if not bindings.is_wrapped(bindings.resolve(b).fget if isinstance(bindings.resolve(b), property)
-                                   else getattr(bindings.resolve(b), "__func__", bindings.resolve(b))):
+        if not bindings.is_wrapped(bindings.function_of(bindings.resolve(b))):
             not_wrapped.append(f"{b.module}.{b.name}")
     assert not not_wrapped, not_wrapped
 
@@ -160,9 +159,3 @@ def test_an_unsupported_vllm_is_refused_at_start_up(monkeypatch):
     with pytest.raises(SinkConfigError, match=r"supports vLLM 0\.26\.0; this is vLLM 0\.27\.1"):
         patches.install()
 
-
-def test_counts_by_kind():
-    counts = bindings.counts()
-    print("\nbindings:", counts)
-    assert counts[WRAP] == sum(1 for b in BINDINGS if b.kind == WRAP)
-    assert counts["private"] == sum(1 for b in BINDINGS if b.private)
