@@ -25,6 +25,12 @@ if _XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# vLLM's CPU sampler compiles its random-sampling kernel with torch.compile (inductor) in
+# every process at start-up, ~10 s on 2 cores (a C++ build check of each vector ISA, then
+# the compile), for each server, engine-core worker and Ray worker the suite starts. The
+# same kernel in eager mode samples the same way (softmax, exponential noise, argmax); the
+# plugin compiles nothing itself.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 # The manager and the worker run in this process: check after every engine test that
 # they held the same rows of pages (vllm_sink.invariants).
 os.environ.setdefault("VLLMSINK_CHECK_ROWS", "1")
