@@ -92,6 +92,7 @@ BINDINGS: tuple[Binding, ...] = (
            "additional_config max_model_len enable_prefix_caching speculative_config kv_transfer_config "
            "kv_cache_dtype decode_context_parallel_size prefill_context_parallel_size "
            "pipeline_parallel_size block_size model"),
+    *_rows(FRONTEND, READ, "vllm.engine.arg_utils", "EngineArgs", "_api_process_count _api_process_rank"),
     _signed(FRONTEND, WRAP, "vllm.entrypoints.llm", "LLM.__init__", "self, model, *, runner=, ..."),
     *_rows(FRONTEND, ENV, "vllm.envs", "",
            "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY VLLM_ALLOW_LONG_MAX_MODEL_LEN VLLM_USE_V2_MODEL_RUNNER"),

@@ -6,6 +6,7 @@
 * ``chat_tokens``:     BaseRenderer._tokenize_prompt (a re-sent history tokenised by segment)
 * ``chat_sink``:       OnlineRenderer.preprocess_chat (the system prompt as the sink)
 * ``detokenizer``:     FastIncrementalDetokenizer.__init__ (primed with the prompt's tail)
+* ``metrics``:         the ``vllm_sink:`` series on every API server's /metrics
 """
 
 from __future__ import annotations

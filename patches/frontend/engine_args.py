@@ -5,14 +5,15 @@ Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``)
                                           --kv-window, --max-stream-len
   EngineArgs.from_cli_args(args)          wrapped: stock code keeps only dataclass fields and
                                           would drop our flags; we fold them into
-                                          additional_config
+                                          additional_config (and into the arguments'
+                                          additional_config, which the API servers of
+                                          --api-server-count N are built from)
   EngineArgs.create_engine_config(...)    wrapped: validates, refuses what the policy cannot
                                           serve, sets prefix caching off and max_model_len to
                                           the stream cap, resolves the window, stores the
                                           resolved settings in additional_config["vllm_sink"]
   LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
                                           max_stream_len into additional_config
-  envs.VLLM_RAY_EXTRA_ENV_VARS_TO_COPY    extended with VLLMSINK_METRICS_DIR (Ray workers)
   os.environ["MALLOC_ARENA_MAX"]          exported for the engine core and workers vLLM
                                           starts (vllm_sink.allocator), unless the user set it
   envs._is_envs_cache_enabled,            lifted while VLLM_ALLOW_LONG_MAX_MODEL_LEN is set
@@ -25,19 +26,15 @@ Every wrap passes through untouched when no sink setting is given.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import os
-import shutil
-import tempfile
 from vllm.logger import init_logger
 
 from vllm_sink import allocator
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
-from vllm_sink.metrics import METRICS_DIR_ENV, SinkCollector
 from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.patches import refusals
-from vllm_sink.patches.frontend import detokenizer
+from vllm_sink.patches.frontend import detokenizer, metrics
 from vllm_sink.policy import SinkGeometry, max_step_tokens
 
 # Under the "vllm" logger tree, so that vLLM's logging configuration shows our lines.
@@ -205,7 +202,17 @@ def sink_engine_config(args, orig_create, *a, **kw):
     vllm_config.additional_config[CONFIG_KEY] = {**resolved.to_dict(), GEOMETRY_KEY: geometry.to_dict()}
     detokenizer.activate()
     served = vllm_config.model_config.served_model_name
-    export_metrics(served if isinstance(served, str) else served[0])
+    api_server = metrics.is_api_server_worker(args)
+    metrics.export(served if isinstance(served, str) else served[0],
+                   api_server_rank=args._api_process_rank if api_server else None)
+    if api_server:  # the process that started the engine has logged the settings
+        logger.info(
+            "vllm-sink: API server %d of %d: kv_policy=sink, requests up to %s tokens",
+            args._api_process_rank + 1,
+            args._api_process_count,
+            vllm_config.model_config.max_model_len,
+        )
+        return vllm_config
     arenas, chosen = allocator.limit_arenas()
     logger.info(
         "vllm-sink: %s=%s for this engine's processes (%s): glibc's per-thread arenas "
@@ -239,31 +246,6 @@ def sink_engine_config(args, orig_create, *a, **kw):
     return vllm_config
 
 
-_collector: SinkCollector | None = None
-
-
-def export_metrics(model_name: str) -> str:
-    """Make the directory the engine processes publish their counters into (inherited
-    through ``VLLMSINK_METRICS_DIR``) and serve them on this process's ``/metrics``."""
-    global _collector
-    from prometheus_client import REGISTRY
-
-    directory = tempfile.mkdtemp(prefix="vllm-sink-metrics-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    os.environ[METRICS_DIR_ENV] = directory
-    # vLLM's Ray executor copies only VLLM_* variables (and those named here) to its workers.
-    copied = [v for v in os.environ.get("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "").split(",") if v]
-    if METRICS_DIR_ENV not in copied:
-        os.environ["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] = ",".join(copied + [METRICS_DIR_ENV])
-    if _collector is None:
-        _collector = SinkCollector(directory, {"model_name": model_name})
-        REGISTRY.register(_collector)
-    else:
-        _collector.directory = directory
-        _collector.labels = {"model_name": model_name}
-    return directory
-
-
 def _pop_user_kwargs(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in list(kwargs) if k in USER_KEYS}
 
@@ -294,6 +276,10 @@ def install() -> None:
                 merged = dict(engine_args.additional_config or {})
                 merged.update(ours)
                 engine_args.additional_config = merged
+                # Through the stock --additional-config, for the API servers that
+                # --api-server-count N starts with these arguments: they build their engine
+                # arguments before vLLM loads the plugin in them.
+                args.additional_config = merged
             return engine_args
         return from_cli_args
 

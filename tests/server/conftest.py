@@ -1,7 +1,8 @@
 """Real ``vllm serve`` processes for the server tests.
 
 Modules that serve the default settings (``SINK_FLAGS`` with an API key; sessions on) share
-one server for the whole session: a server takes about a minute to start on 2 cores, and
+one server for the whole session, which runs two API servers (``--api-server-count 2``, as a
+deployment scales its HTTP front end; each request goes to either): a server takes about a minute to start on 2 cores, and
 their tests measure what they check as differences of ``/metrics`` around their own
 requests, or as invariants of the whole pool, so what ran before them does not count. A
 module with ``SERVER_EXTRA_ARGS`` gets one of its own.
@@ -14,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serverlib import API_KEY, Server  # noqa: E402
+from serverlib import API_KEY, SHARED_EXTRA_ARGS, Server  # noqa: E402
 
 
 _running: list[Server] = []
@@ -22,7 +23,7 @@ _running: list[Server] = []
 
 @pytest.fixture(scope="session")
 def shared_server(tmp_path_factory):
-    srv = Server([], tmp_path_factory.mktemp("shared") / "server.log", api_key=API_KEY)
+    srv = Server(SHARED_EXTRA_ARGS, tmp_path_factory.mktemp("shared") / "server.log", api_key=API_KEY)
     _running.append(srv)
     yield srv
     srv.stop()

@@ -25,6 +25,10 @@ API_KEY = "vllm-sink-test-key"  # stock --api-key keeps working beside the plugi
 SINK_FLAGS = ["--kv-policy", "sink", "--sink-pages", "1", "--kv-window", "256", "--max-stream-len", "8192"]
 # The same settings through stock --additional-config, without a stream cap (the default).
 SINK_ADDITIONAL_CONFIG = ["--additional-config", '{"kv_policy": "sink", "sink_pages": 1, "kv_window": 256}']
+# The shared server's front end: two API server processes (each applies the policy's limits
+# and serves the vllm_sink: series).
+API_SERVERS = 2
+SHARED_EXTRA_ARGS = ["--api-server-count", str(API_SERVERS)]
 BASE_ARGS = [
     "--dtype", "float32", "--enforce-eager", "--block-size", "16",
     "--max-num-seqs", "16", "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "32",
@@ -45,6 +49,7 @@ class Server:
         from vllm_sink import assets
 
         self.api_key = api_key
+        self.args = list(extra_args)
         auth = ["--api-key", api_key] if api_key else []
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -68,8 +73,14 @@ class Server:
         return self.proc.poll() is None and requests.get(self.url + "/health", timeout=5).status_code == 200
 
     def metrics(self) -> dict[str, float]:
-        """``name{labels} value`` lines of /metrics, summed over label sets per name."""
+        """``name{labels} value`` lines of /metrics, summed over label sets per name. With
+        several API servers, the ``vllm_sink:`` series reach /metrics through a copy made
+        every 0.1 s: a scrape first waits that long twice, so that it sees what the engine
+        published before the last reply."""
         import requests
+
+        if "--api-server-count" in self.args:
+            time.sleep(0.25)
 
         return prometheus_values(requests.get(self.url + "/metrics", timeout=10).text)
 

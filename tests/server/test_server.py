@@ -14,7 +14,7 @@ import os
 import pytest
 import requests
 
-from serverlib import MODEL_NAME
+from serverlib import API_SERVERS, MODEL_NAME
 
 
 def _hamlet(chars: int) -> str:
@@ -36,6 +36,26 @@ def test_flags_reach_the_engine(server):
     assert "stream cap 8192 tokens" in log
     m = server.metrics()
     assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
+
+
+def test_every_api_server_applies_the_policy(server):
+    """The shared server runs ``--api-server-count 2``: each API server process (started
+    with the parsed arguments before vLLM loads the plugin in it) reports the sink's length
+    limit (the stream cap, not ``--max-model-len 512``) and serves the ``vllm_sink:``
+    series. Requests and scrapes go to either process (one listening socket); enough of them
+    reach both."""
+    import re
+
+    log = server.log()
+    ranks = set(re.findall(rf"vllm-sink: API server (\d+) of {API_SERVERS}: kv_policy=sink, requests up to 8192 tokens", log))
+    assert ranks == {str(i + 1) for i in range(API_SERVERS)}, ranks
+    for _ in range(8):
+        r = requests.get(server.url + "/v1/models", headers=server.headers(), timeout=30)
+        assert r.status_code == 200
+        assert r.json()["data"][0]["max_model_len"] == 8192, r.json()
+        m = server.metrics()
+        assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
+        assert sum(1 for name in m if name.startswith("vllm_sink:")) >= 8, sorted(m)
 
 
 def _reference_ppl(prompt_ids, output_ids):
