@@ -132,8 +132,13 @@ class SinkStats:
 SINK_STATS = SinkStats()
 
 
+# Gauges that bound one sequence, the same in every engine: the largest, not the sum.
+PER_SEQUENCE_GAUGES = frozenset({"max_pages_per_sequence"})
+
+
 def read_published(directory: str | os.PathLike) -> dict:
-    """Sum the snapshots of every process (gauges of the engine processes included)."""
+    """Add up the snapshots of every process: counters and pool gauges are summed (over the
+    engines of ``--data-parallel-size N`` too), a per-sequence bound is the largest."""
     total: dict[str, float] = {}
     for path in Path(directory).glob("*.json"):
         try:
@@ -142,7 +147,10 @@ def read_published(directory: str | os.PathLike) -> dict:
             continue
         for key, value in snap.items():
             if value is not None:
-                total[key] = total.get(key, 0) + value
+                if key in PER_SEQUENCE_GAUGES:
+                    total[key] = max(total.get(key, value), value)
+                else:
+                    total[key] = total.get(key, 0) + value
     return total
 
 
