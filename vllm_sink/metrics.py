@@ -10,7 +10,8 @@ named by ``VLLMSINK_METRICS_DIR`` (not ``VLLM_*``, which vLLM warns about as unk
 made by the front end when the sink policy is
 configured, inherited by the processes it spawns), and the API server's
 :class:`SinkCollector` adds them up at every scrape. This needs no change to vLLM's own
-metrics and no Prometheus multiprocess mode.
+metrics. (With several API servers, vLLM serves ``/metrics`` from Prometheus's multiprocess
+files, and the first API server copies the sums into them: ``patches/frontend/metrics.py``.)
 """
 
 from __future__ import annotations
