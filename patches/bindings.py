@@ -165,10 +165,13 @@ BINDINGS: tuple[Binding, ...] = (
             "FullAttentionManager.pop_blocks_for_free", "self, request_id"),
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
             "FullAttentionManager.new_step_starts", "self"),
+    _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
+            "FullAttentionManager.cache_blocks", "self, request, num_tokens, retention_interval="),
     *_rows(SCHEDULER, READ, "vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager",
            "req_to_blocks num_cached_block block_pool kv_cache_spec dcp_world_size pcp_world_size"),
     *_rows(SCHEDULER, READ, "vllm.v1.core.block_pool", "BlockPool",
-           "null_block free_blocks get_num_free_blocks num_gpu_blocks"),
+           "null_block free_blocks get_num_free_blocks num_gpu_blocks get_new_blocks"),
+    *_rows(SCHEDULER, READ, "vllm.v1.core.kv_cache_utils", "KVCacheBlock", "block_id block_hash ref_cnt is_null"),
     *_rows(SCHEDULER, CALL, "vllm.v1.core.single_type_kv_cache_manager", "", "register_all_kvcache_specs"),
     *_rows(SCHEDULER, CALL, "vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "register"),
     _signed(SCHEDULER, WRAP, "vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
@@ -181,7 +184,7 @@ BINDINGS: tuple[Binding, ...] = (
     *_rows(SCHEDULER, READ, "vllm.v1.request", "", "RequestStatus"),
     *_rows(SCHEDULER, READ, "vllm.v1.request", "RequestStatus", "WAITING FINISHED_STOPPED FINISHED_LENGTH_CAPPED"),
     *_rows(SCHEDULER, READ, "vllm.v1.request", "Request",
-           "request_id status prompt_token_ids num_prompt_tokens num_computed_tokens max_tokens "
+           "request_id status prompt_token_ids num_prompt_tokens num_computed_tokens max_tokens block_hashes _block_hasher "
            "sampling_params _all_token_ids _output_token_ids all_token_ids output_token_ids "
            "resumable structured_output_request skip_reading_prefix_cache prompt_embeds lora_request "
            "cache_salt"),

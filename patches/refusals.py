@@ -208,11 +208,6 @@ def check_engine_args(args) -> None:
             "the sink KV policy runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
             "asks for V2; unset VLLM_USE_V2_MODEL_RUNNER (the plugin picks V1 for sink engines)"
         )
-    if args.enable_prefix_caching:
-        raise SinkConfigError(
-            "prefix caching cannot be combined with the sink KV policy (evicted, re-rotated "
-            "pages cannot be shared by hash); drop --enable-prefix-caching"
-        )
     if args.speculative_config:
         raise SinkConfigError(
             "speculative decoding is not supported with the sink KV policy; drop "

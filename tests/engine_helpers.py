@@ -35,6 +35,10 @@ ENGINES = {
     # "sink16" with a pool of 1,000 pages: 50 idle conversations past the window
     # (18 pages each) fit, and a batch of long streams then needs some of their room.
     "sink16_sessions_pool1000": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1000 * 737280),
+    # "sink20_p512" with prefix caching, and vanilla vLLM with prefix caching, the same
+    # shapes and chunking (512 positions: the vanilla engine serves requests inside them).
+    "sink20_p512_prefix": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, enable_prefix_caching=True),
+    "vanilla16_p512_prefix": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=512, hf_overrides={"max_position_embeddings": 512}, enable_prefix_caching=True),
     # Vanilla vLLM, same block size and chunking as "sink16".
     "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
 }
@@ -95,7 +99,7 @@ def free_or_kept(llm) -> int:
     """Pages of the pool that no running request holds: free, or held by a kept stream (a
     finished stream kept for resumption, released whenever a request needs the room)."""
     kv = scheduler_of(llm).kv_cache_manager
-    kept = sum(m.sessions.kept.pages for m in kv.coordinator.single_type_managers
+    kept = sum(m.sessions.held_pages() for m in kv.coordinator.single_type_managers
                if getattr(m, "sessions", None) is not None)
     return kv.block_pool.get_num_free_blocks() + kept
 

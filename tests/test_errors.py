@@ -29,7 +29,6 @@ SETTINGS = [
     ("sink setting without the sink policy", dict(sink_pages=2), None, "only apply with kv_policy='sink'"),
     ("stream cap below sink + window", dict(kv_policy="sink", kv_window=1024, max_stream_len=512, block_size=16), None, "raise max_stream_len"),
     ("max_model_len below sink + window", dict(kv_policy="sink", kv_window=1024, max_model_len=512, block_size=16), None, "max-model-len"),
-    ("prefix caching asked for", dict(kv_policy="sink", enable_prefix_caching=True), None, "drop --enable-prefix-caching"),
     ("fp8 KV cache", dict(kv_policy="sink", kv_cache_dtype="fp8"), None, "--kv-cache-dtype auto"),
     ("speculative decoding", dict(kv_policy="sink", speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}), None, "drop --speculative-config"),
     ("KV connector", dict(kv_policy="sink", kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}), None, "drop --kv-transfer-config"),

@@ -30,6 +30,8 @@ COUNTERS = {
     "tokens_evicted": "Tokens whose KV was freed because they left the window.",
     "epochs": "Epochs started: the window's cached keys re-rotated once to a new position base.",
     "sink_rotations": "Sink re-anchorings: sink keys rewritten from their pristine copy.",
+    "pages_copied": "Pages a stream copied for itself when its window first moved, because other "
+    "requests could find them in the prefix cache or held them (copy on write).",
     "session_resumes": "Requests that resumed a kept stream (kv_sessions): only their new tokens were prefilled.",
     "session_tokens_reused": "Prompt tokens not prefilled again because a kept stream held them.",
     "sessions_released_under_pressure": "Kept streams released so that a new request could be admitted.",
@@ -57,6 +59,7 @@ class SinkStats:
     tokens_evicted: int = 0
     epochs: int = 0
     sink_rotations: int = 0
+    pages_copied: int = 0
     pool_pages: int = 0
     free_pages: int | None = None
     max_live_pages_allowed: int = 0
@@ -94,6 +97,7 @@ class SinkStats:
             "tokens_evicted": self.tokens_evicted,
             "epochs": self.epochs,
             "sink_rotations": self.sink_rotations,
+            "pages_copied": self.pages_copied,
             "running_kv_pages": sum(self.live_pages.values()),
         }
         if self.role == "engine":

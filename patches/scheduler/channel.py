@@ -50,6 +50,16 @@ class StepChannel:
         self.meta.resumed[request_id] = key
         self.meta.first_live[request_id] = first_live
 
+    def copied(self, pairs: list[tuple[int, int]]) -> None:
+        """Pages to copy before the step writes any: ``(old, new)`` page ids."""
+        self.meta.copies.extend(pairs)
+
+    def private(self, request_id: str, pairs: list[tuple[int, int]]) -> None:
+        """``request_id``'s window moves for the first time: its row takes private copies of
+        shared pages, ``(old, new)`` page ids."""
+        self.copied(pairs)
+        self.meta.private.setdefault(request_id, []).extend(pairs)
+
     def take(self, output, streams: Mapping[str, SinkStream]) -> StepMeta:
         """This step's decisions, once it is scheduled: the sinks of new requests whose sink
         is their own, continued sessions' rows, resumed requests' rows compacted."""

@@ -71,8 +71,12 @@ class StreamingSinkManager(FullAttentionManager):
         engine's geometry with the request's own sink,
         ``vllm_sink.config.request_sink_tokens``), decided here when it is first allocated
         and shipped to the worker with the step that schedules it (``channel``).
-      * no block is shared between requests (prefix caching is off), so
-        ``get_num_common_prefix_blocks`` is 0 and cascade attention never runs.
+      * with prefix caching, pages are shared only as long as nobody writes them: a request
+        caches (by hash) only the pages it computed before its window first moved
+        (``cache_blocks``, ``SinkStream.clean_until``), and at the step its window first
+        moves it replaces each page it keeps that others can find or hold by a private copy
+        (``_take_private``); a resumed request copies a shared page it writes into
+        (``attach``). ``get_num_common_prefix_blocks`` is 0: cascade attention never runs.
       * admission reserves each sequence's whole footprint: a request is admitted only if
         the free pages cover its footprint plus what every admitted sequence may still grow
         by (``footprint - live``). Admitted sequences can then always grow, so vLLM never
@@ -145,6 +149,7 @@ class StreamingSinkManager(FullAttentionManager):
         rid = request.request_id
         stream = self.streams.get(rid)
         if stream is not None:
+            stream.step_start = request.num_computed_tokens
             if stream.admitted and getattr(request, "status", None) == RequestStatus.WAITING:
                 stream.readmitting = True  # a streaming-input session's next chunk
                 stream.continuing = (stream.first_live, self._held_ids(rid))
@@ -155,6 +160,7 @@ class StreamingSinkManager(FullAttentionManager):
             hold_tail(request, stream.geometry)
             if rid not in self.req_to_blocks:  # (before any page: vLLM extends it from here)
                 self.req_to_blocks[rid] = BlockRow((), stream.geometry.sink_pages, self.block_pool.null_block)
+            stream.step_start = request.num_computed_tokens
         g = stream.geometry
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
@@ -167,7 +173,7 @@ class StreamingSinkManager(FullAttentionManager):
     def outstanding_pages(self, exclude: str | None = None) -> int:
         """Pages admitted sequences (but ``exclude``) may still claim, up to their footprints."""
         return sum(
-            max(0, stream.footprint - stream.live)
+            max(0, stream.footprint - stream.live + stream.unowned)
             for rid, stream in self.streams.items()
             if stream.admitted and rid != exclude
         )
@@ -193,12 +199,19 @@ class StreamingSinkManager(FullAttentionManager):
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
                                   num_external_computed_tokens):
         """A resuming request adopts its kept stream's pages (``sessions.SchedulerSessions.adopt``);
-        with prefix caching off there are no other computed blocks."""
+        other computed blocks are prefix-cache hits, held and shared until the window first
+        moves."""
         if self.sessions is not None and self.sessions.is_pending(request_id):
             self.sessions.adopt(request_id, list(new_computed_blocks))
             return
         super().add_local_computed_blocks(request_id, new_computed_blocks, num_local_computed_tokens,
                                           num_external_computed_tokens)
+        if new_computed_blocks:  # prefix-cache hits: held, shared until the window first moves
+            stream = self._stream(request_id)
+            stream.unowned += len(new_computed_blocks)
+            stream.clean_until = max(stream.clean_until, num_local_computed_tokens)
+            stream.step_start = num_local_computed_tokens
+            self._hold(request_id, stream, stream.live + len(new_computed_blocks))
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
@@ -206,6 +219,15 @@ class StreamingSinkManager(FullAttentionManager):
         stream.readmitting = False  # admitted: its reservation covers it again
         if new_blocks or not stream.admitted:  # (most decode steps allocate nothing)
             self._hold(request_id, stream, stream.live + len(new_blocks))
+        if not stream.private:
+            g = stream.geometry
+            w0 = g.window_start(stream.step_start)
+            if w0 > g.sink_tokens:  # the step moves its window, for the first time
+                move = g.row_transition(stream.first_live, w0)
+                self._take_private(request_id, move)
+                stream.private, stream.unowned = True, 0
+                if self.check_rows and move is None:  # (its row moved at this count already)
+                    ROW_LOG.record_manager(request_id, stream.step_start, self._held_ids(request_id))
         return new_blocks
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None):
@@ -242,6 +264,58 @@ class StreamingSinkManager(FullAttentionManager):
         stream.move_at = next_move_at(first, g.sink_tokens, g.kv_window, self.block_size)
         if self.check_rows:
             ROW_LOG.record_manager(request_id, processed_computed_tokens, self._held_ids(request_id))
+
+    def _take_private(self, request_id: str, move) -> None:
+        """The step that moves ``request_id``'s window for the first time (decided when it is
+        scheduled, at the step's start, as the worker moves the row; ``move`` is that row
+        transition, whose leaving pages the manager frees once they are processed): from
+        this step on the worker may
+        rewrite its pages (the sink re-anchored, a page taking over as the partial sink page,
+        epochs), and the pages it computes depend on what its window held. Each page of its
+        row that another request can find (cached by hash) or holds is replaced by a private
+        copy (copy on write: the worker copies it, ``StepMeta.private``); the shared page is
+        released, and stays cached for the others."""
+        pool = self.block_pool
+        blocks = self.req_to_blocks[request_id]
+        s = self._stream(request_id).geometry.sink_pages
+        # The pages that stay (with a partial sink page, the page taking over as the sink
+        # page stays and is written; the old one leaves) ...
+        if move is None:  # (no page leaves at this step; the sink is re-anchored)
+            staying = {id(b) for b in blocks}
+        else:
+            staying = {id(b) for b in move.apply(blocks[:s] + blocks[move.first:], s)[0]}
+        # ... that another request can find or holds.
+        shared = [(i, b) for i, b in enumerate(blocks) if id(b) in staying and self._shared(b)]
+        if not shared:
+            return
+        fresh = pool.get_new_blocks(len(shared))
+        for (i, _), new in zip(shared, fresh):
+            blocks[i] = new
+        self.channel.private(request_id, [(old.block_id, new.block_id) for (_, old), new in zip(shared, fresh)])
+        self.free_pages([old for _, old in shared])
+        SINK_STATS.pages_copied += len(shared)
+
+    @staticmethod
+    def _shared(block) -> bool:
+        """Whether another request can find ``block`` (cached by hash) or holds it."""
+        return not block.is_null and (block.block_hash is not None or block.ref_cnt > 1)
+
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        """Cache (by hash) only the full pages a request computed before its window first
+        moved: the tokens of a step whose window start is the sink's end attend to every
+        token before them, as in vLLM without the policy (the contract), so those pages are
+        functions of the token prefix alone. Later pages depend on what the window held."""
+        stream = self.streams.get(request.request_id)
+        if stream is None:
+            return super().cache_blocks(request, num_tokens, *args, **kwargs)
+        if not stream.private:  # (the step's window start is the sink's end)
+            stream.clean_until = max(stream.clean_until, num_tokens)
+        elif request._block_hasher is not None:
+            # No page of it is cached from here: stop hashing its tokens (the hashes would
+            # grow with the stream), and keep only the hashes of its cacheable pages.
+            request._block_hasher = None
+            del request.block_hashes[stream.clean_until // self.block_size:]
+        super().cache_blocks(request, min(num_tokens, stream.clean_until), *args, **kwargs)
 
     def _held_ids(self, request_id: str) -> list[int]:
         """Ids of the pages ``request_id`` holds (sink, then live), in logical order."""
@@ -289,13 +363,27 @@ class StreamingSinkManager(FullAttentionManager):
             self.free_pages(tail)
         return blocks, stream.first_live, stream.geometry
 
-    def attach(self, request_id: str, blocks: list, first_live: int) -> None:
+    def attach(self, request_id: str, blocks: list, first_live: int, computed: int) -> None:
         """Give ``request_id`` (sized, holding nothing yet) the allocated row ``blocks``,
-        whose first window page is the logical page ``first_live``, as computed blocks."""
+        whose first window page is the logical page ``first_live``, as its first ``computed``
+        tokens. A row whose window has moved is the request's own (unhashed); one that never
+        moved was computed before any eviction (its pages may be cached and shared)."""
+        page = computed // self.block_size
+        if computed % self.block_size and page < len(blocks) and self._shared(blocks[page]):
+            # The request writes into the page holding its resume token (after it): a page
+            # others can find or hold is replaced by a private copy first.
+            blocks = list(blocks)
+            old, blocks[page] = blocks[page], self.block_pool.get_new_blocks(1)[0]
+            self.channel.copied([(old.block_id, blocks[page].block_id)])
+            self.free_pages([old])
+            SINK_STATS.pages_copied += 1
         self.req_to_blocks[request_id].extend(blocks)
         self.num_cached_block[request_id] = len(blocks)
         stream = self._stream(request_id)
         stream.first_live, stream.move_at = first_live, 0
+        stream.step_start = computed
+        stream.private = first_live > stream.geometry.sink_pages
+        stream.clean_until = 0 if stream.private else computed
         self._hold(request_id, stream, sum(not b.is_null for b in blocks))
 
     def free_pages(self, pages: list) -> None:

@@ -43,8 +43,9 @@ class PageOwner(Protocol):
         """Take ``request_id``'s row, cut after its ``computed`` tokens, away from the manager
         (its pages stay allocated, now the caller's): (row, first window page, geometry)."""
 
-    def attach(self, request_id: str, blocks: list, first_live: int) -> None:
-        """Give ``request_id`` the row ``blocks`` (already allocated) as computed blocks."""
+    def attach(self, request_id: str, blocks: list, first_live: int, computed: int) -> None:
+        """Give ``request_id`` the row ``blocks`` (already allocated) as computed blocks, its
+        first ``computed`` tokens."""
 
     def free_pages(self, pages: list) -> None:
         """Return ``pages`` (in row order) to the pool, tail first."""
@@ -154,7 +155,7 @@ class SchedulerSessions:
         rest = [b for b in handle.blocks[len(blocks):] if not b.is_null]
         if rest:
             self.owner.free_pages(rest)
-        self.owner.attach(request_id, blocks, handle.first_live)
+        self.owner.attach(request_id, blocks, handle.first_live, a)
         self.channel.resumed(request_id, key, handle.first_live)
         SINK_STATS.resumes += 1
         SINK_STATS.tokens_reused += a
@@ -164,8 +165,14 @@ class SchedulerSessions:
         """The step is scheduled: lookups not adopted in it are dropped."""
         self.pending.clear()
 
+    def held_pages(self) -> int:
+        """The pages the kept streams hold, each counted once (with prefix caching, kept
+        streams that started alike share their cached pages)."""
+        return len({b.block_id for key in self.kept.keys() for b in self.kept.get(key).handle.blocks
+                    if not b.is_null})
+
     def _count(self) -> None:
-        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.kept.pages
+        SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.held_pages()
 
 
 def _scope(request, sink_tokens: int) -> tuple:

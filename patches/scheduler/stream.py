@@ -34,6 +34,13 @@ class SinkStream:
       * ``readmitting``: an admitted streaming-input session whose next chunk waits to be
         admitted again; ``continuing`` its row (first window page, page ids) before that
         chunk's step, until the step that schedules the chunk ships it to the worker.
+      * prefix caching: ``clean_until`` tokens were computed attending to every token
+        before them (their steps' window start was the sink's end), so the full pages below
+        it are functions of the token prefix alone and may be cached by hash; it is frozen
+        at the first step whose window moved. ``private`` once the window first moved: from
+        then on every page of the row is the request's alone and unhashed (the manager
+        copied the pages others could find or hold, ``StreamingSinkManager._take_private``),
+        so the worker may rewrite them (re-anchoring, epochs).
     """
 
     geometry: SinkGeometry
@@ -45,3 +52,7 @@ class SinkStream:
     settled_prompt: int | None = None  # prompt length once its footprint is the decode bound
     readmitting: bool = False  # a waiting session's next chunk, to be admitted again
     continuing: tuple[int, list[int]] | None = None  # (first_live, page ids) before the chunk
+    clean_until: int = 0  # tokens computed before any eviction (their full pages are cacheable)
+    private: bool = False  # its window moved: its pages are its own, unhashed
+    unowned: int = 0  # held pages found in the prefix cache, not yet its own copies
+    step_start: int = 0  # the token its step being scheduled starts at (its computed tokens)

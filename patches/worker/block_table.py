@@ -32,13 +32,16 @@ class BlockRows:
     Invariant: a stream's row (and its request's ``block_ids``) is its sink pages, then its
     window pages from logical page ``streams.first_live`` of its slot on; the scheduler's
     manager applies the same ``row_transition`` to its copy, so the pages that leave the
-    row are the ones it frees. With a partial sink page (``S mod B = r > 0``) the page that
+    row are the ones it frees. At a stream's first move, the pages the manager replaced by
+    private copies (``StepMeta.private``) are replaced in its row too, after the transition. With a partial sink page (``S mod B = r > 0``) the page that
     takes over keeps its window slots and gets its sink slots ``[0, r)`` written from the
     pristine copy ``kv.keep_partial_sink`` took (``kv_writes.KvWrites.reanchor``).
     """
 
     def __init__(self, runner, streams: StreamTable, kv, block_size: int):
         self.runner, self.streams, self.kv, self.B = runner, streams, kv, block_size
+        # This step's private copies (``StepMeta.private``): request id -> [(old, new)].
+        self.private: dict[str, list[tuple[int, int]]] = {}
 
     def adopt(self, rid: str, first_live: int) -> None:
         """A resumed request's row: the scheduler ships it compacted (its sink pages, then
@@ -58,6 +61,10 @@ class BlockRows:
             # written, for re-anchoring in the page that replaces it.
             self.kv.keep_partial_sink(slot, block_ids[s - 1], r)
         block_ids[:], _ = move.apply(block_ids, s)
+        pairs = self.private.pop(rid, None)
+        if pairs:  # its first move: its pages that others may read are its own copies now
+            swap = dict(pairs)
+            block_ids[:] = [swap.get(b, b) for b in block_ids]
         self.write_row(row, block_ids)
         table.first_live[slot] = move.last
 

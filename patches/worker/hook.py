@@ -195,16 +195,13 @@ class SinkRunnerHook:
                 # A streaming-input session's next chunk: its state (sink, frame base, sink
                 # rotation, pristine sink, first window page) and its row go on.
                 table.quiet_end[table.slot_of[new.req_id]] = 0
-            elif new.num_computed_tokens:
-                # Prefix caching and KV connectors are refused: only a resume (whose
-                # decision rides on the scheduler output) or a streaming-input session's
-                # next chunk starts past token 0.
-                raise RuntimeError(f"vllm-sink: request {new.req_id} starts at token "
-                                   f"{new.num_computed_tokens} without a session resume")
-            else:
+            else:  # (past token 0: prefix-cache hits, computed before any eviction)
                 table.start(new.req_id, meta.sink_tokens.get(new.req_id, self.S) if meta else self.S)
         for key in meta.released if meta else ():
             table.release(key)
+        if meta and meta.copies:  # before any page is written this step
+            self.kv.copy_pages(meta.copies)
+            self.block_rows.private = dict(meta.private)
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
@@ -246,6 +243,7 @@ class SinkRunnerHook:
         frames.any_offset = bool(frame.any())
         if len(rows) == num_reqs:  # (its steps change no row: ``ROW_LOG`` records none)
             fast.remember(rids, slots, offs, frame, frames.any_offset)
+        assert not self.block_rows.private, f"private copies for rows that did not move: {self.block_rows.private}"
 
     def _plan(self, rows, rids, slots, a, b) -> np.ndarray:
         """Plan the step ``[a, b)`` of the given rows and carry out what it asks (compaction,

@@ -117,6 +117,15 @@ class KvWrites:
             self._writers = (PageWriter(self.keys(), self.rotary, put), PageWriter(self.values(), None, put))
         return self._writers
 
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole pages, ``old -> new`` (every layer's keys and values): a stream's
+        private copies of pages other requests may read (``StepMeta.private``). The block
+        is the first dimension of every layer's cache in each layout."""
+        src = self.stager.put([old for old, _ in pairs])
+        dst = self.stager.put([new for _, new in pairs])
+        for kv in self.runner.kv_caches:
+            kv[dst] = kv[src]
+
     def keep_partial_sink(self, slot: int, page: int, r: int) -> None:
         """Keep the sink slots ``[0, r)`` of the partial sink page ``page``, as written, for
         re-anchoring in the page that replaces it (the old one leaves the row)."""

@@ -227,7 +227,6 @@ def test_vllm_bench_serve_zero_failures(server):
     "flags,message",
     [
         (["--kv-policy", "sink", "--kv-window", "100"], "not a multiple of block_size"),
-        (["--kv-policy", "sink", "--enable-prefix-caching"], "drop --enable-prefix-caching"),
         (["--sink-pages", "2"], "only apply with kv_policy='sink'"),
     ],
 )
