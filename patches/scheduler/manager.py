@@ -268,13 +268,13 @@ class StreamingSinkManager(FullAttentionManager):
     def _take_private(self, request_id: str, move) -> None:
         """The step that moves ``request_id``'s window for the first time (decided when it is
         scheduled, at the step's start, as the worker moves the row; ``move`` is that row
-        transition, whose leaving pages the manager frees once they are processed): from
-        this step on the worker may
-        rewrite its pages (the sink re-anchored, a page taking over as the partial sink page,
-        epochs), and the pages it computes depend on what its window held. Each page of its
-        row that another request can find (cached by hash) or holds is replaced by a private
-        copy (copy on write: the worker copies it, ``StepMeta.private``); the shared page is
-        released, and stays cached for the others."""
+        transition, whose leaving pages the manager frees once they are processed). From
+        this step on the worker may rewrite its pages (the sink re-anchored, a page taking
+        over as the partial sink page, epochs), and the pages it computes depend on what its
+        window held. Each page of its row that stays and that another request can find
+        (cached by hash) or holds is replaced by a private copy (copy on write: the worker
+        copies it, ``StepMeta.copies``, and swaps it in its row, ``StepMeta.private``); the
+        shared page is released, and stays cached for the others."""
         pool = self.block_pool
         blocks = self.req_to_blocks[request_id]
         s = self._stream(request_id).geometry.sink_pages
