@@ -124,7 +124,7 @@ class MultiprocessMirror:
             while True:
                 try:
                     self.sync()
-                except Exception:  # a scrape must not take the server down
+                except Exception:  # (a failed copy must not stop the thread: the next one retries)
                     logger.exception("vllm-sink: copying the sink counters for /metrics failed")
                 time.sleep(MIRROR_INTERVAL_S)
 

@@ -148,19 +148,17 @@ class StreamingSinkManager(FullAttentionManager):
         allocations)."""
         rid = request.request_id
         stream = self.streams.get(rid)
-        if stream is not None:
-            stream.step_start = request.num_computed_tokens
-            if stream.admitted and getattr(request, "status", None) == RequestStatus.WAITING:
-                stream.readmitting = True  # a streaming-input session's next chunk
-                stream.continuing = (stream.first_live, self._held_ids(rid))
-            if stream.settled_prompt == request.num_prompt_tokens:  # decoding: its footprint is final
-                return
-        else:
+        if stream is None:
             stream = self._open(rid, self.sink_geometry(request))
             hold_tail(request, stream.geometry)
             if rid not in self.req_to_blocks:  # (before any page: vLLM extends it from here)
                 self.req_to_blocks[rid] = BlockRow((), stream.geometry.sink_pages, self.block_pool.null_block)
-            stream.step_start = request.num_computed_tokens
+        elif stream.admitted and getattr(request, "status", None) == RequestStatus.WAITING:
+            stream.readmitting = True  # a streaming-input session's next chunk
+            stream.continuing = (stream.first_live, self._held_ids(rid))
+        stream.step_start = request.num_computed_tokens
+        if stream.settled_prompt == request.num_prompt_tokens:  # decoding: its footprint is final
+            return
         g = stream.geometry
         # Decoding, once the last prefill chunk has settled (frees lag the in-flight steps).
         decoding = request.num_computed_tokens >= request.num_prompt_tokens + g.concurrent_steps
@@ -275,7 +273,6 @@ class StreamingSinkManager(FullAttentionManager):
         (cached by hash) or holds is replaced by a private copy (copy on write: the worker
         copies it, ``StepMeta.copies``, and swaps it in its row, ``StepMeta.private``); the
         shared page is released, and stays cached for the others."""
-        pool = self.block_pool
         blocks = self.req_to_blocks[request_id]
         s = self._stream(request_id).geometry.sink_pages
         # The pages that stay (with a partial sink page, the page taking over as the sink
@@ -285,15 +282,21 @@ class StreamingSinkManager(FullAttentionManager):
         else:
             staying = {id(b) for b in move.apply(blocks[:s] + blocks[move.first:], s)[0]}
         # ... that another request can find or holds.
-        shared = [(i, b) for i, b in enumerate(blocks) if id(b) in staying and self._shared(b)]
-        if not shared:
-            return
-        fresh = pool.get_new_blocks(len(shared))
-        for (i, _), new in zip(shared, fresh):
-            blocks[i] = new
-        self.channel.private(request_id, [(old.block_id, new.block_id) for (_, old), new in zip(shared, fresh)])
-        self.free_pages([old for _, old in shared])
-        SINK_STATS.pages_copied += len(shared)
+        shared = [i for i, b in enumerate(blocks) if id(b) in staying and self._shared(b)]
+        if shared:
+            self.channel.private(request_id, self._copy_pages(blocks, shared))
+
+    def _copy_pages(self, row, positions: list[int]) -> list[tuple[int, int]]:
+        """Replace the pages at ``positions`` of ``row`` by fresh pages and release the old
+        ones (they stay cached for the others); returns the ``(old, new)`` page ids the
+        worker copies before the step writes any page."""
+        old = [row[i] for i in positions]
+        fresh = self.block_pool.get_new_blocks(len(positions))
+        for i, new in zip(positions, fresh):
+            row[i] = new
+        self.free_pages(old)
+        SINK_STATS.pages_copied += len(positions)
+        return [(o.block_id, n.block_id) for o, n in zip(old, fresh)]
 
     @staticmethod
     def _shared(block) -> bool:
@@ -373,10 +376,7 @@ class StreamingSinkManager(FullAttentionManager):
             # The request writes into the page holding its resume token (after it): a page
             # others can find or hold is replaced by a private copy first.
             blocks = list(blocks)
-            old, blocks[page] = blocks[page], self.block_pool.get_new_blocks(1)[0]
-            self.channel.copied([(old.block_id, blocks[page].block_id)])
-            self.free_pages([old])
-            SINK_STATS.pages_copied += 1
+            self.channel.copied(self._copy_pages(blocks, [page]))
         self.req_to_blocks[request_id].extend(blocks)
         self.num_cached_block[request_id] = len(blocks)
         stream = self._stream(request_id)
