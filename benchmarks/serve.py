@@ -15,6 +15,10 @@ workloads still run against one server at a time:
 * ``b``: long generations past the window: 1,024 prompt + 8,192 output tokens, 32 prompts,
   concurrency 32. Vanilla cannot pass the model's 8,192 positions: it generates as far as
   its context goes (8,192 - 1,024 = 7,168 tokens).
+* ``p``: prefix sharing (vLLM's ``prefix_repetition`` dataset): 8 prefixes of 2,048 tokens,
+  each request one of them + 256 tokens of its own, 256 output tokens, 512 prompts,
+  concurrency 64. Both servers run vLLM's prefix caching (on by default); the table adds the
+  prefix-cache hit rate (``vllm:prefix_cache_hits`` over ``_queries``).
 
 Reports output tokens/s, TTFT and TPOT (mean, median, P99), and, from ``/metrics`` after
 each workload, preemptions, pages evicted and whether the KV pool is whole again (every page
@@ -45,6 +49,7 @@ SERVED = "llama3-8b-shape"
 WORKLOADS = {
     "a": dict(input_len=512, output_len=256, num_prompts=256, concurrency=64),
     "b": dict(input_len=1024, output_len=8192, num_prompts=32, concurrency=32),
+    "p": dict(input_len=2048 + 256, output_len=256, num_prompts=512, concurrency=64, prefix_len=2048, num_prefixes=8),
 }
 POLICY_FLAGS = {"full": [], "sink": ["--kv-policy", "sink", "--kv-window", "4096"]}
 
@@ -84,10 +89,16 @@ class Server:
 
 
 def bench(model: Path, url: str, w: dict, out_dir: Path, name: str) -> dict:
+    if "prefix_len" in w:
+        data = ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", str(w["prefix_len"]),
+                "--prefix-repetition-suffix-len", str(w["input_len"] - w["prefix_len"]),
+                "--prefix-repetition-num-prefixes", str(w["num_prefixes"]),
+                "--prefix-repetition-output-len", str(w["output_len"])]
+    else:
+        data = ["--dataset-name", "random", "--random-input-len", str(w["input_len"]),
+                "--random-output-len", str(w["output_len"]), "--random-range-ratio", "0"]
     cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", SERVED,
-           "--tokenizer", str(model), "--dataset-name", "random",
-           "--random-input-len", str(w["input_len"]), "--random-output-len", str(w["output_len"]),
-           "--random-range-ratio", "0", "--num-prompts", str(w["num_prompts"]),
+           "--tokenizer", str(model), *data, "--num-prompts", str(w["num_prompts"]),
            "--max-concurrency", str(w["concurrency"]), "--ignore-eos", "--seed", "0",
            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
            "--save-result", "--result-dir", str(out_dir), "--result-filename", name + ".json"]
@@ -129,6 +140,8 @@ def run(args) -> list[dict]:
                 w = dict(WORKLOADS[key])
                 if args.smoke:
                     w.update(num_prompts=w["num_prompts"] // 8, output_len=w["output_len"] // 16 + (5000 if key == "b" else 0))
+                    if "prefix_len" in w:
+                        w.update(prefix_len=w["prefix_len"] // 8, input_len=w["input_len"] // 8)
                 if policy == "full":  # as far as vanilla's context goes
                     w["output_len"] = min(w["output_len"], LLAMA3_8B["max_position_embeddings"] - w["input_len"])
                 before = metrics(srv.url)
@@ -137,6 +150,9 @@ def run(args) -> list[dict]:
                 row = dict(policy=policy, workload=key, **w, server_start_s=round(start_s, 1),
                            **{k: res.get(k) for k in KEEP},
                            preemptions=after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0))
+                queries = after.get("vllm:prefix_cache_queries_total", 0) - before.get("vllm:prefix_cache_queries_total", 0)
+                hits = after.get("vllm:prefix_cache_hits_total", 0) - before.get("vllm:prefix_cache_hits_total", 0)
+                row.update(prefix_cache_queries=queries, prefix_cache_hits=hits)
                 if policy == "sink":
                     time.sleep(3)
                     after = metrics(srv.url)
@@ -183,15 +199,18 @@ def report(rows: list[dict], out: Path) -> None:
                 **provenance(__file__))
     out.write_text(json.dumps(dict(meta, results=rows), indent=1))
     lines = [f"`vllm bench serve`, {device}, vLLM {vllm.__version__}, {meta['model']}", "",
-             "| workload | server | output tok/s | mean TTFT ms | P99 TTFT ms | mean TPOT ms | P99 TPOT ms | served | preemptions | pages evicted | pool whole after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| workload | server | output tok/s | mean TTFT ms | P99 TTFT ms | mean TPOT ms | P99 TPOT ms | served | preemptions | prefix-cache hits | pages evicted | pool whole after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wl = f"({r['workload']}) {r['input_len']} in + {r['output_len']} out, {r['num_prompts']} prompts, concurrency {r['concurrency']}"
+        if "prefix_len" in r:
+            wl += f", {r['num_prefixes']} shared prefixes of {r['prefix_len']}"
+        hit = f"{r['prefix_cache_hits'] / r['prefix_cache_queries']:.1%}" if r.get("prefix_cache_queries") else ""
         name = "vanilla" if r["policy"] == "full" else "sink W=4096"
         whole = pool_after(r)
         lines.append(f"| {wl} | {name} | {r['output_throughput']:,.0f} | {r['mean_ttft_ms']:.0f} | {r['p99_ttft_ms']:.0f} | "
                      f"{r['mean_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['completed']}/{r['num_prompts']} | "
-                     f"{r['preemptions']:.0f} | {r.get('pages_evicted', 0):,.0f} | {whole} |")
+                     f"{r['preemptions']:.0f} | {hit} | {r.get('pages_evicted', 0):,.0f} | {whole} |")
     by = {(r["policy"], r["workload"]): r for r in rows}
     for key in sorted({r["workload"] for r in rows}):
         if ("full", key) in by and ("sink", key) in by:
@@ -206,7 +225,7 @@ def report(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="a,b", help="comma-separated: a, b")
+    p.add_argument("--workloads", default="a,b", help="comma-separated: a, b, p")
     p.add_argument("--policies", default="full,sink", help="comma-separated, run in this order")
     p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files (default: the SmolLM2 model set up by scripts/setup.sh)")
     p.add_argument("--port", type=int, default=8123)

@@ -89,7 +89,7 @@ BINDINGS: tuple[Binding, ...] = (
     _signed(FRONTEND, WRAP, "vllm.engine.arg_utils", "EngineArgs.create_engine_config",
             "self, usage_context=, headless="),
     *_rows(FRONTEND, READ, "vllm.engine.arg_utils", "EngineArgs",
-           "additional_config max_model_len enable_prefix_caching speculative_config kv_transfer_config "
+           "additional_config max_model_len speculative_config kv_transfer_config "
            "kv_cache_dtype decode_context_parallel_size prefill_context_parallel_size "
            "pipeline_parallel_size block_size model"),
     *_rows(FRONTEND, READ, "vllm.engine.arg_utils", "EngineArgs", "_api_process_count _api_process_rank"),
@@ -168,7 +168,8 @@ BINDINGS: tuple[Binding, ...] = (
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
             "FullAttentionManager.cache_blocks", "self, request, num_tokens, retention_interval="),
     *_rows(SCHEDULER, READ, "vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager",
-           "req_to_blocks num_cached_block block_pool kv_cache_spec dcp_world_size pcp_world_size"),
+           "req_to_blocks num_cached_block block_pool kv_cache_spec dcp_world_size pcp_world_size "
+           "enable_caching"),
     *_rows(SCHEDULER, READ, "vllm.v1.core.block_pool", "BlockPool",
            "null_block free_blocks get_num_free_blocks num_gpu_blocks get_new_blocks"),
     *_rows(SCHEDULER, READ, "vllm.v1.core.kv_cache_utils", "KVCacheBlock", "block_id block_hash ref_cnt is_null"),

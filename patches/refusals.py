@@ -1,6 +1,6 @@
 """Every start-up refusal of the sink policy that looks at vLLM objects, in one place.
 
-Binds to vLLM 0.26.0: EngineArgs fields (enable_prefix_caching, speculative_config,
+Binds to vLLM 0.26.0: EngineArgs fields (speculative_config,
 kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
 pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
 is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,

@@ -193,6 +193,37 @@ def serve() -> list[Row]:
     return out
 
 
+def prefix() -> list[Row]:
+    doc = load("serve_prefix.json")
+    by = {r["policy"]: r for r in doc["results"]}
+    v, s = by["full"], by["sink"]
+    rate = lambda r: r["prefix_cache_hits"] / r["prefix_cache_queries"]  # noqa: E731
+    return [Row(
+        f"`vllm bench serve` (p), prefix sharing: {s['num_prefixes']} prefixes of {s['prefix_len']:,} tokens + "
+        f"{s['input_len'] - s['prefix_len']:,} of each request's own, {s['output_len']} out, {s['num_prompts']} prompts, "
+        f"concurrency {s['concurrency']}",
+        f"prefix-cache hits {rate(s):.1%} vs vanilla {rate(v):.1%}; {s['output_throughput']:,.0f} vs "
+        f"{v['output_throughput']:,.0f} output tok/s (**{s['output_throughput'] / v['output_throughput']:.3f}x**), "
+        f"mean TTFT {s['mean_ttft_ms']:.0f} vs {v['mean_ttft_ms']:.0f} ms ({s['mean_ttft_ms'] / v['mean_ttft_ms']:.3f}x), "
+        f"{s['preemptions']:.0f} preemptions",
+        "serve_prefix.json", prov(doc))]
+
+
+def chat_users() -> list[Row]:
+    doc = load("chat_users_h100.json")
+    v, s = doc["runs"]["vanilla"]["summary"], doc["runs"]["sink"]["summary"]
+    return [Row(
+        f"{doc['conversations']} chats at once sharing a {doc['system_tokens']:,}-token system prompt "
+        f"({doc['long_conversations']} of {doc['long_turns']} turns, the others {doc['turns']}), W={doc['window']:,}",
+        f"sink {s['turns']} turns served, {s['stopped_at_context']} stopped at the context, vanilla {v['turns']} "
+        f"({v['stopped_at_context']} stopped); prompt tokens cached {s['prompt_cached_rate']:.1%} vs "
+        f"{v['prompt_cached_rate']:.1%}; TTFT P50 turns 1-5 {s['ttft_first5_p50']:.2f} vs {v['ttft_first5_p50']:.2f} s, "
+        f"last 5 turns of the long chats {s['ttft_long_last5_p50']:.2f} s (turn {max(s['long_turns_reached'])}) vs "
+        f"{v['ttft_long_last5_p50']:.2f} s (turn {max(v['long_turns_reached'])}); "
+        f"{s['preemptions']:.0f} preemptions",
+        "chat_users_h100.json", prov(doc))]
+
+
 def ppl() -> list[Row]:
     doc = load("ppl.json")["groups"]
 
@@ -376,7 +407,7 @@ SECTIONS = {
     "ppl": ppl, "drift": drift, "gpu_correctness": gpu_correctness, "decode_step": decode_step,
     "recompute": recompute, "throughput": throughput, "serve": serve, "tp": tp, "memory": memory,
     "chat": chat, "page_writer_check": page_writer_check, "decode_step_cpu": decode_step_cpu,
-    "llamacpp_shift": llamacpp_shift,
+    "llamacpp_shift": llamacpp_shift, "prefix": prefix, "chat_users": chat_users,
 }
 
 # The README's five: (section, row index).

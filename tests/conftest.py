@@ -137,10 +137,10 @@ def pytest_xdist_make_scheduler(config, log):
 
 @pytest.fixture(scope="module", autouse=True)
 def no_kept_streams_of_other_modules(engines):
-    """A module's engine tests start with no kept stream (session) that another module's
-    tests left on the engine they share: none of their prompts resumes one, as on a fresh
-    engine."""
-    engines.release_kept()
+    """A module's engine tests start with no kept stream (session) and no cached page that
+    another module's tests left on the engine they share: none of their prompts resumes or
+    finds one, as on a fresh engine."""
+    engines.fresh()
 
 
 @pytest.fixture(autouse=True)

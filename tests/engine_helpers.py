@@ -20,8 +20,9 @@ ENGINES = {
     # Two sink pages of 32 tokens, 48-token chunks, 512 positions.
     "sink32x2_p512": dict(block_size=32, max_num_batched_tokens=48, kv_policy="sink", sink_pages=2, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # A sink of 20 tokens (one page and a partial one), 512 positions; chunked like "sink16"
-    # (64 tokens a sequence, several sequences a step).
-    "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
+    # (64 tokens a sequence, several sequences a step); with vLLM's counters (prefix cache
+    # queries and hits).
+    "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
     # "sink16" in bfloat16: the tolerance the GPU runs are held to (benchmarks/gpu_correctness.py).
     "sink16_bf16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
     # (Sessions, kept finished streams, are on by default: "sink16" and "sink20_p512" keep
@@ -35,10 +36,9 @@ ENGINES = {
     # "sink16" with a pool of 1,000 pages: 50 idle conversations past the window
     # (18 pages each) fit, and a batch of long streams then needs some of their room.
     "sink16_sessions_pool1000": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1000 * 737280),
-    # "sink20_p512" with prefix caching, and vanilla vLLM with prefix caching, the same
-    # shapes and chunking (512 positions: the vanilla engine serves requests inside them).
-    "sink20_p512_prefix": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, enable_prefix_caching=True),
-    "vanilla16_p512_prefix": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=512, hf_overrides={"max_position_embeddings": 512}, enable_prefix_caching=True),
+    # Vanilla vLLM with "sink20_p512"'s shapes and chunking (512 positions: it serves requests
+    # inside them), to compare prefix caching (on by default in both) and its counters.
+    "vanilla16_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=512, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
     # Vanilla vLLM, same block size and chunking as "sink16".
     "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
 }
@@ -81,6 +81,12 @@ class EngineCache:
                 sessions.release_for(float("inf"))
                 assert not len(sessions.kept)
         SINK_STATS.kept_released_for_pressure = pressure
+
+    def fresh(self):
+        """The live engine as a fresh one: no kept stream, nothing in the prefix cache."""
+        self.release_kept()
+        if self.llm is not None:
+            assert self.llm.reset_prefix_cache(), "a page is still held"
 
     def close(self):
         if self.llm is not None:

@@ -9,7 +9,7 @@ Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``)
                                           additional_config, which the API servers of
                                           --api-server-count N are built from)
   EngineArgs.create_engine_config(...)    wrapped: validates, refuses what the policy cannot
-                                          serve, leaves prefix caching off unless asked for, sets max_model_len to
+                                          serve, sets max_model_len to
                                           the stream cap, resolves the window, stores the
                                           resolved settings in additional_config["vllm_sink"]
   LLM.__init__(model, **kwargs)           wrapped: pops kv_policy/sink_pages/kv_window/
@@ -141,7 +141,7 @@ def _env(**values: str):
 
 
 # EngineArgs fields that sink_engine_config sets for vLLM (restored after the call).
-SINK_OVERRIDES = ("additional_config", "max_model_len", "enable_prefix_caching", "disable_cascade_attn")
+SINK_OVERRIDES = ("additional_config", "max_model_len", "disable_cascade_attn")
 
 
 def sink_engine_config(args, orig_create, *a, **kw):
@@ -161,8 +161,6 @@ def sink_engine_config(args, orig_create, *a, **kw):
     if user_max_model_len is not None and user_max_model_len <= 0:
         user_max_model_len = None
     args.disable_cascade_attn = True
-    if args.enable_prefix_caching is None:  # (vLLM's default would turn it on: opt in, for now)
-        args.enable_prefix_caching = False
     args.max_model_len = cfg.stream_cap
     # Marks the config as a sink engine's while vLLM builds it (the V1 model runner is
     # chosen from it: patches.frontend.vllm_config); replaced by the resolved settings below.

@@ -93,8 +93,8 @@ class StreamingSinkManager(FullAttentionManager):
 
     Kept streams (``sessions``, a ``SchedulerSessions`` built here when the spec keeps
     pages) reach the manager through its kept-stream interface only
-    (``sessions.PageOwner``): ``geometry``, ``sink_geometry``, ``detach``, ``attach``,
-    ``free_pages``, ``num_free_pages``, ``publish``. The step's decisions for the worker go
+    (``sessions.PageOwner``): ``geometry``, ``sink_geometry``, ``in_prefix_cache``, ``detach``,
+    ``attach``, ``free_pages``, ``num_free_pages``, ``publish``. The step's decisions for the worker go
     through ``channel`` (``channel.StepChannel``; ``take_step_meta``).
     """
 
@@ -289,14 +289,26 @@ class StreamingSinkManager(FullAttentionManager):
     def _copy_pages(self, row, positions: list[int]) -> list[tuple[int, int]]:
         """Replace the pages at ``positions`` of ``row`` by fresh pages and release the old
         ones (they stay cached for the others); returns the ``(old, new)`` page ids the
-        worker copies before the step writes any page."""
-        old = [row[i] for i in positions]
-        fresh = self.block_pool.get_new_blocks(len(positions))
-        for i, new in zip(positions, fresh):
-            row[i] = new
-        self.free_pages(old)
-        SINK_STATS.pages_copied += len(positions)
-        return [(o.block_id, n.block_id) for o, n in zip(old, fresh)]
+        worker copies before the step writes any page.
+
+        A page only this request holds goes back to the pool (cached) before its copy is
+        taken, so the copy needs no free page: the pool's free count does not move, and
+        when the pool has no other free page the fresh page is that page itself, its hash
+        dropped (nothing to copy). A page others hold too is copied into a free page, which
+        admission reserved when they found it (``SinkStream.unowned``)."""
+        pairs = []
+        for i in sorted(positions, key=lambda i: row[i].ref_cnt > 1):
+            old = row[i]
+            if old.ref_cnt == 1:
+                self.free_pages([old])
+                row[i] = self.block_pool.get_new_blocks(1)[0]
+            else:
+                row[i] = self.block_pool.get_new_blocks(1)[0]
+                self.free_pages([old])
+            if row[i] is not old:
+                pairs.append((old.block_id, row[i].block_id))
+        SINK_STATS.pages_copied += len(pairs)
+        return pairs
 
     @staticmethod
     def _shared(block) -> bool:
@@ -349,6 +361,10 @@ class StreamingSinkManager(FullAttentionManager):
         return meta
 
     # ------------------------------------------------------------------ kept-stream interface
+    def in_prefix_cache(self, request_id: str) -> bool:
+        stream = self.streams.get(request_id)
+        return self.enable_caching and stream is not None and not stream.private
+
     def detach(self, request_id: str, computed: int) -> tuple[list, int, SinkGeometry] | None:
         """Take ``request_id``'s row away (``None``: it holds none), cut after its
         ``computed`` tokens: the pages of tokens never computed go back to the pool, the rest

@@ -39,6 +39,11 @@ class PageOwner(Protocol):
     def sink_geometry(self, request) -> SinkGeometry:
         """The geometry ``request`` would get (its own sink)."""
 
+    def in_prefix_cache(self, request_id: str) -> bool:
+        """Whether prefix caching holds all ``request_id`` computed that another request
+        could resume from: prefix caching is on and its window never moved, so its full
+        pages are cached by hash and freeing it keeps them findable (as vanilla vLLM does)."""
+
     def detach(self, request_id: str, computed: int) -> tuple[list, int, SinkGeometry] | None:
         """Take ``request_id``'s row, cut after its ``computed`` tokens, away from the manager
         (its pages stay allocated, now the caller's): (row, first window page, geometry)."""
@@ -80,11 +85,15 @@ class SchedulerSessions:
 
     # ------------------------------------------------------------------ finish
     def keep(self, request) -> bool:
-        """Keep a finished request's pages and state (``False``: nothing to keep)."""
+        """Keep a finished request's pages and state (``False``: nothing to keep, or nothing
+        the prefix cache does not keep: a stream whose window never moved is freed as vLLM
+        frees it, its full pages cached by hash, so prefix lookups find them)."""
         rid = request.request_id
         computed = request.num_computed_tokens
         if computed <= 0 or request.prompt_embeds is not None:
             return False  # (a prompt of embeddings has no token ids to match)
+        if self.owner.in_prefix_cache(rid):
+            return False  # (the next turn finds its pages by hash, as in vanilla vLLM)
         detached = self.owner.detach(rid, computed)
         if detached is None:
             return False

@@ -177,6 +177,10 @@ class SinkRunnerHook:
         scheduler's manager freed: both apply ``row_transition``), epochs rotate the window,
         moved sinks are re-anchored in one write for all rows and layers."""
         table = self.streams
+        # This step's index arrays go to the device from the start of the pinned buffer (the
+        # previous step's copies from it are done: ``synchronize_input_prep``); every write
+        # of the step stages after this, the page copies included.
+        self.stager.reset()
         # The scheduler's session decisions (``patches.scheduler.sessions``): keep, resume, release.
         meta = getattr(scheduler_output, STEP_META, None)
         kept = set(meta.kept) if meta else ()
@@ -205,7 +209,6 @@ class SinkRunnerHook:
 
         ib = self.runner.input_batch
         num_reqs = ib.num_reqs
-        self.stager.reset()
         rids = ib.req_ids[:num_reqs]
         fast, frames = self.fast, self.frames
         if fast.last is not None and fast.steady_step(scheduler_output, meta, rids):

@@ -26,9 +26,9 @@ SINK_FLAGS = ["--kv-policy", "sink", "--sink-pages", "1", "--kv-window", "256", 
 # The same settings through stock --additional-config, without a stream cap (the default).
 SINK_ADDITIONAL_CONFIG = ["--additional-config", '{"kv_policy": "sink", "sink_pages": 1, "kv_window": 256}']
 # The shared server's front end: two API server processes (each applies the policy's limits
-# and serves the vllm_sink: series).
+# and serves the vllm_sink: series), and each reply's cached prompt tokens in its usage.
 API_SERVERS = 2
-SHARED_EXTRA_ARGS = ["--api-server-count", str(API_SERVERS)]
+SHARED_EXTRA_ARGS = ["--api-server-count", str(API_SERVERS), "--enable-prompt-tokens-details"]
 BASE_ARGS = [
     "--dtype", "float32", "--enforce-eager", "--block-size", "16",
     "--max-num-seqs", "16", "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "32",
@@ -89,7 +89,8 @@ class Server:
         start = time.time()
         while True:
             m = self.metrics()
-            if m.get("vllm_sink:running_kv_pages", 1) == 0 and m.get("vllm:num_requests_running", 1) == 0:
+            # (vLLM publishes num_requests_running with its first step's stats: none yet, none ran)
+            if m.get("vllm_sink:running_kv_pages", 1) == 0 and m.get("vllm:num_requests_running", 0) == 0:
                 return m
             if time.time() - start > timeout:
                 raise TimeoutError(f"server still busy: {m}")

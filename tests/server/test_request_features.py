@@ -1,9 +1,10 @@
 """What users send, past the window, through the stock OpenAI client and `vllm serve
 --kv-policy sink` (one server for the module): seeded sampling with prompts prefilled in many
 chunks, n > 1, stop strings and stop token ids, min_tokens, logprobs and top_logprobs, echo
-with prompt logprobs, penalties and logit_bias, structured output, beam search and a storm of
-aborted streams. Every prompt is longer than sink + window (16 + 256 tokens; the model is
-shrunk to 512 positions), and every test ends with the pool's free pages back at their value
+with prompt logprobs, penalties and logit_bias, structured output, beam search, a storm of
+aborted streams, and prefix caching (on, as in vLLM). Every prompt but the prefix-caching
+test's short ones is longer than sink + window (16 + 256 tokens; the model is shrunk to 512
+positions), and every test ends with the pool's free pages back at their value
 before it (``/metrics``) and the server healthy (the module's autouse fixture).
 """
 
@@ -190,6 +191,55 @@ def test_beam_search(server, hamlet_tokens):
     out = _complete(server, prompt=ids[:300], max_tokens=4, n=2, temperature=0, extra_body={"use_beam_search": True, "ignore_eos": True})
     assert len(out.choices) == 2
     assert all(c.text for c in out.choices) and out.choices[0].text != out.choices[1].text
+
+
+def test_prefix_caching_shares_a_prefix_exactly(server, hamlet_tokens):
+    """Three requests share a 200-token prefix (a system prompt). The first stays inside the
+    window and caches the prefix's pages; the second finds them and streams 600 tokens, far
+    past the window (its window moves: it copies the shared pages it keeps); the third
+    arrives while the second holds the prefix and finds it too. The short ones give the
+    tokens and logprobs of the same prompt under a ``cache_salt`` of its own, which finds
+    nothing (the usage's cached tokens)."""
+    import threading
+
+    _, ids = hamlet_tokens
+    prefix = ids[20000:20200]
+    prompts = [prefix + ids[21000 + 100 * i:21020 + 100 * i] for i in range(3)]
+
+    def run(prompt, salt=None, max_tokens=8):
+        out = _complete(server, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0,
+                        extra_body={"ignore_eos": True, **({"cache_salt": salt} if salt else {})})
+        cached = out.usage.prompt_tokens_details.cached_tokens or 0
+        return out.choices[0].token_ids, out.choices[0].logprobs.token_logprobs, cached
+
+    copied0 = server.metrics().get("vllm_sink:pages_copied_total", 0)
+    first = run(prompts[0])
+    long_cached, started = [], threading.Event()
+
+    def long_stream():
+        stream = server.client(timeout=900).completions.create(
+            model=MODEL_NAME, prompt=prompts[1], max_tokens=600, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        for chunk in stream:
+            started.set()
+            if chunk.usage is not None:
+                long_cached.append(chunk.usage.prompt_tokens_details.cached_tokens or 0)
+
+    t = threading.Thread(target=long_stream)
+    t.start()
+    assert started.wait(600)  # its prefill is done: it holds the prefix's pages
+    third = run(prompts[2])
+    t.join()
+    copied = server.metrics().get("vllm_sink:pages_copied_total", 0) - copied0
+    found = [first, third]
+    cold = [run(p, salt=f"cold-{i}") for i, p in enumerate((prompts[0], prompts[2]))]
+    print(f"\nprefix caching through the server: cached tokens {first[2]}, {long_cached}, {third[2]}; "
+          f"under new salts {[c[2] for c in cold]}; {copied:.0f} pages copied")
+    assert copied > 0  # the long stream's window moved: it took private copies
+    assert long_cached[0] >= 192 and third[2] >= 192 and all(c[2] == 0 for c in cold)
+    for (tokens, lps, _), (cold_tokens, cold_lps, _) in zip(found, cold):
+        assert tokens == cold_tokens
+        assert max(abs(a - b) for a, b in zip(lps, cold_lps)) <= 1e-4
 
 
 async def _aborted_stream(client, prompt, after_chunks):

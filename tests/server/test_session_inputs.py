@@ -1,5 +1,6 @@
 """Chat sessions under the inputs clients really send, through the stock OpenAI client and
-`vllm serve --kv-policy sink --kv-sessions` (one server for the module): edited messages
+`vllm serve --kv-policy sink --kv-sessions --no-enable-prefix-caching` (one server for the
+module; without prefix caching every finished turn is kept, inside the window too): edited messages
 inside and before the window and in the sink, concurrent turns of one conversation, a client
 that drops a resumed turn mid-stream, the Responses API's ``previous_response_id``, a
 conversation whose kept state was released, conversations sharing a system prompt, and
@@ -28,7 +29,11 @@ from vllm_sink.policy import window_start
 B, S, W = 16, 16, 256  # serverlib.SINK_FLAGS: one sink page of 16 tokens, window 256
 CAP = 24  # --kv-session-pages: one long conversation (18 pages) and a short one (8) do not both fit
 GEN = 16
-SERVER_EXTRA_ARGS = ["--kv-sessions", "--kv-session-pages", str(CAP), "--enable-prompt-tokens-details"]
+# Without prefix caching, kept streams serve every turn, inside the window too (with it, a
+# turn inside the window is freed and found in the prefix cache, as in vLLM:
+# test_chat_sessions.py, test_request_features.py).
+SERVER_EXTRA_ARGS = ["--kv-sessions", "--kv-session-pages", str(CAP), "--enable-prompt-tokens-details",
+                     "--no-enable-prefix-caching"]
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ def test_create_engine_config_is_idempotent():
         assert cfg.additional_config[CONFIG_KEY]["geometry"]["kv_window"] == 256
         assert cfg.additional_config["other"] == 1
         assert cfg.model_config.max_model_len == NO_STREAM_CAP  # no stream cap set
-        assert not cfg.cache_config.enable_prefix_caching  # opt in: --enable-prefix-caching
+        assert cfg.cache_config.enable_prefix_caching  # on, as vLLM's default
     assert first.additional_config == second.additional_config
 
 
