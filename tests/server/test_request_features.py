@@ -195,8 +195,8 @@ def test_beam_search(server, hamlet_tokens):
 
 def test_prefix_caching_shares_a_prefix_exactly(server, hamlet_tokens):
     """Three requests share a 200-token prefix (a system prompt). The first stays inside the
-    window and caches the prefix's pages; the second finds them and streams 600 tokens, far
-    past the window (its window moves: it copies the shared pages it keeps); the third
+    window and caches the prefix's pages; the second finds them and streams 320 tokens, past
+    the window (its window moves: it copies the shared pages it keeps); the third
     arrives while the second holds the prefix and finds it too. The short ones give the
     tokens and logprobs of the same prompt under a ``cache_salt`` of its own, which finds
     nothing (the usage's cached tokens)."""
@@ -218,7 +218,7 @@ def test_prefix_caching_shares_a_prefix_exactly(server, hamlet_tokens):
 
     def long_stream():
         stream = server.client(timeout=900).completions.create(
-            model=MODEL_NAME, prompt=prompts[1], max_tokens=600, temperature=0, stream=True,
+            model=MODEL_NAME, prompt=prompts[1], max_tokens=320, temperature=0, stream=True,
             stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
         for chunk in stream:
             started.set()
