@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from engine_bench import cpu_name, model_dir
-from workers import line_plot, prometheus_values, provenance, stop_group, vllm_serve, write_results
+from workers import line_plot, provenance, scrape_metrics, stop_group, vllm_serve, write_results
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
@@ -44,7 +44,6 @@ def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name:
          allowed: list[int] | None = None, max_seconds: float = float("inf")) -> list[dict]:
     import httpx
     import openai
-    import requests
     from tqdm import tqdm
 
     sent = []  # when the client hands each request, built and encoded, to the connection
@@ -80,7 +79,7 @@ def chat(url: str, turns: int, words: list[str], n_words: int, reply: int, name:
             break
         end = time.perf_counter()
         messages.append({"role": "assistant", "content": "".join(text)})
-        m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
+        m = scrape_metrics(url)
         rows.append(dict(turn=turn + 1, ttft_s=(first or end) - t0, total_s=end - t0, client_s=sent[-1] - t0,
                          prompt_tokens=usage.prompt_tokens if usage else None,
                          resumes=m.get("vllm_sink:session_resumes_total"),

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from chat import RESULTS, SERVED, whole_word_tokens
 from engine_bench import cpu_name, model_dir
-from workers import line_plot, prometheus_values, provenance, stop_group, vllm_serve, write_results
+from workers import line_plot, provenance, scrape_metrics, stop_group, vllm_serve, write_results
 
 SMOKE = dict(conversations=4, system_tokens=200, window=256, turns=3, long_conversations=1, long_turns=8,
              words=60, reply=16, vanilla_max_model_len=768, stagger=0.5)
@@ -118,12 +118,6 @@ async def drive(url: str, name: str, system: str, words: list[str], args, extra:
                                             rows, bar) for i in range(n)))
     await client.close()
     return sorted(rows, key=lambda r: (r["conversation"], r["turn"]))
-
-
-def scrape(url: str) -> dict[str, float]:
-    import requests
-
-    return prometheus_values(requests.get(url + "/metrics", timeout=30).text)
 
 
 def counters(before: dict, after: dict) -> dict:
@@ -209,11 +203,11 @@ def run_server(name: str, model: Path, flags: list[str], args, system: str, word
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         client.chat.completions.create(model=SERVED, messages=[{"role": "user", "content": "Warm up."}],
                                        max_tokens=args.reply, temperature=0, extra_body=extra)
-        before, t0 = scrape(url), time.perf_counter()
+        before, t0 = scrape_metrics(url), time.perf_counter()
         rows = asyncio.run(drive(url, name, system, words, args, extra))
         wall = time.perf_counter() - t0
         time.sleep(2.5)  # the sink's counters are published once a second
-        metrics = counters(before, scrape(url))
+        metrics = counters(before, scrape_metrics(url))
     finally:
         stop_group(proc)
     return dict(flags=flags, wall_s=wall, metrics=metrics, rows=rows, summary=summary(rows, metrics))

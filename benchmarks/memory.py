@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from engine_bench import LLAMA3_8B, LLAMA32_1B, model_dir  # noqa: E402
-from workers import line_plot, stop_group, vllm_serve, write_results  # noqa: E402
+from workers import line_plot, scrape_metrics, stop_group, vllm_serve, write_results  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SERVED = "chat-model"
@@ -117,11 +117,8 @@ def malloc_heaps_mib(pid: int) -> dict[str, float]:
 
 def sample(procs: dict, url: str, t0: float, gpu: bool, block_size: int = 16, heaps: bool = False) -> dict:
     import psutil
-    import requests
 
-    from workers import prometheus_values
-
-    m = prometheus_values(requests.get(url + "/metrics", timeout=30).text)
+    m = scrape_metrics(url)
     row = {"tokens": tokens_processed(m, block_size), "t_s": round(time.time() - t0, 2),
            "running": m.get("vllm:num_requests_running")}
     for role, proc in procs.items():

@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine_bench import LLAMA3_8B, model_dir  # noqa: E402
-from workers import prometheus_values, provenance, stop_group, wait_healthy  # noqa: E402
+from workers import provenance, scrape_metrics, stop_group, wait_healthy  # noqa: E402
 
 SERVED = "llama3-8b-shape"
 WORKLOADS = {
@@ -58,12 +58,6 @@ POLICY_FLAGS = {"full": [], "sink": ["--kv-policy", "sink", "--kv-window", "4096
 # workloads), to check the script, not to measure.
 SMOKE_CONFIG = dict(LLAMA3_8B, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                     num_key_value_heads=2, num_hidden_layers=4)
-
-
-def metrics(url: str) -> dict[str, float]:
-    import requests
-
-    return prometheus_values(requests.get(url + "/metrics", timeout=30).text)
 
 
 class Server:
@@ -144,9 +138,9 @@ def run(args) -> list[dict]:
                         w.update(prefix_len=w["prefix_len"] // 8, input_len=w["input_len"] // 8)
                 if policy == "full":  # as far as vanilla's context goes
                     w["output_len"] = min(w["output_len"], LLAMA3_8B["max_position_embeddings"] - w["input_len"])
-                before = metrics(srv.url)
+                before = scrape_metrics(srv.url)
                 res = bench(model, srv.url, w, work, f"{policy}-{key}")
-                after = metrics(srv.url)
+                after = scrape_metrics(srv.url)
                 row = dict(policy=policy, workload=key, **w, server_start_s=round(start_s, 1),
                            **{k: res.get(k) for k in KEEP},
                            preemptions=after.get("vllm:num_preemptions_total", 0) - before.get("vllm:num_preemptions_total", 0))
@@ -155,7 +149,7 @@ def run(args) -> list[dict]:
                 row.update(prefix_cache_queries=queries, prefix_cache_hits=hits)
                 if policy == "sink":
                     time.sleep(3)
-                    after = metrics(srv.url)
+                    after = scrape_metrics(srv.url)
                     row.update(pages_evicted=after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"],
                                free_pages=after["vllm_sink:free_kv_pages"], pool_pages=after["vllm_sink:kv_pool_pages"],
                                kept_pages=after.get("vllm_sink:kept_session_pages", 0),

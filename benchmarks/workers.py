@@ -201,6 +201,13 @@ def prometheus_values(text: str) -> dict[str, float]:
     return values
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """A server's ``/metrics`` as ``prometheus_values``."""
+    import requests
+
+    return prometheus_values(requests.get(url + "/metrics", timeout=30).text)
+
+
 def plugin_rev() -> str | None:
     """The plugin's commit: ``$VLLM_SINK_REV`` (set where the tree has no .git, as on the
     GPU machine), else ``git rev-parse`` of this checkout."""
