@@ -171,7 +171,8 @@ BINDINGS: tuple[Binding, ...] = (
            "req_to_blocks num_cached_block block_pool kv_cache_spec dcp_world_size pcp_world_size "
            "enable_caching"),
     *_rows(SCHEDULER, READ, "vllm.v1.core.block_pool", "BlockPool",
-           "null_block free_blocks get_num_free_blocks num_gpu_blocks get_new_blocks"),
+           "null_block free_blocks get_num_free_blocks num_gpu_blocks get_new_blocks touch free_block_queue"),
+    *_rows(SCHEDULER, CALL, "vllm.v1.core.kv_cache_utils", "FreeKVCacheBlockQueue", "append_n prepend_n remove"),
     *_rows(SCHEDULER, READ, "vllm.v1.core.kv_cache_utils", "KVCacheBlock", "block_id block_hash ref_cnt is_null"),
     *_rows(SCHEDULER, CALL, "vllm.v1.core.single_type_kv_cache_manager", "", "register_all_kvcache_specs"),
     *_rows(SCHEDULER, CALL, "vllm.v1.kv_cache_spec_registry", "KVCacheSpecRegistry", "register"),

@@ -28,14 +28,16 @@ ENGINES = {
     # (Sessions, kept finished streams, are on by default: "sink16" and "sink20_p512" keep
     # them too; kv_sessions=True below only says so.)
     # "sink16" in a pool of 50 pages (737,280 bytes each): two kept conversations
-    # leave too little for a third stream's footprint (22 pages).
-    "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280),
+    # leave too little for a third stream's footprint (22 pages). Without prefix caching:
+    # no cached page competes with the kept ones for the room.
+    "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280, enable_prefix_caching=False),
     # "sink20_p512"'s shapes with a 16-token engine sink and requests that bring their own
     # sink of up to 40 tokens (max_sink_tokens).
     "sink16_own40_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
-    # "sink16" with a pool of 1,000 pages: 50 idle conversations past the window
-    # (18 pages each) fit, and a batch of long streams then needs some of their room.
-    "sink16_sessions_pool1000": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=1000 * 737280),
+    # "sink16" with a pool of 2,200 pages: 50 idle conversations past the window (18 pages
+    # kept each, and the 20 pages each computed before its window moved, cached) fit, and a
+    # batch of long streams then needs some of their room.
+    "sink16_sessions_pool2200": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=2200 * 737280),
     # Vanilla vLLM with "sink20_p512"'s shapes and chunking (512 positions: it serves requests
     # inside them), to compare prefix caching (on by default in both) and its counters.
     "vanilla16_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=512, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
@@ -74,13 +76,11 @@ class EngineCache:
             return
         from vllm_sink.metrics import SINK_STATS
 
-        pressure = SINK_STATS.kept_released_for_pressure  # (not pool pressure: not counted)
         for m in scheduler_of(self.llm).kv_cache_manager.coordinator.single_type_managers:
             sessions = getattr(m, "sessions", None)
             if sessions is not None and len(sessions.kept):
-                sessions.release_for(float("inf"))
-                assert not len(sessions.kept)
-        SINK_STATS.kept_released_for_pressure = pressure
+                sessions.release_all()
+                assert not len(sessions.kept) and not sessions.held_pages()
 
     def fresh(self):
         """The live engine as a fresh one: no kept stream, nothing in the prefix cache."""
@@ -102,12 +102,15 @@ def scheduler_of(llm):
 
 
 def free_or_kept(llm) -> int:
-    """Pages of the pool that no running request holds: free, or held by a kept stream (a
-    finished stream kept for resumption, released whenever a request needs the room)."""
+    """Pages of the pool that no running request holds: free (cached ones included), or
+    held by a kept stream (a finished stream kept for resumption). Kept pages wait in vLLM's
+    free queue, so vLLM's free count holds them; the published ``free_kv_pages`` does not."""
     kv = scheduler_of(llm).kv_cache_manager
     kept = sum(m.sessions.held_pages() for m in kv.coordinator.single_type_managers
                if getattr(m, "sessions", None) is not None)
-    return kv.block_pool.get_num_free_blocks() + kept
+    free = kv.block_pool.get_num_free_blocks()
+    assert 0 <= kept <= free
+    return free
 
 
 class Memo:

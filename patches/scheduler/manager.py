@@ -8,7 +8,8 @@ Binds to vLLM 0.26.0:
     remove_skipped_blocks, pop_blocks_for_free, free, new_step_starts,
     get_num_common_prefix_blocks; reads req_to_blocks (a sink stream's entry is a
     ``BlockRow``, read by vLLM through len(), [i], [a:b], extend, iteration and reversed()),
-    num_cached_block, block_pool.null_block/free_blocks/get_num_free_blocks/num_gpu_blocks,
+    num_cached_block, block_pool.null_block/free_blocks/get_num_free_blocks/num_gpu_blocks/
+    get_new_blocks/touch/free_block_queue (append_n, prepend_n, remove: kept pages wait in it),
     dcp_world_size, pcp_world_size; passes max_admission_blocks_per_request)
   vllm.v1.core.single_type_kv_cache_manager.register_all_kvcache_specs
   vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
@@ -94,7 +95,7 @@ class StreamingSinkManager(FullAttentionManager):
     Kept streams (``sessions``, a ``SchedulerSessions`` built here when the spec keeps
     pages) reach the manager through its kept-stream interface only
     (``sessions.PageOwner``): ``geometry``, ``sink_geometry``, ``in_prefix_cache``, ``detach``,
-    ``attach``, ``free_pages``, ``num_free_pages``, ``publish``. The step's decisions for the worker go
+    ``attach``, ``park``, ``discard``, ``take_back``, ``publish``. The step's decisions for the worker go
     through ``channel`` (``channel.StepChannel``; ``take_step_meta``).
     """
 
@@ -184,14 +185,11 @@ class StreamingSinkManager(FullAttentionManager):
         if stream is not None and stream.admitted and not stream.readmitting:
             return needed  # admitted and running: its reservation covers it
         footprint = self.geometry.widest.max_live_pages if stream is None else stream.footprint
+        # A readmitted streaming-input session already holds ``held`` of its footprint. A
+        # resuming request adopts kept pages: part of its footprint, not new, but taken out
+        # of the free queue (where kept pages wait) all the same, so they count in full.
         held = 0 if stream is None else stream.live
-        # A resuming request adopts kept pages: they are part of its footprint, not new.
-        adopted = self.sessions.pending_pages(request_id) if self.sessions is not None else 0
-        # A readmitted streaming-input session already holds ``held`` of its footprint.
-        total = max(needed, footprint - adopted - held) + self.outstanding_pages(exclude=request_id)
-        if self.sessions is not None:
-            self.sessions.release_for(total)  # kept streams give way to admission
-        return total
+        return max(needed, footprint - held) + self.outstanding_pages(exclude=request_id)
 
     # ------------------------------------------------------------------ pages
     def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens,
@@ -213,6 +211,8 @@ class StreamingSinkManager(FullAttentionManager):
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         new_blocks = super().allocate_new_blocks(request_id, num_tokens, num_tokens_main_model)
+        if new_blocks and self.sessions is not None:
+            self.sessions.reclaim(new_blocks)  # (a kept stream whose page was taken gives way)
         stream = self._stream(request_id)
         stream.readmitting = False  # admitted: its reservation covers it again
         if new_blocks or not stream.admitted:  # (most decode steps allocate nothing)
@@ -301,14 +301,21 @@ class StreamingSinkManager(FullAttentionManager):
             old = row[i]
             if old.ref_cnt == 1:
                 self.free_pages([old])
-                row[i] = self.block_pool.get_new_blocks(1)[0]
+                row[i] = self._new_page()
             else:
-                row[i] = self.block_pool.get_new_blocks(1)[0]
+                row[i] = self._new_page()
                 self.free_pages([old])
             if row[i] is not old:
                 pairs.append((old.block_id, row[i].block_id))
         SINK_STATS.pages_copied += len(pairs)
         return pairs
+
+    def _new_page(self):
+        """A page from the free queue (a kept stream it belonged to gives way)."""
+        page = self.block_pool.get_new_blocks(1)[0]
+        if self.sessions is not None:
+            self.sessions.reclaim([page])
+        return page
 
     @staticmethod
     def _shared(block) -> bool:
@@ -406,15 +413,36 @@ class StreamingSinkManager(FullAttentionManager):
         """Return ``pages`` (in row order) to the pool, tail first, as vLLM's frees do."""
         self.block_pool.free_blocks(reversed(pages))
 
-    def num_free_pages(self) -> int:
-        return self.block_pool.get_num_free_blocks()
+    def park(self, pages: list) -> None:
+        """Put a kept stream's ``pages`` (ref count 1: only the stream holds them; no hash)
+        in the free queue at its most-recently-used end, as vLLM places a finished
+        request's cached pages, their contents kept. (vLLM's ``free_blocks`` would put
+        pages without a hash at the front, to be reused first.)"""
+        for b in pages:
+            assert b.ref_cnt == 1 and b.block_hash is None and not b.is_null, b
+            b.ref_cnt = 0
+        self.block_pool.free_block_queue.append_n(list(reversed(pages)))
+
+    def discard(self, pages: list) -> None:
+        """Move parked ``pages`` (ref count 0, in the free queue) to its front: nobody can
+        find them any more, so they are reused first (as ``free_blocks`` places them)."""
+        queue = self.block_pool.free_block_queue
+        for b in pages:
+            queue.remove(b)
+        queue.prepend_n(list(reversed(pages)))
+
+    def take_back(self, pages: list) -> None:
+        """Take parked ``pages`` out of the free queue (ref count 1: allocated again)."""
+        self.block_pool.touch(pages)
 
     def publish(self) -> None:
         """Publish the pool's counters now (the front end reads them)."""
         self._publish(force=True)
 
     def _publish(self, force: bool) -> None:
-        SINK_STATS.free_pages = self.block_pool.get_num_free_blocks()
+        # Free pages (vLLM's count, cached ones included) less the kept streams' parked ones.
+        kept = self.sessions.held_pages() if self.sessions is not None else 0
+        SINK_STATS.free_pages = self.block_pool.get_num_free_blocks() - kept
         SINK_STATS.publish(force)
 
 

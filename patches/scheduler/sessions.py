@@ -13,9 +13,18 @@ goes to the worker through the step's ``channel.StepChannel`` (which finished re
 kept, which waiting requests resume which kept stream, which kept streams were released).
 The rule for *where* a request resumes is ``vllm_sink.sessions.resume_point``.
 
-Invariants: a kept stream's pages are allocated (ref count 1, owned by the kept stream) and
-belong to no request; adopting hands them to exactly one request; releasing frees them; a
-kept stream is released before any admitted stream could be starved (``release_for``).
+**One pool, one eviction order.** A kept stream's pages wait in vLLM's queue of free pages
+beside the cached pages of finished requests (prefix caching), each placed at the
+most-recently-used end when its stream finished: vLLM takes free pages from the
+least-recently-used end, so kept streams and cached pages give way to new requests in one
+least-recently-used order. When vLLM hands out a page of a kept stream, the stream is
+released (``reclaim``): its other pages become plain free pages, reused first.
+
+Invariants: a kept stream's pages have ref count 0, sit in the free queue, carry no hash
+(a kept stream's window moved, so its pages are its own: never shared, never cached) and
+belong to no request; ``owner_of`` maps each of them to its stream, and to nothing else;
+adopting takes them out of the queue for exactly one request; admission counts them as
+free, so a kept stream never keeps an admitted stream from growing.
 """
 
 from __future__ import annotations
@@ -52,10 +61,15 @@ class PageOwner(Protocol):
         """Give ``request_id`` the row ``blocks`` (already allocated) as computed blocks, its
         first ``computed`` tokens."""
 
-    def free_pages(self, pages: list) -> None:
-        """Return ``pages`` (in row order) to the pool, tail first."""
+    def park(self, pages: list) -> None:
+        """Put ``pages`` (allocated, held by nobody else) in the free queue at its
+        most-recently-used end, their contents kept (a kept stream's pages)."""
 
-    def num_free_pages(self) -> int: ...
+    def discard(self, pages: list) -> None:
+        """Move parked ``pages`` to the free queue's least-recently-used end (reused first)."""
+
+    def take_back(self, pages: list) -> None:
+        """Take parked ``pages`` out of the free queue (allocated again, ref count 1)."""
 
     def publish(self) -> None:
         """Publish the pool's counters now (the front end reads them)."""
@@ -70,7 +84,7 @@ class _Handle:
 class SchedulerSessions:
     """The kept streams of one ``StreamingSinkManager``.
 
-    Called by the manager: ``is_pending``, ``pending_pages``, ``release_for``, ``adopt``,
+    Called by the manager: ``is_pending``, ``pending_pages``, ``reclaim``, ``adopt``,
     ``end_step``; by the wraps (``patches.scheduler.hooks``): ``keep``, ``lookup``.
     """
 
@@ -82,6 +96,8 @@ class SchedulerSessions:
         # Waiting request id -> (kept stream id, resume token): found by get_computed_blocks,
         # adopted when the request is allocated in the same scheduling pass.
         self.pending: dict[str, tuple[str, int]] = {}
+        # Page id -> the kept stream whose page it is (the pages parked in the free queue).
+        self.owner_of: dict[int, str] = {}
 
     # ------------------------------------------------------------------ finish
     def keep(self, request) -> bool:
@@ -105,6 +121,10 @@ class SchedulerSessions:
                             handle=_Handle(blocks, first_live), scope=_scope(request, g.sink_tokens),
                             sink_tokens=g.sink_tokens)
         self.channel.kept(rid)
+        pages = held_pages(blocks)
+        self.owner.park(pages)  # free, at the most recently used end, their contents kept
+        for b in pages:
+            self.owner_of[b.block_id] = rid
         for released in self.kept.keep(stream):
             self._release(released)
             SINK_STATS.kept_released_over_cap += 1
@@ -113,20 +133,32 @@ class SchedulerSessions:
         return True
 
     def _release(self, stream: KeptStream) -> None:
-        self.owner.free_pages(held_pages(stream.handle.blocks))
+        """Forget ``stream`` (taken out of ``kept``): its pages still in the free queue move
+        to the front, to be reused first, as vLLM frees pages nobody can find."""
+        pages = held_pages(stream.handle.blocks)
+        for b in pages:
+            del self.owner_of[b.block_id]
+        self.owner.discard([b for b in pages if b.ref_cnt == 0])
         self.channel.released(stream.key)
         self._count()
 
-    def release_for(self, needed: int) -> None:
-        """Release kept streams, least recently used first (never one a request is about to
-        adopt), until ``needed`` pages are free or none is left to release."""
-        adopting = {key for key, _ in self.pending.values()}
-        while self.owner.num_free_pages() < needed:
-            stream = self.kept.release_lru(exclude=adopting)
-            if stream is None:
-                break
-            self._release(stream)
-            SINK_STATS.kept_released_for_pressure += 1
+    def reclaim(self, blocks) -> None:
+        """vLLM handed out ``blocks`` from the free queue: a kept stream one of them belongs
+        to is released (the least recently used of what the queue held: the stream gives
+        way, as a cached page does)."""
+        if not self.owner_of:
+            return
+        for b in blocks:
+            key = self.owner_of.get(b.block_id)
+            if key is not None:
+                self._release(self.kept.take(key))
+                SINK_STATS.kept_released_for_pressure += 1
+
+    def release_all(self) -> None:
+        """Release every kept stream (its pages become plain free pages)."""
+        for key in self.kept.keys():
+            self._release(self.kept.take(key))
+        self.owner.publish()
 
     # ------------------------------------------------------------------ resume
     def lookup(self, request) -> tuple[list, int] | None:
@@ -147,7 +179,8 @@ class SchedulerSessions:
         return request_id in self.pending
 
     def pending_pages(self, request_id: str) -> int:
-        """Pages a waiting request will adopt instead of allocating."""
+        """Pages a waiting request will adopt instead of allocating (parked in the free
+        queue: adopting takes them out of it)."""
         if request_id not in self.pending:
             return 0
         key, a = self.pending[request_id]
@@ -161,9 +194,13 @@ class SchedulerSessions:
         ``blocks``, the kept row cut at the resume token); the rest are freed."""
         key, a = self.pending.pop(request_id)
         handle: _Handle = self.kept.take(key).handle
+        adopted = held_pages(blocks)
+        self.owner.take_back(adopted)
+        for b in held_pages(handle.blocks):
+            del self.owner_of[b.block_id]
         rest = [b for b in handle.blocks[len(blocks):] if not b.is_null]
         if rest:
-            self.owner.free_pages(rest)
+            self.owner.discard(rest)
         self.owner.attach(request_id, blocks, handle.first_live, a)
         self.channel.resumed(request_id, key, handle.first_live)
         SINK_STATS.resumes += 1
@@ -175,10 +212,8 @@ class SchedulerSessions:
         self.pending.clear()
 
     def held_pages(self) -> int:
-        """The pages the kept streams hold, each counted once (with prefix caching, kept
-        streams that started alike share their cached pages)."""
-        return len({b.block_id for key in self.kept.keys() for b in self.kept.get(key).handle.blocks
-                    if not b.is_null})
+        """The pages the kept streams hold (parked in the free queue; each is one stream's)."""
+        return len(self.owner_of)
 
     def _count(self) -> None:
         SINK_STATS.kept_streams, SINK_STATS.kept_pages = len(self.kept), self.held_pages()

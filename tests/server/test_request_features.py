@@ -162,9 +162,10 @@ def test_penalties_and_logit_bias(server, hamlet_tokens):
     # repeats fewer of its own tokens.
     assert len(set(penalised.choices[0].token_ids)) >= len(set(plain.choices[0].token_ids))
 
-    # logit_bias: a +100 bias makes one token win every step, past the window.
-    biased = _complete(server, prompt=prompt, max_tokens=300, temperature=0, logit_bias={"1234": 100}, extra_body={"ignore_eos": True})
-    assert list(biased.choices[0].token_ids) == [1234] * 300
+    # logit_bias: a +100 bias makes one token win every step, past the window and past
+    # --max-model-len (400 + 120 tokens).
+    biased = _complete(server, prompt=prompt, max_tokens=120, temperature=0, logit_bias={"1234": 100}, extra_body={"ignore_eos": True})
+    assert list(biased.choices[0].token_ids) == [1234] * 120
 
 
 def test_structured_output(server, hamlet_tokens):
