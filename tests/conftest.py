@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-# pytest runs on three workers (pytest-xdist, ``-n 3`` in pyproject.toml) on two cores: a
-# worker waits much of its time (servers starting, HTTP round trips, subprocesses), so
-# three keep both cores busier than two. Each engine computes on one thread, bound to no
-# core, and the kernel places them: vLLM binds a model worker to core 0 by default, so
-# without this every worker's servers would compute on core 0.
-if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+# pytest runs on two workers (pytest-xdist, ``-n 2`` in pyproject.toml): one CPU core each.
+# vLLM binds a server's model worker to core 0 by default (it keeps the other core for the
+# rest), so without this both workers' servers would compute on core 0; an engine in the
+# test process computes on one thread, not on both cores at once.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+if _XDIST_WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    _core = int(_XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(_core))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -84,23 +85,19 @@ def reference():
 
 ENGINE_ORDER = list(ENGINES)
 
-# The modules of real engines and servers, in three lanes: with pytest-xdist each lane is one
+# The modules of real engines and servers, in two lanes: with pytest-xdist each lane is one
 # worker's (a lane goes out whole, its tests grouped by engine configuration across its
 # modules, so each engine is built once per lane and a Memo's results stay with their
-# engines). Lane "a": the modules of the shared server first, then the unshrunk and
-# 512-position sink engines. Lane "b": the servers of their own, then more engine modules.
-# Lane "c": the other engine modules. The lanes take about the same time (from a whole
-# run's --durations); every other module goes out on its own, to whichever worker is free
-# first.
+# engines). Lane "a": the server tests first (they share a server), then the modules on the
+# unshrunk and 512-position sink engines. Lane "b": the other engine modules. The lanes take
+# about the same time (from a whole run's --durations on 2 cores: about 23 minutes each);
+# every other module goes out on its own, to whichever worker is free first.
 LANES = {
-    "a": ["tests/server/test_chat_sessions.py", "tests/server/test_pool_pressure.py",
-          "tests/server/test_request_features.py", "tests/server/test_server.py", "tests/test_engine_positions.py"],
-    "b": ["tests/server/test_session_inputs.py", "tests/server/test_system_sink.py", "tests/test_engine_batching.py",
-          "tests/test_engine_prefix_caching.py", "tests/test_engine_ray.py", "tests/test_engine_reference.py"],
-    "c": ["tests/test_engine_bounded_state.py", "tests/test_engine_idle_sessions.py", "tests/test_engine_memory.py",
-          "tests/test_engine_multiprocess.py", "tests/test_engine_own_sink.py", "tests/test_engine_rows.py",
-          "tests/test_engine_sampling.py", "tests/test_engine_sessions.py", "tests/test_engine_streaming_input.py",
-          "tests/test_engine_vanilla.py"],
+    "a": ["tests/server/", "tests/test_engine_positions.py", "tests/test_engine_ray.py"],
+    "b": ["tests/test_engine_batching.py", "tests/test_engine_bounded_state.py", "tests/test_engine_idle_sessions.py",
+          "tests/test_engine_memory.py", "tests/test_engine_multiprocess.py", "tests/test_engine_own_sink.py",
+          "tests/test_engine_reference.py", "tests/test_engine_rows.py", "tests/test_engine_sampling.py",
+          "tests/test_engine_sessions.py", "tests/test_engine_streaming_input.py", "tests/test_engine_vanilla.py"],
 }
 
 
@@ -109,7 +106,7 @@ def lane_of(path: str) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Lanes "a", "b", "c", then the other modules; in a lane the tests without an engine
+    """Lane "a", lane "b", then the other modules; in a lane the tests without an engine
     first (the server tests), then the engine tests grouped by engine configuration, so each
     engine is built once."""
     lanes = list(LANES)
@@ -124,7 +121,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """With pytest-xdist (``-n 3`` in pyproject.toml), a worker takes a whole lane at a time
+    """With pytest-xdist (``-n 2`` in pyproject.toml), a worker takes a whole lane at a time
     (see ``LANES``), or a whole module outside the lanes; they go out in the order above."""
     from xdist.scheduler import LoadScopeScheduling
 

@@ -106,8 +106,17 @@ def free_or_kept(llm) -> int:
     held by a kept stream (a finished stream kept for resumption). Kept pages wait in vLLM's
     free queue, so vLLM's free count holds them; the published ``free_kv_pages`` does not."""
     kv = scheduler_of(llm).kv_cache_manager
-    kept = sum(m.sessions.held_pages() for m in kv.coordinator.single_type_managers
-               if getattr(m, "sessions", None) is not None)
+    kept = 0
+    for m in kv.coordinator.single_type_managers:
+        sessions = getattr(m, "sessions", None)
+        if sessions is None:
+            continue
+        # Each kept page waits in the free queue, the kept stream's alone: no request holds
+        # it, the prefix cache cannot find it.
+        parked = [b for key in sessions.kept.keys() for b in sessions.kept.get(key).handle.blocks if not b.is_null]
+        assert all(b.ref_cnt == 0 and b.block_hash is None for b in parked), parked
+        assert len({b.block_id for b in parked}) == len(parked) == sessions.held_pages() == sessions.kept.pages
+        kept += len(parked)
     free = kv.block_pool.get_num_free_blocks()
     assert 0 <= kept <= free
     return free

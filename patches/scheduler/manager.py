@@ -373,15 +373,22 @@ class StreamingSinkManager(FullAttentionManager):
         return self.enable_caching and stream is not None and not stream.private
 
     def detach(self, request_id: str, computed: int) -> tuple[list, int, SinkGeometry] | None:
-        """Take ``request_id``'s row away (``None``: it holds none), cut after its
-        ``computed`` tokens: the pages of tokens never computed go back to the pool, the rest
-        stay allocated and pass to the caller with the row. The request's record is dropped.
-        Returns (row, logical index of its first window page, its geometry)."""
+        """Take ``request_id``'s row away (``None``: it holds none, or a page another request
+        can find or holds), cut after its ``computed`` tokens: the pages of tokens never
+        computed go back to the pool, the rest stay allocated and pass to the caller with the
+        row, each the row's alone. The request's record is dropped. Returns (row, logical
+        index of its first window page, its geometry)."""
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return None
-        stream = self._stream(request_id)
         n = cdiv(computed, self.block_size)
+        if any(self._shared(b) for b in blocks[:n]):
+            # Its window moved for the first time at its last step: the pages leaving at that
+            # step are still in its row (the next step would free them), and they are the
+            # prefix cache's (clean, hashed). Freed as vLLM frees it; its clean pages stay
+            # cached, so its next turn finds most of its history by hash.
+            return None
+        stream = self._stream(request_id)
         tail = [b for b in blocks[n:] if not b.is_null]  # slots of tokens never computed
         del blocks[n:]
         self.pop_blocks_for_free(request_id)  # the request's bookkeeping; its pages stay allocated

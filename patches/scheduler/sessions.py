@@ -55,7 +55,9 @@ class PageOwner(Protocol):
 
     def detach(self, request_id: str, computed: int) -> tuple[list, int, SinkGeometry] | None:
         """Take ``request_id``'s row, cut after its ``computed`` tokens, away from the manager
-        (its pages stay allocated, now the caller's): (row, first window page, geometry)."""
+        (its pages stay allocated, now the caller's alone): (row, first window page,
+        geometry); ``None`` when it holds no page, or one that another request can find or
+        holds (not kept: freed as vLLM frees it)."""
 
     def attach(self, request_id: str, blocks: list, first_live: int, computed: int) -> None:
         """Give ``request_id`` the row ``blocks`` (already allocated) as computed blocks, its
