@@ -8,6 +8,8 @@ Modules, each depending only on those listed before it (no cycle; nothing here i
 * ``channel``:      StepChannel, the step's decisions shipped on the SchedulerOutput as a
   ``vllm_sink.step_meta.StepMeta``: all the worker learns from the scheduler side
 * ``request_tail``: hold_tail, a sink stream's Request keeps only the tail of its token ids
+* ``free_queue``:   park, discard, take_back: kept pages in vLLM's queue of free pages
+* ``copy_on_write``: CopyOnWrite, the manager's private copies of shared pages
 * ``sessions``:     SchedulerSessions, kept streams resumed through vLLM's prefix-hit path;
   reaches the manager through its kept-stream interface (``sessions.PageOwner``)
 * ``manager``:      StreamingSinkManager (registered for ``patches.spec.SinkWindowSpec``

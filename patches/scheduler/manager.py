@@ -9,7 +9,7 @@ Binds to vLLM 0.26.0:
     get_num_common_prefix_blocks; reads req_to_blocks (a sink stream's entry is a
     ``BlockRow``, read by vLLM through len(), [i], [a:b], extend, iteration and reversed()),
     num_cached_block, block_pool.null_block/free_blocks/get_num_free_blocks/num_gpu_blocks/
-    get_new_blocks/touch/free_block_queue (append_n, prepend_n, remove: kept pages wait in it),
+    get_new_blocks (kept pages wait in its free queue: ``free_queue``),
     dcp_world_size, pcp_world_size; passes max_admission_blocks_per_request)
   vllm.v1.core.single_type_kv_cache_manager.register_all_kvcache_specs
   vllm.v1.kv_cache_spec_registry.KVCacheSpecRegistry.register
@@ -40,7 +40,9 @@ from vllm_sink.config import request_sink_tokens
 from vllm_sink.invariants import ROW_LOG
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.patches import refusals
+from vllm_sink.patches.scheduler import free_queue
 from vllm_sink.patches.scheduler.channel import StepChannel
+from vllm_sink.patches.scheduler.copy_on_write import CopyOnWrite
 from vllm_sink.patches.scheduler.request_tail import hold_tail
 from vllm_sink.patches.scheduler.sessions import SchedulerSessions
 from vllm_sink.patches.scheduler.stream import SinkStream
@@ -49,7 +51,7 @@ from vllm_sink.policy import SinkGeometry, cdiv, next_move_at
 from vllm_sink.step_meta import StepMeta
 
 
-class StreamingSinkManager(FullAttentionManager):
+class StreamingSinkManager(CopyOnWrite, FullAttentionManager):
     """Pins each sequence's first ``sink_pages`` pages and evicts every page that has left
     the window, at once.
 
@@ -263,65 +265,6 @@ class StreamingSinkManager(FullAttentionManager):
         if self.check_rows:
             ROW_LOG.record_manager(request_id, processed_computed_tokens, self._held_ids(request_id))
 
-    def _take_private(self, request_id: str, move) -> None:
-        """The step that moves ``request_id``'s window for the first time (decided when it is
-        scheduled, at the step's start, as the worker moves the row; ``move`` is that row
-        transition, whose leaving pages the manager frees once they are processed). From
-        this step on the worker may rewrite its pages (the sink re-anchored, a page taking
-        over as the partial sink page, epochs), and the pages it computes depend on what its
-        window held. Each page of its row that stays and that another request can find
-        (cached by hash) or holds is replaced by a private copy (copy on write: the worker
-        copies it, ``StepMeta.copies``, and swaps it in its row, ``StepMeta.private``); the
-        shared page is released, and stays cached for the others."""
-        blocks = self.req_to_blocks[request_id]
-        s = self._stream(request_id).geometry.sink_pages
-        # The pages that stay (with a partial sink page, the page taking over as the sink
-        # page stays and is written; the old one leaves) ...
-        if move is None:  # (no page leaves at this step; the sink is re-anchored)
-            staying = {id(b) for b in blocks}
-        else:
-            staying = {id(b) for b in move.apply(blocks[:s] + blocks[move.first:], s)[0]}
-        # ... that another request can find or holds.
-        shared = [i for i, b in enumerate(blocks) if id(b) in staying and self._shared(b)]
-        if shared:
-            self.channel.private(request_id, self._copy_pages(blocks, shared))
-
-    def _copy_pages(self, row, positions: list[int]) -> list[tuple[int, int]]:
-        """Replace the pages at ``positions`` of ``row`` by fresh pages and release the old
-        ones (they stay cached for the others); returns the ``(old, new)`` page ids the
-        worker copies before the step writes any page.
-
-        A page only this request holds goes back to the pool (cached) before its copy is
-        taken, so the copy needs no free page: the pool's free count does not move, and
-        when the pool has no other free page the fresh page is that page itself, its hash
-        dropped (nothing to copy). A page others hold too is copied into a free page, which
-        admission reserved when they found it (``SinkStream.unowned``)."""
-        pairs = []
-        for i in sorted(positions, key=lambda i: row[i].ref_cnt > 1):
-            old = row[i]
-            if old.ref_cnt == 1:
-                self.free_pages([old])
-                row[i] = self._new_page()
-            else:
-                row[i] = self._new_page()
-                self.free_pages([old])
-            if row[i] is not old:
-                pairs.append((old.block_id, row[i].block_id))
-        SINK_STATS.pages_copied += len(pairs)
-        return pairs
-
-    def _new_page(self):
-        """A page from the free queue (a kept stream it belonged to gives way)."""
-        page = self.block_pool.get_new_blocks(1)[0]
-        if self.sessions is not None:
-            self.sessions.reclaim([page])
-        return page
-
-    @staticmethod
-    def _shared(block) -> bool:
-        """Whether another request can find ``block`` (cached by hash) or holds it."""
-        return not block.is_null and (block.block_hash is not None or block.ref_cnt > 1)
-
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
         """Cache (by hash) only the full pages a request computed before its window first
         moved: the tokens of a step whose window start is the sink's end attend to every
@@ -421,26 +364,13 @@ class StreamingSinkManager(FullAttentionManager):
         self.block_pool.free_blocks(reversed(pages))
 
     def park(self, pages: list) -> None:
-        """Put a kept stream's ``pages`` (ref count 1: only the stream holds them; no hash)
-        in the free queue at its most-recently-used end, as vLLM places a finished
-        request's cached pages, their contents kept. (vLLM's ``free_blocks`` would put
-        pages without a hash at the front, to be reused first.)"""
-        for b in pages:
-            assert b.ref_cnt == 1 and b.block_hash is None and not b.is_null, b
-            b.ref_cnt = 0
-        self.block_pool.free_block_queue.append_n(list(reversed(pages)))
+        free_queue.park(self.block_pool, pages)
 
     def discard(self, pages: list) -> None:
-        """Move parked ``pages`` (ref count 0, in the free queue) to its front: nobody can
-        find them any more, so they are reused first (as ``free_blocks`` places them)."""
-        queue = self.block_pool.free_block_queue
-        for b in pages:
-            queue.remove(b)
-        queue.prepend_n(list(reversed(pages)))
+        free_queue.discard(self.block_pool, pages)
 
     def take_back(self, pages: list) -> None:
-        """Take parked ``pages`` out of the free queue (ref count 1: allocated again)."""
-        self.block_pool.touch(pages)
+        free_queue.take_back(self.block_pool, pages)
 
     def publish(self) -> None:
         """Publish the pool's counters now (the front end reads them)."""
