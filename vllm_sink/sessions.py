@@ -178,8 +178,7 @@ class KeptStreams:
         self.pages -= stream.pages
         return stream
 
-    def release_lru(self, exclude: frozenset[str] | set[str] = frozenset()) -> KeptStream | None:
-        """Release the least recently used kept stream not in ``exclude`` (``None`` if
-        there is none)."""
-        key = next((k for k in self._kept if k not in exclude), None)
+    def release_lru(self) -> KeptStream | None:
+        """Release the least recently used kept stream (``None`` if there is none)."""
+        key = next(iter(self._kept), None)
         return None if key is None else self.take(key)

@@ -86,7 +86,7 @@ class _Handle:
 class SchedulerSessions:
     """The kept streams of one ``StreamingSinkManager``.
 
-    Called by the manager: ``is_pending``, ``pending_pages``, ``reclaim``, ``adopt``,
+    Called by the manager: ``is_pending``, ``reclaim``, ``adopt``,
     ``end_step``; by the wraps (``patches.scheduler.hooks``): ``keep``, ``lookup``.
     """
 
@@ -179,17 +179,6 @@ class SchedulerSessions:
     def is_pending(self, request_id: str) -> bool:
         """Whether ``request_id`` resumes a kept stream in this scheduling pass."""
         return request_id in self.pending
-
-    def pending_pages(self, request_id: str) -> int:
-        """Pages a waiting request will adopt instead of allocating (parked in the free
-        queue: adopting takes them out of it)."""
-        if request_id not in self.pending:
-            return 0
-        key, a = self.pending[request_id]
-        stream = self.kept.get(key)
-        if stream is None:
-            return 0
-        return sum(not b.is_null for b in stream.handle.blocks[: cdiv(a, self.geometry.block_size)])
 
     def adopt(self, request_id: str, blocks: list) -> None:
         """Hand the pending kept stream's pages to ``request_id`` (its row becomes
