@@ -117,4 +117,3 @@ def test_kept_streams_give_way_under_pool_pressure(llm, reference, hamlet_ids):
         got = torch.tensor([lp[i][t].logprob for i, t in enumerate(gen)], dtype=torch.float64)
         diff = (got - ref[len(prompt) - 1 : len(prompt) - 1 + len(gen)]).abs()
         assert diff.max().item() <= F32_MAX_ABS and diff.mean().item() <= F32_MAX_MEAN, (name, diff.max().item())
-

@@ -137,12 +137,17 @@ class SchedulerSessions:
     def _release(self, stream: KeptStream) -> None:
         """Forget ``stream`` (taken out of ``kept``): its pages still in the free queue move
         to the front, to be reused first, as vLLM frees pages nobody can find."""
-        pages = held_pages(stream.handle.blocks)
-        for b in pages:
-            del self.owner_of[b.block_id]
+        pages = self._unpark(stream.handle)
         self.owner.discard([b for b in pages if b.ref_cnt == 0])
         self.channel.released(stream.key)
         self._count()
+
+    def _unpark(self, handle: _Handle) -> list:
+        """Drop a kept stream's pages from ``owner_of``; returns them."""
+        pages = held_pages(handle.blocks)
+        for b in pages:
+            del self.owner_of[b.block_id]
+        return pages
 
     def reclaim(self, blocks) -> None:
         """vLLM handed out ``blocks`` from the free queue: a kept stream one of them belongs
@@ -185,10 +190,8 @@ class SchedulerSessions:
         ``blocks``, the kept row cut at the resume token); the rest are freed."""
         key, a = self.pending.pop(request_id)
         handle: _Handle = self.kept.take(key).handle
-        adopted = held_pages(blocks)
-        self.owner.take_back(adopted)
-        for b in held_pages(handle.blocks):
-            del self.owner_of[b.block_id]
+        self._unpark(handle)
+        self.owner.take_back(held_pages(blocks))
         rest = [b for b in handle.blocks[len(blocks):] if not b.is_null]
         if rest:
             self.owner.discard(rest)
