@@ -4,8 +4,8 @@ stream that passes its window.
     python benchmarks/gpu_prefix_check.py [--out benchmarks/results/gpu_prefix_check.json]
 
 An engine with the sink policy (a 20-token sink, so a partial sink page is written; W=256)
-and prefix caching (on by default), Llama-3.2-1B's shape with 512 positions (epochs every few
-hundred tokens) and dummy weights, with vLLM's
+and prefix caching (on by default), Llama-3.2-1B's layer shape (4 layers) with 512 positions
+(epochs every few hundred tokens) and randomly initialised weights, with vLLM's
 GPU defaults (CUDA graphs, the default attention backend) in bfloat16, and TRITON_ATTN in
 float32. In one engine:
 
@@ -33,10 +33,29 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from engine_bench import LLAMA32_1B, model_dir  # noqa: E402
+from engine_bench import LLAMA32_1B  # noqa: E402
 from workers import provenance  # noqa: E402
 
 SETTINGS = {"bf16": dict(dtype="bfloat16"), "fp32-triton": dict(dtype="float32", attention_backend="TRITON_ATTN")}
+
+
+def random_model() -> Path:
+    """Llama-3.2-1B's layer shape, 4 layers, a 32,000-token vocabulary and 512 positions,
+    with transformers' random initialisation (normal, std 0.02), saved once in bfloat16."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    cfg = dict(LLAMA32_1B, max_position_embeddings=512, num_hidden_layers=4, vocab_size=32000,
+               bos_token_id=1, eos_token_id=2)
+    out = Path(tempfile.gettempdir()) / "vllm-sink-prefix-check-model"
+    if not (out / "model.safetensors").exists():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**{k: v for k, v in cfg.items() if k != "architectures"})
+        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(out, safe_serialization=True)
+    return out
 
 
 def check(setting: str, copies: bool) -> dict:
@@ -51,9 +70,10 @@ def check(setting: str, copies: bool) -> dict:
 
         StreamingSinkManager._copy_pages = lambda self, row, positions: []
     # 512 positions: the streams' epochs re-rotate and re-anchor their rows every few hundred
-    # tokens, so without the copies they write pages X finds.
-    cfg = dict(LLAMA32_1B, max_position_embeddings=512)
-    llm = LLM(str(model_dir(cfg)), load_format="dummy", skip_tokenizer_init=True, block_size=16,
+    # tokens, so without the copies they write pages X finds. Weights: a standard random
+    # initialisation (vLLM's dummy weights are so small that the attention barely moves
+    # the logprobs, and a rewritten page would not show).
+    llm = LLM(str(random_model()), skip_tokenizer_init=True, block_size=16,
               max_num_seqs=32, gpu_memory_utilization=0.5, kv_policy="sink", sink_tokens=20, kv_window=256,
               max_stream_len=4096, **SETTINGS[setting])
     g = torch.Generator().manual_seed(0)
@@ -113,7 +133,8 @@ def main() -> None:
                 raise SystemExit(f"{setting}: no result")
             rows.append(json.loads(lines[-1][5:]))
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    meta = dict(device=device, vllm=vllm.__version__, model="Llama-3.2-1B shape, dummy weights", **provenance(__file__))
+    meta = dict(device=device, vllm=vllm.__version__, model="Llama-3.2-1B layer shape, 4 layers, random init",
+                **provenance(__file__))
     Path(args.out).write_text(json.dumps(dict(meta, results=rows), indent=1))
     lines = [f"Copy on write, {device}, vLLM {vllm.__version__}, {meta['model']}, S=20, W=256", "",
              "| setting | copies | X cached (first, again) | streams found | pages copied | epochs | X logprobs max / mean abs diff | same tokens |",

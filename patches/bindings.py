@@ -9,7 +9,9 @@ ends in ``...`` names the leading ones, which the wrap uses, and the wrap forwar
 untouched), so that a vLLM whose function changed shape is caught before a step runs.
 
 * ``SUPPORTED_VLLM``: the vLLM versions the plugin runs on; ``check_version`` refuses any
-  other at start-up (``patches.install``), with a ``SinkConfigError`` naming them.
+  other at start-up (``patches.install``), with a ``SinkConfigError`` naming them. Most
+  entries hold for every supported version; the few that differ are recorded once per
+  version (``V026``, ``V032``), and ``active(version)`` is the table for one version.
 * ``wrap_once``: the only way the plugin replaces a vLLM attribute. It refuses a symbol that
   is not in the table, wraps once (idempotent: vLLM may load the plugin twice in one
   process), marks the wrap (``_vllm_sink``) and keeps the original (``__wrapped__``).
@@ -24,13 +26,23 @@ else. Importing this module imports nothing from vLLM.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-SUPPORTED_VLLM = ("0.26.0",)
+SUPPORTED_VLLM = ("0.26.0", "0.32.0")
+V026, V032 = ("0.26.0",), ("0.32.0",)  # an entry that holds for one version only
+
+# Behaviours of vLLM the plugin relies on that no symbol shows, per version:
+# "lone_request_uncapped": the scheduler does not apply ``long_prefill_token_threshold`` to a
+# request alone in the batch (``SchedulerConfig.long_prefill_token_threshold``'s docstring):
+# one sequence may then compute the whole step budget.
+BEHAVIOURS = {
+    "lone_request_uncapped": ("0.32.0",),
+}
 
 # Kinds of binding.
 WRAP = "wrap"                    # a class's method/property (or a module's function) replaced by a wrap
@@ -69,14 +81,16 @@ class Binding:
         return self.module, self.name
 
 
-def _rows(side: str, kind: str, module: str, owner: str, names: str) -> list[Binding]:
+def _rows(side: str, kind: str, module: str, owner: str, names: str,
+          versions: tuple[str, ...] = SUPPORTED_VLLM) -> list[Binding]:
     """Unsigned entries ``owner.name`` (``owner`` empty: module-level) for each whitespace-
     separated name."""
-    return [Binding(side, kind, module, f"{owner}.{n}" if owner else n) for n in names.split()]
+    return [Binding(side, kind, module, f"{owner}.{n}" if owner else n, None, versions) for n in names.split()]
 
 
-def _signed(side: str, kind: str, module: str, name: str, params: str) -> Binding:
-    return Binding(side, kind, module, name, params)
+def _signed(side: str, kind: str, module: str, name: str, params: str,
+            versions: tuple[str, ...] = SUPPORTED_VLLM) -> Binding:
+    return Binding(side, kind, module, name, params, versions)
 
 
 FRONTEND, SCHEDULER, WORKER, SHARED, BENCHMARKS = "frontend", "scheduler", "worker", "shared", "benchmarks"
@@ -93,6 +107,8 @@ BINDINGS: tuple[Binding, ...] = (
            "kv_cache_dtype decode_context_parallel_size prefill_context_parallel_size "
            "pipeline_parallel_size block_size model"),
     *_rows(FRONTEND, READ, "vllm.engine.arg_utils", "EngineArgs", "_api_process_count _api_process_rank"),
+    # 0.32.0 removed cascade attention (the field stays, deprecated, and warns when set).
+    *_rows(FRONTEND, READ, "vllm.engine.arg_utils", "EngineArgs", "disable_cascade_attn", V026),
     _signed(FRONTEND, WRAP, "vllm.entrypoints.llm", "LLM.__init__", "self, model, *, runner=, ..."),
     *_rows(FRONTEND, ENV, "vllm.envs", "",
            "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY VLLM_ALLOW_LONG_MAX_MODEL_LEN VLLM_USE_V2_MODEL_RUNNER"),
@@ -100,6 +116,8 @@ BINDINGS: tuple[Binding, ...] = (
     *_rows(FRONTEND, CALL, "vllm.utils.argparse_utils", "", "human_readable_int"),
     _signed(FRONTEND, WRAP, "vllm.config", "VllmConfig.use_v2_model_runner", "self"),
     *_rows(FRONTEND, READ, "vllm.config", "VllmConfig", "additional_config model_config"),
+    *_rows(FRONTEND, READ, "vllm.config", "SchedulerConfig",
+           "long_prefill_token_threshold max_num_batched_tokens max_num_scheduled_tokens"),
     _signed(FRONTEND, WRAP, "vllm.v1.engine.input_processor", "InputProcessor._validate_params",
             "self, params, supported_tasks"),
     *_rows(FRONTEND, READ, "vllm.v1.engine.input_processor", "InputProcessor", "vllm_config"),
@@ -111,6 +129,7 @@ BINDINGS: tuple[Binding, ...] = (
            "tokenize_prompt_async"),
     *_rows(FRONTEND, CALL, "vllm.renderers.params", "TokenizeParams", "get_encode_kwargs"),
     *_rows(FRONTEND, CALL, "vllm.renderers.params", "ChatParams", "with_defaults"),
+    *_rows(FRONTEND, READ, "vllm.renderers.params", "ChatParams", "return_assistant_tokens_mask", V026),
     _signed(FRONTEND, WRAP, "vllm.renderers.online_renderer", "OnlineRenderer.preprocess_chat",
             "self, request, messages, default_template, default_template_content_format, "
             "default_template_kwargs, tool_dicts=, parser=, *, skip_mm_cache="),
@@ -160,13 +179,16 @@ BINDINGS: tuple[Binding, ...] = (
             "FullAttentionManager.remove_skipped_blocks",
             "self, request_id, processed_computed_tokens, num_prompt_tokens="),
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
-            "FullAttentionManager.get_num_common_prefix_blocks", "self, running_request_id"),
+            "FullAttentionManager.get_num_common_prefix_blocks", "self, running_request_id", V026),
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
             "FullAttentionManager.pop_blocks_for_free", "self, request_id"),
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
             "FullAttentionManager.new_step_starts", "self"),
     _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
-            "FullAttentionManager.cache_blocks", "self, request, num_tokens, retention_interval="),
+            "FullAttentionManager.cache_blocks", "self, request, num_tokens, retention_interval=", V026),
+    _signed(SCHEDULER, OVERRIDE, "vllm.v1.core.single_type_kv_cache_manager",
+            "FullAttentionManager.cache_blocks",
+            "self, request, num_tokens, retention_interval=, *, replay_boundaries", V032),
     *_rows(SCHEDULER, READ, "vllm.v1.core.single_type_kv_cache_manager", "FullAttentionManager",
            "req_to_blocks num_cached_block block_pool kv_cache_spec dcp_world_size pcp_world_size "
            "enable_caching"),
@@ -216,8 +238,10 @@ BINDINGS: tuple[Binding, ...] = (
            "req_id block_ids prompt_token_ids prompt_is_token_ids prompt_embeds output_token_ids "
            "sampling_params num_prompt_tokens"),
     *_rows(WORKER, READ, "vllm.v1.worker.block_table", "MultiGroupBlockTable", "block_tables"),
-    *_rows(WORKER, READ, "vllm.v1.worker.block_table", "BlockTable",
-           "block_table num_blocks_per_row blocks_per_kv_block"),
+    *_rows(WORKER, READ, "vllm.v1.worker.block_table", "BlockTable", "block_table num_blocks_per_row"),
+    # 0.26.0's table rows hold kernel blocks (blocks_per_kv_block of them per page); 0.32.0's
+    # hold pages, mapped to kernel blocks when the attention metadata is built.
+    *_rows(WORKER, READ, "vllm.v1.worker.block_table", "BlockTable", "blocks_per_kv_block", V026),
     *_rows(WORKER, READ, "vllm.v1.core.sched.output", "SchedulerOutput",
            "scheduled_new_reqs scheduled_cached_reqs num_scheduled_tokens total_num_scheduled_tokens "
            "finished_req_ids"),
@@ -236,10 +260,40 @@ BINDINGS: tuple[Binding, ...] = (
     *_rows(WORKER, CALL, "vllm.v1.attention.backends.cpu_attn", "", "_get_attn_isa"),
     # ------------------------------------------------------------------ benchmarks (not the plugin)
     _signed(BENCHMARKS, WRAP, "vllm.v1.worker.gpu_model_runner", "async_tensor_h2d",
-            "data, device, dtype="),
+            "data, device, dtype=", V026),
+    _signed(BENCHMARKS, WRAP, "vllm.v1.worker.gpu_model_runner", "async_tensor_h2d",
+            "data, device=, dtype=, out=", V032),
 )
 
-_BY_KEY = {b.key: b for b in BINDINGS}
+
+
+def active(version: str | None = None) -> tuple[Binding, ...]:
+    """The entries that hold for ``version`` (default: the installed vLLM's)."""
+    v = base_version(version or installed_version())
+    return tuple(b for b in BINDINGS if v in b.versions)
+
+
+def installed_version() -> str:
+    """The installed vLLM's version, without a build's local label."""
+    import vllm
+
+    return base_version(vllm.__version__)
+
+
+@functools.cache
+def _by_key(version: str) -> dict[tuple[str, str], Binding]:
+    return {b.key: b for b in active(version)}
+
+
+def behaves(behaviour: str) -> bool:
+    """Whether the installed vLLM shows ``behaviour`` (a key of ``BEHAVIOURS``)."""
+    return installed_version() in BEHAVIOURS[behaviour]
+
+
+def holds(module: str, name: str) -> bool:
+    """Whether the entry ``module.name`` holds for the installed vLLM (for the few bindings
+    that differ between supported versions)."""
+    return (module, name) in _by_key(installed_version())
 
 
 def counts(bindings: Iterable[Binding] = BINDINGS) -> dict[str, int]:
@@ -379,13 +433,14 @@ def check_version(version: str) -> None:
 # ---------------------------------------------------------------------- the wrap helper
 def _owner_key(owner: Any, name: str) -> tuple[str, str] | None:
     """The table key of ``owner.name``: for a module, (module, name); for a class or an
-    instance, the first class in its MRO whose entry is in the table."""
+    instance, the first class in its MRO whose entry is in the table (for the installed vLLM)."""
+    by_key = _by_key(installed_version())
     if inspect.ismodule(owner):
         key = (owner.__name__, name)
-        return key if key in _BY_KEY else None
+        return key if key in by_key else None
     classes = owner.__mro__ if inspect.isclass(owner) else type(owner).__mro__
     for cls in classes:
-        for key in _BY_KEY:
+        for key in by_key:
             if key[1] == f"{cls.__qualname__}.{name}" and _same_class(key[0], cls):
                 return key
     return None
@@ -411,7 +466,7 @@ def wrap_once(owner: Any, name: str, make: Callable[[Callable], Callable]) -> bo
     key = _owner_key(owner, name)
     instance = not inspect.isclass(owner) and not inspect.ismodule(owner)
     expected = INSTANCE_WRAP if instance else WRAP
-    if key is None or _BY_KEY[key].kind != expected:
+    if key is None or _by_key(installed_version())[key].kind != expected:
         where = getattr(owner, "__name__", type(owner).__name__)
         raise LookupError(f"vllm-sink: {where}.{name} is not listed as a {expected} in "
                           "vllm_sink.patches.bindings.BINDINGS")

@@ -1,6 +1,6 @@
 """Every start-up refusal of the sink policy that looks at vLLM objects, in one place.
 
-Binds to vLLM 0.26.0: EngineArgs fields (speculative_config,
+Binds to: EngineArgs fields (speculative_config,
 kv_transfer_config, kv_cache_dtype, decode/prefill_context_parallel_size,
 pipeline_parallel_size), ModelConfig (runner_type, is_encoder_decoder, use_mla, is_hybrid,
 is_attention_free, uses_mrope, uses_alibi, is_multimodal_model, get_sliding_window,
@@ -36,9 +36,11 @@ import os
 
 from vllm.logger import init_logger
 
-from vllm_sink.allowlist import (ALIBI_ARCHITECTURES, ALIBI_BACKENDS, ALLOW_UNCHECKED_ENV, CHECKED_ARCHITECTURES,
-                                 SAME_CLASS_ALIASES, SUPPORTED_ROPE_TYPES, TESTED_ARCHITECTURES, VLLM_DEFAULT_MAX_LEN)
+from vllm_sink.allowlist import (ALIBI_ARCHITECTURES, ALIBI_BACKENDS, ALLOW_UNCHECKED_ENV,
+                                 SAME_CLASS_ALIASES, SUPPORTED_ROPE_TYPES, TESTED_ARCHITECTURES, VLLM_DEFAULT_MAX_LEN,
+                                 checked_on)
 from vllm_sink.config import SinkConfigError
+from vllm_sink.patches.bindings import installed_version
 from vllm_sink.policy import NO_ROTARY_LIMIT
 
 logger = init_logger("vllm." + __name__)
@@ -168,7 +170,8 @@ def check_architecture(arch: str, alibi: bool = False, model: str | None = None,
     ``VLLMSINK_ALLOW_UNCHECKED=1`` asks for it knowingly (logged as a warning). vLLM's
     Transformers modeling backend is another implementation than the class a test checked,
     so it is refused even under a checked name."""
-    checked = ALIBI_ARCHITECTURES if alibi else tuple(CHECKED_ARCHITECTURES)
+    served = checked_on(installed_version())
+    checked = tuple(a for a in ALIBI_ARCHITECTURES if a in served) if alibi else tuple(served)
     transformers_backend = transformers_backend or arch.startswith("Transformers")
     if arch in checked and not transformers_backend:
         return
@@ -189,13 +192,14 @@ def check_architecture(arch: str, alibi: bool = False, model: str | None = None,
     if alibi:
         raise SinkConfigError(
             f"{who}{backend} uses ALiBi in an architecture vllm-sink has not checked against "
-            f"its reference (checked: {', '.join(ALIBI_ARCHITECTURES)}). Use --kv-policy full "
+            f"its reference (checked: {', '.join(checked)}). Use --kv-policy full "
             f"for this model, or set {ALLOW_UNCHECKED_ENV}=1 to serve it unverified"
         )
     raise SinkConfigError(
         f"architecture {arch}{backend} is not checked against the sink policy's reference; "
-        f"checked: {', '.join(TESTED_ARCHITECTURES)} (and their same-class aliases "
-        f"{', '.join(SAME_CLASS_ALIASES)}; docs/families.md). Use --kv-policy full for "
+        f"checked: {', '.join(a for a in TESTED_ARCHITECTURES if a in served)} (and their same-class "
+        f"aliases {', '.join(a for a in SAME_CLASS_ALIASES if a in served)}; docs/families.md). "
+        f"Use --kv-policy full for "
         f"{model or 'this model'}, or set {ALLOW_UNCHECKED_ENV}=1 to serve it with the sink "
         "policy unverified"
     )

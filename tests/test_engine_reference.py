@@ -18,13 +18,14 @@ to the looser bf16 tolerance (tests/tolerances.py), which the GPU runs must also
 import pytest
 import torch
 
-from engine_helpers import run_scored
+from engine_helpers import PAGE, run_scored
 from reference import chunked_steps
 from tolerances import BF16_MAX_MEAN, F32_MAX_MEAN, check
 
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import window_start
 
+pytestmark = pytest.mark.every_vllm
 N_PROMPT = 2048
 N_GEN = 32
 
@@ -60,9 +61,10 @@ def _compare(llm, reference, prompt, *, B, S, W, chunk, expect_epochs, dtype="fl
 
 @pytest.mark.engine("sink16")
 def test_matches_reference_one_sink_page(llm, reference, hamlet_ids):
-    """B=16, one sink page, W=256, 64-token prefill chunks: 2,048 prompt tokens scored with
-    prompt logprobs (113 pages evicted) and 32 generated tokens."""
-    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=16, W=256, chunk=64, expect_epochs=0)
+    """B=16 (``PAGE``: 32 on vLLM 0.32.0), one sink page, W=256, 64-token prefill chunks:
+    2,048 prompt tokens scored with prompt logprobs (113 pages evicted) and 32 generated
+    tokens."""
+    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE, W=256, chunk=64, expect_epochs=0)
 
 
 @pytest.mark.engine("sink32x2_p512")
@@ -78,8 +80,8 @@ def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamle
     tokens of a second page, whose other 12 slots carry the window's first tokens: the page
     holding the window start becomes that second sink page whenever the window moves (four
     pages at once with these chunks). B=16, W=256, 64-token chunks, 512 rotary positions
-    (epochs)."""
-    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=16, S=20, W=256, chunk=64, expect_epochs=5)
+    (epochs). (On vLLM 0.32.0: B=32, a sink of 36 tokens.)"""
+    _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE + 4, W=256, chunk=64, expect_epochs=5)
 
 
 @pytest.mark.engine("sink16_bf16")
@@ -88,5 +90,5 @@ def test_bfloat16_within_the_bf16_tolerance(llm, reference, hamlet_ids):
     generated): within the bf16 tolerance of the float32 reference, with the error after
     eviction no larger than rounding's before it. benchmarks/gpu_correctness.py holds the
     GPU backends (CUDA graphs on) to the same tolerance."""
-    _compare(llm, reference, hamlet_ids[:1024], B=16, S=16, W=256, chunk=64, expect_epochs=0,
+    _compare(llm, reference, hamlet_ids[:1024], B=PAGE, S=PAGE, W=256, chunk=64, expect_epochs=0,
              dtype="bfloat16", n_gen=16)

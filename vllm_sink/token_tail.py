@@ -9,7 +9,8 @@ stream that a later request may resume, whether a prompt repeats its history
 (``vllm_sink.sessions``). :class:`TokenTail` keeps exactly that:
 
 * ``len()`` counts every token appended; ``[i]`` and ``[a:b]`` take absolute positions and
-  raise ``IndexError`` if they reach a released one (never a silent wrong answer);
+  raise ``IndexError`` if they reach a released one (never a silent wrong answer); ``del
+  t[a:]`` drops held last tokens;
   ``copy()`` gives the held tokens after the head; iterating all of it is refused once
   tokens were released;
 * the first ``head`` tokens (a stream's sink) are held for good, the rest down to the last
@@ -123,6 +124,25 @@ class TokenTail:
             return self.head[start:] + self[len(self.head):stop]
         self._at(start)  # raises if released
         return self.tail[start - self.tail_start : stop - self.tail_start]
+
+    def __delitem__(self, item) -> None:
+        """``del t[a:]``: drop the last tokens (vLLM's detokenizer drops the tokens generated
+        after the one that completed a stop string); they must all be held."""
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise IndexError("a TokenTail deletes its last tokens only: del t[a:]")
+        start, stop, _ = item.indices(self._n)
+        if stop != self._n:
+            raise IndexError(f"a TokenTail deletes its last tokens only (asked for [{start}:{stop}] of {self._n})")
+        if start >= stop:
+            return
+        if start < self.tail_start:
+            if self.released:
+                raise IndexError(f"token {start} was released: only tokens from {self.tail_start} can be deleted")
+            del self.head[start:]
+            self.tail.clear()
+        else:
+            del self.tail[start - self.tail_start :]
+        self._n = start
 
     def copy(self) -> list[int]:
         """The held tokens after the head (all of them while nothing was released)."""

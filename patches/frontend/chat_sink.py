@@ -26,7 +26,7 @@ folds it into the first user turn) gives the shorter common prefix.
 * A chat without a system message: its first message is the sink (as the template renders it
   alone: SmolLM2's adds its default system prompt before it).
 
-Binds to vLLM 0.26.0 (``vllm/renderers/online_renderer.py``):
+Binds to (``vllm/renderers/online_renderer.py``):
   OnlineRenderer.preprocess_chat(request, messages, default_template,
       default_template_content_format, default_template_kwargs, tool_dicts=None, parser=None,
       *, skip_mm_cache=False) -> (conversations, [engine_input])     wrapped: the one place
@@ -61,7 +61,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, SinkConfigError
-from vllm_sink.patches.bindings import wrap_once
+from vllm_sink.patches.bindings import holds, wrap_once
 
 logger = init_logger("vllm." + __name__)
 
@@ -109,7 +109,7 @@ def too_long_message(role: str, n: int, cap: int) -> str:
 async def first_message_ids(online_renderer, request, messages, default_template, default_template_content_format,
                             default_template_kwargs, tool_dicts) -> list[int]:
     """The token ids of ``messages[0]`` rendered alone, with the chat params and tokenize
-    params ``OnlineRenderer.preprocess_chat`` gives the whole conversation (vLLM 0.26.0's
+    params ``OnlineRenderer.preprocess_chat`` gives the whole conversation (vLLM's own
     lines, to the generation prompt, which is left off)."""
     from vllm.renderers import merge_kwargs
     from vllm.utils.mistral import is_mistral_tokenizer
@@ -127,12 +127,12 @@ async def first_message_ids(online_renderer, request, messages, default_template
         default_media_io_kwargs=(mm_config.media_io_kwargs if mm_config else None),
         default_mm_processor_kwargs=getattr(request, "mm_processor_kwargs", None),
     )
-    chat_params = dataclasses.replace(
-        chat_params,
+    changes: dict[str, Any] = dict(
         chat_template_kwargs={**chat_params.chat_template_kwargs, "add_generation_prompt": False,
-                              "continue_final_message": False},
-        return_assistant_tokens_mask=False,
-    )
+                              "continue_final_message": False})
+    if holds("vllm.renderers.params", "ChatParams.return_assistant_tokens_mask"):  # vLLM 0.26.0
+        changes["return_assistant_tokens_mask"] = False
+    chat_params = dataclasses.replace(chat_params, **changes)
     _, prompt = await renderer.render_messages_async(list(messages[:1]), chat_params)
     tokens = await renderer.tokenize_prompt_async(prompt, request.build_tok_params(model_config))
     return list(tokens.get("prompt_token_ids") or ())

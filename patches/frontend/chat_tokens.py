@@ -11,7 +11,7 @@ first use, and the first requests are tokenised both ways and compared; on any d
 or a tokenizer whose added tokens strip whitespace or match normalised text, the cache is
 off for that tokenizer (logged) and vLLM's own path runs.
 
-Binds to vLLM 0.26.0 (``vllm/renderers/base.py``):
+Binds to (``vllm/renderers/base.py``):
   BaseRenderer._tokenize_prompt(prompt, params)   wrapped: a text prompt's ids come from
                                                   the segment cache; Chat Completions,
                                                   Completions (text prompts), Responses and

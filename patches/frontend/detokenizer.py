@@ -10,7 +10,7 @@ shortest suffix of 4 to 24 tokens that decodes without a replacement character (
 that starts inside a multi-byte character is skipped), the rule vLLM used before its
 native priming; a prompt whose every such suffix decodes with one keeps vLLM's priming.
 
-Binds to vLLM 0.26.0 (``vllm/v1/engine/detokenizer.py``):
+Binds to (``vllm/v1/engine/detokenizer.py``):
   FastIncrementalDetokenizer.__init__(tokenizer, request)   wrapped: its ``stream`` (a
     ``tokenizers.decoders.DecodeStream(ids=prompt_token_ids, skip_special_tokens=...)``) is
     replaced by one primed with the suffix

@@ -1,6 +1,6 @@
 """User-facing settings: CLI flags, ``LLM(...)`` keywords, config folding and refusals.
 
-Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``):
+Binds to (``vllm/engine/arg_utils.py``, ``vllm/entrypoints/llm.py``):
   EngineArgs.add_cli_args(parser)         wrapped: adds --kv-policy, --sink-pages, --sink-tokens,
                                           --kv-window, --max-stream-len
   EngineArgs.from_cli_args(args)          wrapped: stock code keeps only dataclass fields and
@@ -32,7 +32,7 @@ from vllm.logger import init_logger
 
 from vllm_sink import allocator
 from vllm_sink.config import CONFIG_KEY, GEOMETRY_KEY, SINK_FROM_SYSTEM, USER_KEYS, SinkConfig
-from vllm_sink.patches.bindings import wrap_once
+from vllm_sink.patches.bindings import behaves, holds, wrap_once
 from vllm_sink.patches import refusals
 from vllm_sink.patches.frontend import detokenizer, metrics
 from vllm_sink.policy import SinkGeometry, max_step_tokens
@@ -160,7 +160,8 @@ def sink_engine_config(args, orig_create, *a, **kw):
         user_max_model_len = human_readable_int(user_max_model_len)
     if user_max_model_len is not None and user_max_model_len <= 0:
         user_max_model_len = None
-    args.disable_cascade_attn = True
+    if holds("vllm.engine.arg_utils", "EngineArgs.disable_cascade_attn"):  # (0.32.0 has no cascade attention)
+        args.disable_cascade_attn = True
     args.max_model_len = cfg.stream_cap
     # Marks the config as a sink engine's while vLLM builds it (the V1 model runner is
     # chosen from it: patches.frontend.vllm_config); replaced by the resolved settings below.
@@ -177,18 +178,33 @@ def sink_engine_config(args, orig_create, *a, **kw):
     )
     sched = vllm_config.scheduler_config
     step_cap = max_step_tokens(resolved.max_sink_tokens, resolved.window, block_size, rope_limit)
-    step = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
-    if min(step, sched.max_num_batched_tokens) > step_cap:
-        sched.long_prefill_token_threshold = step_cap
-        logger.info(
-            "vllm-sink: one sequence computes at most %d tokens per step (long prefill "
-            "threshold), so that sink + window + step fit the model's %d rotary positions",
-            step_cap,
-            rope_limit,
-        )
-    step_tokens = sched.max_num_batched_tokens
-    if 0 < sched.long_prefill_token_threshold < step_tokens:
-        step_tokens = sched.long_prefill_token_threshold
+    if behaves("lone_request_uncapped"):
+        # The threshold does not cap a request alone in the batch: the step budget itself
+        # bounds what one sequence computes.
+        if sched.max_num_batched_tokens > step_cap:
+            sched.max_num_batched_tokens = step_cap
+            if sched.max_num_scheduled_tokens is not None:
+                sched.max_num_scheduled_tokens = min(sched.max_num_scheduled_tokens, step_cap)
+            logger.info(
+                "vllm-sink: a step computes at most %d tokens (max_num_batched_tokens), so "
+                "that sink + window + step fit the model's %d rotary positions",
+                step_cap,
+                rope_limit,
+            )
+        step_tokens = sched.max_num_batched_tokens
+    else:
+        step = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
+        if min(step, sched.max_num_batched_tokens) > step_cap:
+            sched.long_prefill_token_threshold = step_cap
+            logger.info(
+                "vllm-sink: one sequence computes at most %d tokens per step (long prefill "
+                "threshold), so that sink + window + step fit the model's %d rotary positions",
+                step_cap,
+                rope_limit,
+            )
+        step_tokens = sched.max_num_batched_tokens
+        if 0 < sched.long_prefill_token_threshold < step_tokens:
+            step_tokens = sched.long_prefill_token_threshold
     geometry = SinkGeometry(
         block_size=block_size,
         sink_tokens=resolved.sink_tokens,

@@ -1,6 +1,6 @@
 """A request's own sink, checked where vLLM checks a request's parameters.
 
-Binds to vLLM 0.26.0 (``vllm/v1/engine/input_processor.py``):
+Binds to (``vllm/v1/engine/input_processor.py``):
   InputProcessor._validate_params(params, supported_tasks)   wrapped: a request of a sink
     engine that asks for its own sink (``SamplingParams.extra_args["sink_tokens"]``; HTTP
     ``vllm_xargs``) gets it checked here, in the front end (``LLM`` raises, the API server
@@ -25,12 +25,13 @@ def install() -> None:
 
     def make(orig):
         def _validate_params(self, params, *args, **kwargs):
-            orig(self, params, *args, **kwargs)
+            result = orig(self, params, *args, **kwargs)  # (0.32.0 returns the watermarking decision)
             extra = params.extra_args if isinstance(params, SamplingParams) else None
             if extra and REQUEST_SINK_KEY in extra:
                 geometry = SinkConfig.geometry_from_additional_config(self.vllm_config.additional_config)
                 if geometry is not None:
                     request_sink_tokens(extra, geometry)
+            return result
         return _validate_params
 
     wrap_once(InputProcessor, "_validate_params", make)

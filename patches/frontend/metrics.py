@@ -1,6 +1,6 @@
 """The ``vllm_sink:`` series on the API server's ``/metrics``.
 
-Binds to vLLM 0.26.0 (``vllm/engine/arg_utils.py``, ``vllm/v1/metrics/prometheus.py``):
+Binds to (``vllm/engine/arg_utils.py``, ``vllm/v1/metrics/prometheus.py``):
   EngineArgs._api_process_count,         read: an API server that ``vllm serve
   EngineArgs._api_process_rank           --api-server-count N`` started (rank >= 0 of N > 1)
                                          reads the directory its parent made for the engine

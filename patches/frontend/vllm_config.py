@@ -1,6 +1,6 @@
 """Which model runner a sink engine gets: vLLM's V1 runner, in every process.
 
-Binds to vLLM 0.26.0 (``vllm/config/vllm.py``):
+Binds to (``vllm/config/vllm.py``):
   VllmConfig.use_v2_model_runner   (property, wrapped)
 
 vLLM 0.26 picks its V2 model runner by default for dense models on the GPU, from this

@@ -1,7 +1,7 @@
 """The per-step channel from the scheduler to the worker: the only thing the worker learns
 from the scheduler side, besides vLLM's own ``SchedulerOutput``.
 
-Binds to vLLM 0.26.0:
+Binds to:
   vllm.v1.core.sched.output.SchedulerOutput: scheduled_new_reqs (read); carries the step's
     ``vllm_sink.step_meta.StepMeta`` as the attribute ``META_ATTR`` (set by ``ship``)
   vllm.v1.core.sched.output.NewRequestData: req_id, block_ids (a resumed or continued

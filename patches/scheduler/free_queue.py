@@ -1,7 +1,7 @@
 """Kept pages in vLLM's queue of free pages: parked with their contents, in the queue's
 least-recently-used order beside the prefix cache's pages.
 
-Binds to vLLM 0.26.0 (reads and calls only):
+Binds to (reads and calls only):
   vllm.v1.core.block_pool.BlockPool: free_block_queue, touch
   vllm.v1.core.kv_cache_utils.FreeKVCacheBlockQueue: append_n, prepend_n, remove
   vllm.v1.core.kv_cache_utils.KVCacheBlock: ref_cnt, block_hash, is_null

@@ -1,7 +1,7 @@
 """The scheduler side's wraps on vLLM: where the engine core calls into our manager, its
 kept streams and the per-step channel.
 
-Binds to vLLM 0.26.0 (``vllm/v1/core``):
+Binds to (``vllm/v1/core``):
   KVCacheManager.allocate_slots(request, ...) wrapped: before each allocation the manager
                                               learns the request's sink and footprint
                                               (``StreamingSinkManager.note_request``)

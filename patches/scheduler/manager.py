@@ -2,11 +2,11 @@
 registry: the sink pages pinned, the pages that leave the window evicted at once, admission
 by each stream's bounded footprint.
 
-Binds to vLLM 0.26.0:
+Binds to:
   vllm.v1.core.single_type_kv_cache_manager.FullAttentionManager (subclassed; overrides
     get_num_blocks_to_allocate, add_local_computed_blocks, allocate_new_blocks,
     remove_skipped_blocks, pop_blocks_for_free, free, new_step_starts,
-    get_num_common_prefix_blocks; reads req_to_blocks (a sink stream's entry is a
+    get_num_common_prefix_blocks (0.26.0: 0.32.0 removed cascade attention); reads req_to_blocks (a sink stream's entry is a
     ``BlockRow``, read by vLLM through len(), [i], [a:b], extend, iteration and reversed()),
     num_cached_block, block_pool.null_block/free_blocks/get_num_free_blocks/num_gpu_blocks/
     get_new_blocks (kept pages wait in its free queue: ``free_queue``),

@@ -1,6 +1,6 @@
 """The engine core's ``Request`` of a sink stream holds the tail of its token ids, not all.
 
-Binds to vLLM 0.26.0:
+Binds to:
   vllm.v1.request.Request: _all_token_ids, _output_token_ids and their ConstantList views
     all_token_ids, output_token_ids (replaced, for a sink stream, by ``TokenTail``s: read by
     vLLM's scheduler through len(), [-1], append/extend and copy() only), resumable,

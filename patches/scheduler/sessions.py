@@ -1,6 +1,6 @@
 """Kept sink streams, scheduler side: keep a finished stream's pages, resume a request from them.
 
-Binds to vLLM 0.26.0 (reads only; the wraps that call in here are ``patches.scheduler.hooks``):
+Binds to (reads only; the wraps that call in here are ``patches.scheduler.hooks``):
   vllm.v1.request.Request: request_id, _all_token_ids (a list, or our TokenTail),
     prompt_token_ids, num_computed_tokens, skip_reading_prefix_cache, prompt_embeds,
     lora_request, cache_salt

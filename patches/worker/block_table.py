@@ -1,11 +1,11 @@
 """The block-table row of each sink stream, in compacted coordinates: ``[sink pages] +
 pages from ceil(w0 / B)``, ordered, no ring (``vllm_sink.block_row``).
 
-Binds to vLLM 0.26.0:
+Binds to:
   vllm.v1.worker.gpu_input_batch.InputBatch.block_table (``block_tables``: one per KV-cache
     group, one group only: ``refusals.check_one_kv_cache_group``)
-  vllm.v1.worker.block_table.BlockTable: block_table.np, num_blocks_per_row,
-    blocks_per_kv_block
+  vllm.v1.worker.block_table.BlockTable: block_table.np, num_blocks_per_row, and on vLLM
+    0.26.0 blocks_per_kv_block (0.32.0's rows hold pages: ``kernel_blocks_per_page``)
   GPUModelRunner.requests[req_id].block_ids (the request's KV block ids, cut in place as the
     row is compacted)
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_sink.patches import refusals
+from vllm_sink.patches import bindings, refusals
 from vllm_sink.patches.worker.streams import StreamTable
 from vllm_sink.policy import cdiv, row_transition
 
@@ -24,6 +24,15 @@ def block_table(runner):
     tables = runner.input_batch.block_table.block_tables
     refusals.check_one_kv_cache_group(len(tables))
     return tables[0]
+
+
+def kernel_blocks_per_page(bt) -> int:
+    """How many entries of a block-table row one KV page takes: vLLM 0.26.0's rows hold
+    kernel blocks (``blocks_per_kv_block`` per page); 0.32.0's hold pages, which vLLM maps
+    to kernel blocks when it builds the attention metadata."""
+    if bindings.holds("vllm.v1.worker.block_table", "BlockTable.blocks_per_kv_block"):
+        return bt.blocks_per_kv_block
+    return 1
 
 
 class BlockRows:
@@ -70,10 +79,10 @@ class BlockRows:
 
     def write_row(self, row: int, block_ids: list[int]) -> None:
         """Write a request's KV block ids into its block-table row (in kernel blocks: each
-        KV block is ``blocks_per_kv_block`` consecutive kernel blocks), zeroing the rest of
-        what the row held."""
+        KV block is ``kernel_blocks_per_page`` consecutive kernel blocks), zeroing the rest
+        of what the row held."""
         bt = block_table(self.runner)
-        bpk = bt.blocks_per_kv_block
+        bpk = kernel_blocks_per_page(bt)
         count = int(bt.num_blocks_per_row[row])
         ids = np.asarray(block_ids, dtype=np.int64)
         if bpk > 1:

@@ -1,6 +1,6 @@
 """Guard on the worker: the sink policy runs on vLLM's V1 model runner only (phase 1).
 
-Binds to vLLM 0.26.0: ``vllm.v1.worker.gpu_worker.Worker.get_kv_cache_spec`` (inherited by
+Binds to: ``vllm.v1.worker.gpu_worker.Worker.get_kv_cache_spec`` (inherited by
 ``vllm.v1.worker.cpu_worker.CPUWorker``), and ``Worker.model_runner``.
 
 On the GPU, vLLM 0.26 picks its V2 model runner by default for dense models; the plugin

@@ -11,7 +11,7 @@ job:
 * ``positions.FramePositions``: frame positions and the discard mask (step 2 below);
 * ``steady.FastPaths``: the steps that plan no row.
 
-Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+Binds to (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner._update_states(scheduler_output)  wrapped per instance (``runner.attach``)
   GPUModelRunner._update_streaming_request (relied on: a streaming-input session's next chunk
     comes as a NewRequestData under the id the runner still holds, its block_ids the row

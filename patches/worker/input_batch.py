@@ -4,7 +4,7 @@ every per-sequence buffer is the size of sink + window + the steps in flight, wh
 stream's length. The output ids the runner keeps for its sampler are cut to what penalties
 and ``min_tokens`` read (``token_rows.output_keep``).
 
-Binds to vLLM 0.26.0:
+Binds to:
   vllm.v1.worker.gpu_input_batch.InputBatch: add_request(request) and
     _make_prompt_token_ids_cpu_tensor() (wrapped per instance), req_ids, num_reqs,
     token_ids_cpu, is_token_ids, num_tokens_no_spec, num_computed_tokens_cpu,

@@ -2,7 +2,7 @@
 sink keys' re-anchoring (and a new partial sink page's sink values) from their pristine
 copies, and the staging of the index arrays those writes read on the device.
 
-Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+Binds to (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner.kv_caches (each layer's cache, read through ``vllm_sink.rotary``'s
     ``key_view``/``value_view`` in the layout ``probes.kv_layout`` finds)
   GPUModelRunner.execute_model: ``_update_states`` and ``_prepare_inputs`` both run inside
@@ -19,7 +19,7 @@ import torch
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.page_writer import PageWriter
 from vllm_sink.patches.worker import probes
-from vllm_sink.patches.worker.block_table import block_table
+from vllm_sink.patches.worker.block_table import block_table, kernel_blocks_per_page
 from vllm_sink.patches.worker.streams import StreamTable
 from vllm_sink.policy import cdiv
 from vllm_sink.rotary import RotationTable, key_view, rotate, rotate_blocks_, value_view
@@ -145,7 +145,7 @@ class KvWrites:
         bt = block_table(self.runner)
         count = int(bt.num_blocks_per_row[row])
         s, r = cdiv(sink, self.B), sink % self.B
-        window_ids = self.stager.put(bt.block_table.np[row, s * bt.blocks_per_kv_block : count])
+        window_ids = self.stager.put(bt.block_table.np[row, s * kernel_blocks_per_page(bt) : count])
         cos, sin = self.angles([shift])
         cos, sin = cos[0], sin[0]
         rd, neox = self.rotary.rotary_dim, self.rotary.is_neox_style
@@ -169,7 +169,7 @@ class KvWrites:
         pages = bt.block_table.np
         rotating = self.rotary is not None
         s, r = cdiv(sink, self.B), sink % self.B
-        nw = (sink // self.B) * bt.blocks_per_kv_block if rotating else 0
+        nw = (sink // self.B) * kernel_blocks_per_page(bt) if rotating else 0
         slots_l = slots.tolist()
         if nw:
             for i, slot in enumerate(slots_l):

@@ -1,7 +1,7 @@
 """Step 2 of the sink policy, after vLLM prepared the step's inputs: the model gets frame
 positions, and the rows whose sampled token is thrown away are the compacted rows'.
 
-Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+Binds to (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner._prepare_inputs(scheduler_output, num_scheduled_tokens)  wrapped per instance
     (``runner.attach``; relied on: positions, seq_lens, optimistic_seq_lens_cpu, the slot
     mapping and the input ids come from input_batch.num_computed_tokens_cpu and

@@ -1,7 +1,7 @@
 """What the worker reads off the built model and its attention backend, checked against the
 allow-list (``vllm_sink.allowlist``) and handed to the runner hook.
 
-Binds to vLLM 0.26.0: the rotary embedding classes under
+Binds to: the rotary embedding classes under
 ``vllm.model_executor.layers.rotary_embedding`` (``RotaryEmbeddingBase``: ``rotary_dim``,
 ``is_neox_style``, ``cos_sin_cache``, ``_compute_cos_sin_cache``),
 ``get_layers_from_vllm_config`` with ``AttentionLayerBase.get_attn_backend``, the runner's

@@ -1,7 +1,7 @@
 """What binds the sink policy to vLLM's V1 model runner: the runner's construction, its
 KV-cache specs, and the per-instance wraps that run the hook (``hook.SinkRunnerHook``).
 
-Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
+Binds to (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner subclasses it):
   GPUModelRunner.__init__(vllm_config, device)              wrapped: built with the model
     length of a compacted row (``row_tokens``), so its InputBatch is that size; limits
     glibc's arenas where the worker did not inherit the limit (vllm_sink.allocator)
@@ -25,7 +25,7 @@ from vllm_sink.config import SinkConfig
 from vllm_sink.patches import refusals
 from vllm_sink.patches.bindings import wrap_once
 from vllm_sink.patches.worker import sampler
-from vllm_sink.patches.worker.block_table import block_table
+from vllm_sink.patches.worker.block_table import block_table, kernel_blocks_per_page
 from vllm_sink.patches.worker.hook import SinkRunnerHook
 from vllm_sink.policy import SinkGeometry
 
@@ -80,7 +80,7 @@ def sink_specs(runner, specs: dict) -> dict:
         out[name] = SinkWindowSpec.from_full(spec, geometry, config.kept_pages)
     if out:
         hook = attach(runner, geometry)
-        refusals.check_partial_sink_kernel(hook.S, hook.B, block_table(runner).blocks_per_kv_block,
+        refusals.check_partial_sink_kernel(hook.S, hook.B, kernel_blocks_per_page(block_table(runner)),
                                            geometry.sink_cap)
         # The runner's per-sequence token rows hold compacted sequences (built that size
         # by ``_runner_init``; vLLM builds its InputBatch again once the KV cache exists).

@@ -1,6 +1,6 @@
 """Seeded sampling across prefill chunks, on devices whose generators have no offset.
 
-Binds to vLLM 0.26.0 (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner inherits both):
+Binds to (``vllm/v1/worker/gpu_model_runner.py``; the CPU runner inherits both):
   GPUModelRunner._sample(logits, spec_decode_metadata)      wrapped per instance
   GPUModelRunner._bookkeeping_sync(scheduler_output, ...)   wrapped per instance
   GPUModelRunner: discard_request_mask (rows whose sampled token is thrown away: a prefill

@@ -8,7 +8,7 @@ host's time per step counts most in the steady state of a long generation.
   decoding one token within its ``quiet_end`` and releasing nothing, costs one subtraction
   over the batch (``SteadyBatch``): ``FastPaths.steady_step``.
 
-Binds to vLLM 0.26.0:
+Binds to:
   SchedulerOutput: num_scheduled_tokens, total_num_scheduled_tokens, scheduled_new_reqs,
     finished_req_ids, scheduled_cached_reqs (resumed_req_ids, all_token_ids)
   vllm.v1.worker.gpu_input_batch.InputBatch: num_reqs, num_computed_tokens_cpu,

@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from workers import prometheus_values, wait_healthy  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine_helpers import PAGE, chunked  # noqa: E402  (pages: 16 tokens on vLLM 0.26.0, 32 on 0.32.0)
+
 VENV_BIN = Path(sys.executable).parent
 MODEL_NAME = "smol"
 API_KEY = "vllm-sink-test-key"  # stock --api-key keeps working beside the plugin's flags
@@ -30,8 +34,8 @@ SINK_ADDITIONAL_CONFIG = ["--additional-config", '{"kv_policy": "sink", "sink_pa
 API_SERVERS = 2
 SHARED_EXTRA_ARGS = ["--api-server-count", str(API_SERVERS), "--enable-prompt-tokens-details"]
 BASE_ARGS = [
-    "--dtype", "float32", "--enforce-eager", "--block-size", "16",
-    "--max-num-seqs", "16", "--max-num-batched-tokens", "512", "--long-prefill-token-threshold", "32",
+    "--dtype", "float32", "--enforce-eager", "--block-size", str(PAGE),
+    "--max-num-seqs", "16", *(f"--{k.replace('_', '-')}={v}" for k, v in chunked(32).items()),
     "--max-model-len", "512", "--hf-overrides", '{"max_position_embeddings": 512}',
     "--served-model-name", MODEL_NAME, "--disable-uvicorn-access-log",
     "--kv-cache-memory-bytes", str(256 << 20),

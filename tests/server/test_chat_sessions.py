@@ -6,7 +6,10 @@ pages are accounted for in /metrics."""
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.every_vllm
 def test_chat_turns_resume(server):
     """Each turn reuses the history: from the prefix cache while the conversation is inside
     the window (its turns are freed as in vLLM, their pages cached), from its kept stream
@@ -33,7 +36,9 @@ def test_chat_turns_resume(server):
           f"reused {m['vllm_sink:session_tokens_reused_total'] - m0.get('vllm_sink:session_tokens_reused_total', 0):.0f}, "
           f"kept {m['vllm_sink:kept_sessions']:.0f} ({m['vllm_sink:kept_session_pages']:.0f} pages)")
     assert usage.prompt_tokens > 512  # past the model's positions and the window
-    S, W, B = 16, 256, 16  # serverlib.SINK_FLAGS
+    from serverlib import PAGE
+
+    S, W, B = PAGE, 256, PAGE  # serverlib.SINK_FLAGS (one sink page)
     assert resumed[0] == 0
     for i in range(1, 6):
         if history[i - 1] > S + W + B:  # its window moved: the kept stream

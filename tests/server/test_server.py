@@ -14,7 +14,7 @@ import os
 import pytest
 import requests
 
-from serverlib import API_SERVERS, MODEL_NAME
+from serverlib import API_SERVERS, MODEL_NAME, PAGE
 
 
 def _hamlet(chars: int) -> str:
@@ -32,10 +32,10 @@ def test_flags_reach_the_engine(server):
     """Stock from_cli_args would drop --kv-policy & co.; the startup log and the metrics
     show they arrived."""
     log = server.log()
-    assert "vllm-sink: kv_policy=sink, sink 16 tokens in 1 page(s), window 256 tokens" in log
+    assert f"vllm-sink: kv_policy=sink, sink {PAGE} tokens in 1 page(s), window 256 tokens" in log
     assert "stream cap 8192 tokens" in log
     m = server.metrics()
-    assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
+    assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / PAGE) + 1
 
 
 def test_every_api_server_applies_the_policy(server):
@@ -54,13 +54,13 @@ def test_every_api_server_applies_the_policy(server):
         assert r.status_code == 200
         assert r.json()["data"][0]["max_model_len"] == 8192, r.json()
         m = server.metrics()
-        assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / 16) + 1
+        assert m["vllm_sink:max_pages_per_sequence"] == 1 + math.ceil((256 - 1 + 32) / PAGE) + 1
         assert sum(1 for name in m if name.startswith("vllm_sink:")) >= 8, sorted(m)
 
 
 def _reference_ppl(prompt_ids, output_ids):
     """Perplexity of the generated tokens under the model, scored by the plain-PyTorch
-    reference with the same sink policy (S=16, W=256, B=16), decode steps of one token."""
+    reference with the same sink policy (S=B=PAGE, W=256), decode steps of one token."""
     import torch
 
     from reference import ReferenceLlama, chunked_steps
@@ -68,12 +68,13 @@ def _reference_ppl(prompt_ids, output_ids):
 
     ref = ReferenceLlama(assets.model_dir())
     tokens = list(prompt_ids) + list(output_ids)
-    lps = ref.stream_logprobs(tokens, chunked_steps(len(prompt_ids), 32, len(tokens) + 1), sink_tokens=16, window=256, block_size=16)
+    lps = ref.stream_logprobs(tokens, chunked_steps(len(prompt_ids), 32, len(tokens) + 1), sink_tokens=PAGE, window=256, block_size=PAGE)
     gen = lps[len(prompt_ids) - 1 :]
     gen = gen[~torch.isnan(gen)]
     return math.exp(-gen.mean().item())
 
 
+@pytest.mark.every_vllm
 def test_completion_far_past_context(server):
     """A completion of prompt + output = 2,200 tokens (over 4x --max-model-len and the
     model's positions) succeeds, and the text stays coherent: its perplexity under the model
@@ -92,9 +93,10 @@ def test_completion_far_past_context(server):
     assert out.choices[0].finish_reason == "length"
     after = server.wait_idle()
     evicted = after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"]
-    # 2,200 tokens through a 16 + 256 token cache: about (2200 - 272) / 16 pages evicted.
-    assert 112 <= evicted <= 126, evicted
-    assert after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"] == 16 * evicted
+    # 2,200 tokens through a 16 + 256 token cache: about (2200 - 272) / 16 pages evicted
+    # (B = PAGE: 32 on vLLM 0.32.0, about half as many pages).
+    assert (2200 - 272 - 136) // PAGE <= evicted <= (2200 - 272 + 88) // PAGE, evicted
+    assert after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"] == PAGE * evicted
     assert after["vllm_sink:epochs_total"] - before["vllm_sink:epochs_total"] >= 6
     # One re-anchoring per step that moves the window (a 32-token prefill step moves it 2 pages).
     assert after["vllm_sink:sink_rotations_total"] - before["vllm_sink:sink_rotations_total"] >= evicted // 2
@@ -238,7 +240,7 @@ def test_invalid_flags_fail_at_startup(flags, message):
     from vllm_sink import assets
 
     proc = subprocess.run(
-        [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--dtype", "float32", "--block-size", "16", *flags],
+        [str(VENV_BIN / "vllm"), "serve", str(assets.model_dir()), "--dtype", "float32", "--block-size", str(PAGE), *flags],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0

@@ -54,13 +54,18 @@ def test_unchecked_architecture_refused(arch, monkeypatch):
 
 
 def test_checked_architectures_pass(monkeypatch, warnings_of_refusals):
-    from vllm_sink.patches.refusals import CHECKED_ARCHITECTURES, check_model
+    import vllm
+
+    from vllm_sink.allowlist import ALIBI_ARCHITECTURES, checked_on
+    from vllm_sink.patches.refusals import check_model
 
     monkeypatch.delenv("VLLMSINK_ALLOW_UNCHECKED", raising=False)
-    for arch in CHECKED_ARCHITECTURES:
+    served = checked_on(vllm.__version__)
+    for arch in served:
         check_model(_model_config(arch))
-    for arch in ("MptForCausalLM", "MPTForCausalLM", "BloomForCausalLM"):
-        check_model(_model_config(arch, alibi=True))
+    for arch in ALIBI_ARCHITECTURES:
+        if arch in served:
+            check_model(_model_config(arch, alibi=True))
     assert not warnings_of_refusals
 
 
@@ -137,11 +142,22 @@ def test_allowlist_matches_vllm_registry():
         TESTED_ARCHITECTURES,
     )
 
-    assert set(CHECKED_ARCHITECTURES) <= set(_TEXT_GENERATION_MODELS)
+    import vllm
+
+    from vllm_sink.allowlist import NOT_SERVED_ON, checked_on
+    from vllm_sink.patches.bindings import SUPPORTED_VLLM
+
+    served = checked_on(vllm.__version__)
+    assert set(served) <= set(_TEXT_GENERATION_MODELS)
     assert set(ALIBI_ARCHITECTURES) <= set(CHECKED_ARCHITECTURES)
     for alias, target in SAME_CLASS_ALIASES.items():
         assert target in TESTED_ARCHITECTURES
-        assert _TEXT_GENERATION_MODELS[alias] == _TEXT_GENERATION_MODELS[target], alias
+        if alias in served:
+            assert _TEXT_GENERATION_MODELS[alias] == _TEXT_GENERATION_MODELS[target], alias
+    # What a version no longer serves is gone from its registry or on the Transformers backend.
+    for arch in set(CHECKED_ARCHITECTURES) - set(served):
+        assert _TEXT_GENERATION_MODELS.get(arch, ("transformers",))[0] == "transformers", arch
+    assert set(NOT_SERVED_ON) <= set(SUPPORTED_VLLM)
     for arch, test in CHECKED_ARCHITECTURES.items():
         assert "tests/test_" in test, arch
 

@@ -136,13 +136,12 @@ def test_invalid_system_sink_settings_name_the_fix(settings, resolve, message):
 
 def test_cli_sink_tokens_takes_a_count_or_system():
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.entrypoints.openai.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from serve_parser import serve_parser
 
     from vllm_sink import patches
 
     patches.install()
-    parser = make_arg_parser(FlexibleArgumentParser())
+    parser = serve_parser()
     (flag,) = [a for a in parser._actions if a.dest == "sink_tokens"]
     assert "'system'" in flag.help
     for value, want in (("system", "system"), ("4", 4)):

@@ -67,6 +67,33 @@ def test_released_digest_tells_histories_apart():
     assert a.released_digest() == digest_of(list(range(4, a.tail_start)))
 
 
+def test_deleting_reaches_only_held_last_tokens():
+    t = TokenTail(range(100), keep=10, head=4)
+    assert t.released
+    with pytest.raises(IndexError, match="released"):
+        del t[t.tail_start - 1:]
+    with pytest.raises(IndexError, match="last tokens only"):
+        del t[t.tail_start:len(t) - 1]
+    del t[len(t) - 3:]
+    assert len(t) == 97 and t[-1] == 96 and len(t) == len(t.head) + t.released + len(t.tail)
+    u = TokenTail(range(6), keep=10, head=4)
+    del u[2:]
+    assert len(u) == 2 and list(u) == [0, 1]
+    rng = random.Random(5)
+    for keep, head in [(1, 0), (16, 4), (7, 2)]:
+        full = [rng.randrange(50_000) for _ in range(rng.randrange(1, 200))]
+        t = TokenTail(full, keep=keep, head=head)
+        a = rng.randrange(t.tail_start if t.released else 0, len(full) + 1)
+        del full[a:]
+        del t[a:]
+        assert len(t) == len(full) == len(t.head) + t.released + len(t.tail)
+        assert t.head == full[:head] and t.tail == full[t.tail_start:]
+        xs = [rng.randrange(50_000) for _ in range(3 * keep)]  # appending goes on as before
+        full.extend(xs)
+        t.extend(xs)
+        assert t.tail == full[t.tail_start:] and t[-1] == full[-1]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         TokenTail(keep=0)
