@@ -25,7 +25,6 @@ from tolerances import BF16_MAX_MEAN, F32_MAX_MEAN, check
 from vllm_sink.metrics import SINK_STATS
 from vllm_sink.policy import window_start
 
-pytestmark = pytest.mark.every_vllm
 N_PROMPT = 2048
 N_GEN = 32
 
@@ -67,6 +66,7 @@ def test_matches_reference_one_sink_page(llm, reference, hamlet_ids):
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE, W=256, chunk=64, expect_epochs=0)
 
 
+@pytest.mark.every_vllm
 @pytest.mark.engine("sink32x2_p512")
 def test_matches_reference_two_sink_pages_across_epochs(llm, reference, hamlet_ids):
     """B=32, two sink pages, W=256, 48-token chunks, the model shrunk to 512 rotary
@@ -74,6 +74,7 @@ def test_matches_reference_two_sink_pages_across_epochs(llm, reference, hamlet_i
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=32, S=64, W=256, chunk=48, expect_epochs=5)
 
 
+@pytest.mark.every_vllm
 @pytest.mark.engine("sink20_p512")
 def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamlet_ids):
     """A sink that is not a whole number of pages: 20 tokens = one whole 16-token page + 4
@@ -84,6 +85,7 @@ def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamle
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE + 4, W=256, chunk=64, expect_epochs=5)
 
 
+@pytest.mark.every_vllm
 @pytest.mark.engine("sink16_bf16")
 def test_bfloat16_within_the_bf16_tolerance(llm, reference, hamlet_ids):
     """The "sink16" stream in bfloat16 (1,024 prompt tokens, 48 pages evicted, and 16

@@ -74,7 +74,6 @@ def _reference_ppl(prompt_ids, output_ids):
     return math.exp(-gen.mean().item())
 
 
-@pytest.mark.every_vllm
 def test_completion_far_past_context(server):
     """A completion of prompt + output = 2,200 tokens (over 4x --max-model-len and the
     model's positions) succeeds, and the text stays coherent: its perplexity under the model
