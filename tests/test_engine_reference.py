@@ -66,7 +66,6 @@ def test_matches_reference_one_sink_page(llm, reference, hamlet_ids):
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE, W=256, chunk=64, expect_epochs=0)
 
 
-@pytest.mark.every_vllm
 @pytest.mark.engine("sink32x2_p512")
 def test_matches_reference_two_sink_pages_across_epochs(llm, reference, hamlet_ids):
     """B=32, two sink pages, W=256, 48-token chunks, the model shrunk to 512 rotary
@@ -85,7 +84,6 @@ def test_matches_reference_sink_of_20_tokens_across_epochs(llm, reference, hamle
     _compare(llm, reference, hamlet_ids[:N_PROMPT], B=PAGE, S=PAGE + 4, W=256, chunk=64, expect_epochs=5)
 
 
-@pytest.mark.every_vllm
 @pytest.mark.engine("sink16_bf16")
 def test_bfloat16_within_the_bf16_tolerance(llm, reference, hamlet_ids):
     """The "sink16" stream in bfloat16 (1,024 prompt tokens, 48 pages evicted, and 16
