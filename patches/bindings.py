@@ -248,6 +248,35 @@ BINDINGS: tuple[Binding, ...] = (
     *_rows(WORKER, READ, "vllm.v1.core.sched.output", "NewRequestData", "req_id num_computed_tokens block_ids"),
     *_rows(WORKER, READ, "vllm.v1.core.sched.output", "CachedRequestData",
            "req_ids resumed_req_ids all_token_ids num_output_tokens"),
+    # vLLM's V2 model runner (``patches.worker.runner_v2``)
+    _signed(WORKER, WRAP, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.__init__",
+            "self, vllm_config, device"),
+    _signed(WORKER, WRAP, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.get_kv_cache_spec", "self"),
+    _signed(WORKER, INSTANCE_WRAP, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.update_requests",
+            "self, scheduler_output"),
+    _signed(WORKER, INSTANCE_WRAP, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.prepare_attn",
+            "self, input_batch"),
+    _signed(WORKER, INSTANCE_WRAP, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner.sample",
+            "self, hidden_states, input_batch, grammar_output"),
+    *_rows(WORKER, READ, "vllm.v1.worker.gpu.model_runner", "GPUModelRunner",
+           "vllm_config device req_states block_tables kv_caches get_model max_model_len attn_groups"),
+    _signed(WORKER, INSTANCE_WRAP, "vllm.v1.worker.gpu.states", "RequestState.add_request",
+            "self, req_id, prompt_len, all_token_ids, num_computed_tokens, max_tokens"),
+    *_rows(WORKER, READ, "vllm.v1.worker.gpu.states", "RequestState",
+           "req_id_to_index index_to_req_id all_token_ids num_computed_tokens num_computed_tokens_np "
+           "num_computed_prefill_tokens prefill_len prompt_len total_len"),
+    *_rows(WORKER, CALL, "vllm.v1.worker.gpu.block_table", "BlockTables", "append_block_ids"),
+    *_rows(WORKER, READ, "vllm.v1.worker.gpu.block_table", "BlockTables",
+           "block_tables num_kv_cache_groups max_num_reqs"),
+    *_rows(WORKER, READ, "vllm.v1.worker.gpu.block_table", "BlockTables", "blocks_per_kv_block", V026),
+    *_rows(WORKER, CALL, "vllm.v1.worker.gpu.buffer_utils", "StagedWriteTensor",
+           "stage_write stage_write_elem apply_write"),
+    *_rows(WORKER, CALL, "vllm.v1.worker.gpu.buffer_utils", "UvaBackedTensor", "copy_to_uva"),
+    *_rows(WORKER, READ, "vllm.v1.worker.gpu.input_batch", "InputBatch",
+           "req_ids num_scheduled_tokens num_tokens positions"),
+    *_rows(WORKER, READ, "vllm.v1.core.sched.output", "SchedulerOutput", "preempted_req_ids"),
+    *_rows(SHARED, READ, "vllm.v1.core.sched.output", "NewRequestData", "prefill_token_ids prompt_token_ids"),
+    *_rows(WORKER, READ, "vllm.v1.core.sched.output", "CachedRequestData", "new_block_ids"),
     _signed(WORKER, WRAP, "vllm.v1.worker.gpu_worker", "Worker.get_kv_cache_spec", "self"),
     *_rows(WORKER, READ, "vllm.v1.worker.gpu_worker", "Worker", "model_runner vllm_config"),
     *_rows(WORKER, READ, "vllm.model_executor.layers.rotary_embedding.base", "", "RotaryEmbeddingBase"),
@@ -348,8 +377,9 @@ def _unwrap(obj: Any) -> Any:
 
 def _instance_attribute(cls: type, attr: str) -> bool:
     """Whether instances of ``cls`` get ``attr``: assigned as ``self.attr`` in the source of
-    a class in its MRO, or a dataclass / msgspec / pydantic field."""
-    pattern = re.compile(rf"\bself\.{re.escape(attr)}\s*(:[^=\n]*)?=(?!=)")
+    a class in its MRO (alone or first of a tuple of targets), or a dataclass / msgspec /
+    pydantic field."""
+    pattern = re.compile(rf"\bself\.{re.escape(attr)}\s*(:[^=\n]*|,[^=]*)?=(?!=)")
     for klass in cls.__mro__:
         if klass is object:
             continue

@@ -92,7 +92,8 @@ def check_model(model_config) -> None:
                 f"{name} {what}; the sink KV policy supports decoder-only text models with "
                 "RoPE or ALiBi and full attention, of the architectures checked against its "
                 "reference (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX, Falcon, Gemma, Phi, GPT-J, "
-                "MPT, BLOOM: docs/families.md). Use --kv-policy full for this model"
+                "MPT, BLOOM, and the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: "
+                "docs/families.md). Use --kv-policy full for this model"
             )
     hf = model_config.hf_text_config
     if model_config.get_sliding_window() is not None or getattr(hf, "layer_types", None) and any(
@@ -207,11 +208,6 @@ def check_architecture(arch: str, alibi: bool = False, model: str | None = None,
 
 def check_engine_args(args) -> None:
     """Refuse, before vLLM builds anything, engine settings the policy cannot serve."""
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip().lower() in ("1", "true"):
-        raise SinkConfigError(
-            "the sink KV policy runs on vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
-            "asks for V2; unset VLLM_USE_V2_MODEL_RUNNER (the plugin picks V1 for sink engines)"
-        )
     if args.speculative_config:
         raise SinkConfigError(
             "speculative decoding is not supported with the sink KV policy; drop "
@@ -277,13 +273,14 @@ def check_layer_spec(name: str, spec) -> None:
 
 
 def check_runner(model_runner) -> None:
-    """The worker's model runner is vLLM's V1 runner, the one the policy binds to."""
+    """The worker's model runner is one the policy binds to: vLLM's V1 or V2 runner."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2Runner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    if not isinstance(model_runner, GPUModelRunner):
+    if not isinstance(model_runner, (GPUModelRunner, V2Runner)):
         raise SinkConfigError(
-            f"the sink KV policy runs on vLLM's V1 model runner, not "
-            f"{type(model_runner).__module__}; unset VLLM_USE_V2_MODEL_RUNNER"
+            f"the sink KV policy runs on vLLM's V1 and V2 model runners, not "
+            f"{type(model_runner).__module__}"
         )
 
 

@@ -1,4 +1,5 @@
-"""Tiny random-weight models of the paper's families and today's, built locally (no hub).
+"""Tiny random-weight models of the paper's families and today's, mixtures of experts
+included, built locally (no hub).
 
 Each is a transformers config (2 layers, a small hidden size, the real SmolLM2 tokenizer and
 its 49,152-token vocabulary) built with ``from_config`` and saved as safetensors, so vLLM,
@@ -67,6 +68,28 @@ FAMILIES = {
     # (use_sliding_window=False: every layer_types entry is full_attention).
     "qwen2": ("Qwen2Config", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=256, use_sliding_window=False)),
+    # Mixture-of-experts families (4 experts, top-2, every layer sparse), ordinary attention.
+    # Mixtral: Mistral's attention (no sliding window), softmax router, top-2 weights always
+    # renormalised to sum to 1.
+    "mixtral": ("MixtralConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=None)),
+    # Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorm), top-k weights renormalised
+    # (norm_topk_prob, as Qwen3-30B-A3B's config sets it).
+    "qwen3_moe": ("Qwen3MoeConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                         head_dim=32, moe_intermediate_size=128, num_experts=4,
+                                         num_experts_per_tok=2, norm_topk_prob=True)),
+    # Qwen2-MoE: Qwen2's attention (q/k/v biases), top-k weights as the softmax gives them
+    # (norm_topk_prob false, as Qwen1.5-MoE's), plus a shared expert behind a sigmoid gate.
+    "qwen2_moe": ("Qwen2MoeConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                         moe_intermediate_size=128, shared_expert_intermediate_size=256,
+                                         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
+                                         use_sliding_window=False)),
+    # OLMoE: RMSNorm over the whole q and k projections (not per head) before RoPE, top-k
+    # weights not renormalised, no clip_qkv (OLMoE-1B-7B's settings).
+    "olmoe": ("OlmoeConfig", dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                  intermediate_size=128, num_experts=4, num_experts_per_tok=2,
+                                  norm_topk_prob=False)),
 }
 
 # Families with ALiBi positions instead of RoPE, with no max_position_embeddings (MPT names

@@ -1,7 +1,9 @@
 """The plain-PyTorch StreamingLLM reference (``tests/reference.py``) for the paper's model
-families (GPT-NeoX/Pythia, Falcon, and with ALiBi positions MPT and BLOOM) and today's
+families (GPT-NeoX/Pythia, Falcon, and with ALiBi positions MPT and BLOOM), today's
 (Qwen2, Qwen3, Gemma, Phi-2, GPT-J, Mistral without its sliding window, and Llama with
-Llama 3 rope scaling, which ``ReferenceLlama`` itself covers).
+Llama 3 rope scaling, which ``ReferenceLlama`` itself covers) and mixtures of experts with
+ordinary attention (Mixtral, Qwen3-MoE, Qwen2-MoE, OLMoE: ``_SparseMoE``'s router and
+experts behind each family's attention).
 
 Each class is one family's layers written from its Hugging Face definition, on the weights
 under their Hugging Face names; the streaming (visible set, positions, pre-RoPE cache,
@@ -82,6 +84,127 @@ class ReferenceGemma(ReferenceLlama):
 
     def embed(self, ids):
         return super().embed(ids) * torch.tensor(self.hidden ** 0.5, dtype=self.dtype)
+
+
+class _SparseMoE(ReferenceLlama):
+    """A Llama-shaped layer whose MLP is a mixture of experts (mixed into a family's
+    attention: Mistral's, Qwen2's, Qwen3's, OLMoE's). The router is a linear map to one logit
+    per expert; softmax over all experts; the ``top_k`` largest probabilities are kept (and
+    divided by their sum where the family renormalises them, ``renormalize``); the output is
+    the sum of the kept experts' SwiGLU MLPs (``gate``, ``up``, ``down``) weighted by them,
+    plus a family's shared expert. Every expert is computed on every token and an expert not
+    kept gets weight 0: the same sum as computing only the kept ones."""
+
+    block = "mlp"  # the sparse block's name in a layer
+    expert_weights = ("gate_proj", "up_proj", "down_proj")  # gate, up, down of one expert
+
+    def __init__(self, model_dir, dtype=torch.float32):
+        super().__init__(model_dir, dtype)
+        c = self.cfg
+        self.n_experts = c.get("num_experts") or c["num_local_experts"]
+        self.top_k = c["num_experts_per_tok"]
+
+    def renormalize(self) -> bool:
+        return bool(self.cfg.get("norm_topk_prob", False))
+
+    def sparse(self, i: int) -> bool:
+        """Layer ``i``'s MLP is the mixture (else a dense MLP)."""
+        return True
+
+    def route(self, h, p):
+        """``[tokens, experts]``: each kept expert's weight (0 for the others)."""
+        probs = torch.softmax(self.linear(h, p + "gate").float(), dim=-1)
+        top, idx = probs.topk(self.top_k, dim=-1)
+        if self.renormalize():
+            top = top / top.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(1, idx, top).to(self.dtype)
+
+    def swiglu(self, h, gate, up, down):
+        return self.linear(self._act(self.linear(h, gate)) * self.linear(h, up), down)
+
+    def shared(self, h, p):
+        """A shared expert's contribution (none here)."""
+        return 0
+
+    def moe(self, h, p):
+        weights = self.route(h, p)
+        out = self.shared(h, p)
+        for e in range(self.n_experts):
+            g, u, d = (f"{p}experts.{e}.{n}" for n in self.expert_weights)
+            out = out + weights[:, e:e + 1] * self.swiglu(h, g, u, d)
+        return out
+
+    def layer(self, i, x, attend):
+        p = f"model.layers.{i}."
+        h = self._norm(x, self.w[p + "input_layernorm.weight"])
+        q, k = self.qk(p, h)
+        v = self.heads(self.linear(h, p + "self_attn.v_proj"), self.n_kv)
+        x = x + self.linear(attend(i, q, k, v), p + "self_attn.o_proj")
+        h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
+        if self.sparse(i):
+            return x + self.moe(h, p + self.block + ".")
+        return x + self.swiglu(h, p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj")
+
+
+class _QwenSparseStep:
+    """Qwen2-MoE / Qwen3-MoE: layer ``i`` is sparse unless listed in ``mlp_only_layers``
+    or off the ``decoder_sparse_step`` (then a dense MLP of ``intermediate_size``)."""
+
+    def sparse(self, i):
+        c = self.cfg
+        return i not in (c.get("mlp_only_layers") or []) and self.n_experts > 0 and (i + 1) % c.get("decoder_sparse_step", 1) == 0
+
+
+class ReferenceMixtral(_SparseMoE, ReferenceMistral):
+    """Mixtral: Mistral's attention (no sliding window), every layer a mixture whose top-k
+    weights are always renormalised to sum to 1 (``block_sparse_moe``; experts ``w1`` gate,
+    ``w3`` up, ``w2`` down)."""
+
+    block = "block_sparse_moe"
+    expert_weights = ("w1", "w3", "w2")
+
+    def renormalize(self):
+        return True
+
+
+class ReferenceQwen3Moe(_QwenSparseStep, _SparseMoE, ReferenceQwen3):
+    """Qwen3-MoE: Qwen3's attention (per-head q/k RMSNorm), top-k weights renormalised where
+    ``norm_topk_prob`` says so."""
+
+    def __init__(self, model_dir, dtype=torch.float32):
+        super().__init__(model_dir, dtype)
+        if self.cfg.get("use_sliding_window") or self.cfg.get("shared_expert_intermediate_size"):
+            raise NotImplementedError("the reference implements Qwen3-MoE without sliding window or shared expert")
+
+
+class ReferenceQwen2Moe(_QwenSparseStep, _SparseMoE, ReferenceQwen2):
+    """Qwen2-MoE: Qwen2's attention (q/k/v biases), top-k weights renormalised where
+    ``norm_topk_prob`` says so, plus a shared expert (``shared_expert``, a SwiGLU MLP of
+    ``shared_expert_intermediate_size``) scaled by ``sigmoid(shared_expert_gate(h))``,
+    one scalar per token."""
+
+    def shared(self, h, p):
+        if p + "shared_expert_gate.weight" not in self.w:
+            return 0
+        gate = torch.sigmoid(self.linear(h, p + "shared_expert_gate"))
+        return gate * self.swiglu(h, *(f"{p}shared_expert.{n}" for n in self.expert_weights))
+
+
+class ReferenceOlmoe(_SparseMoE):
+    """OLMoE: Llama's attention with an RMSNorm over the whole query projection and one over
+    the whole key projection (all heads together, not per head) before RoPE; every layer a
+    mixture, top-k weights renormalised where ``norm_topk_prob`` says so (OLMoE-1B-7B: not).
+    The reference implements OLMoE without ``clip_qkv``."""
+
+    def __init__(self, model_dir, dtype=torch.float32):
+        super().__init__(model_dir, dtype)
+        if self.cfg.get("clip_qkv") is not None:
+            raise NotImplementedError("the reference implements OLMoE without clip_qkv")
+
+    def qk(self, p, h):
+        q = self._norm(self.linear(h, p + "self_attn.q_proj"), self.w[p + "self_attn.q_norm.weight"])
+        k = self._norm(self.linear(h, p + "self_attn.k_proj"), self.w[p + "self_attn.k_norm.weight"])
+        return self.heads(q, self.n_heads), self.heads(k, self.n_kv)
 
 
 class _LayerNormFamily(StreamingReference):
@@ -369,6 +492,10 @@ FAMILIES = {
     "GPTJForCausalLM": ReferenceGPTJ,
     "MptForCausalLM": ReferenceMPT,
     "BloomForCausalLM": ReferenceBloom,
+    "MixtralForCausalLM": ReferenceMixtral,
+    "Qwen3MoeForCausalLM": ReferenceQwen3Moe,
+    "Qwen2MoeForCausalLM": ReferenceQwen2Moe,
+    "OlmoeForCausalLM": ReferenceOlmoe,
 }
 
 

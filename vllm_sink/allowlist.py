@@ -50,6 +50,10 @@ TESTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": f"{FAMILY_TEST}[qwen2] (q/k/v biases; use_sliding_window: false)",
     "MptForCausalLM": f"{_ALIBIFAMILY_TEST}[mpt-page], [mpt-4] (ALiBi)",
     "BloomForCausalLM": f"{_ALIBIFAMILY_TEST}[bloom-page], [bloom-4] (ALiBi)",
+    "MixtralForCausalLM": f"{FAMILY_TEST}[mixtral] (mixture of experts; sliding_window: null)",
+    "Qwen3MoeForCausalLM": f"{FAMILY_TEST}[qwen3_moe] (mixture of experts, norm_topk_prob)",
+    "Qwen2MoeForCausalLM": f"{FAMILY_TEST}[qwen2_moe] (mixture of experts with a gated shared expert)",
+    "OlmoeForCausalLM": f"{FAMILY_TEST}[olmoe] (mixture of experts; q/k RMSNorm over the whole projection)",
 }
 
 # Other registry names that vLLM 0.26 maps to exactly the same model class (same module,

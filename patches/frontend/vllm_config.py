@@ -17,6 +17,8 @@ An explicit ``VLLM_USE_V2_MODEL_RUNNER=1`` with the sink policy is refused at st
 
 from __future__ import annotations
 
+import os
+
 from vllm_sink.config import CONFIG_KEY
 from vllm_sink.patches.bindings import wrap_once
 
@@ -33,7 +35,8 @@ def install() -> None:
 
     def make(orig):
         def use_v2_model_runner(self) -> bool:
-            if wants_v1_runner(getattr(self, "additional_config", None)):
+            if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None and wants_v1_runner(
+                    getattr(self, "additional_config", None)):
                 return False
             return orig(self)
         return use_v2_model_runner

@@ -51,6 +51,22 @@ def _sessions_of(kv_cache_manager) -> SchedulerSessions | None:
     return None if manager is None else manager.sessions
 
 
+def plain_prefill(output) -> None:
+    """vLLM's V2 model runner reads a new request's tokens from ``prefill_token_ids``, which
+    vLLM's scheduler sets to the request's own token list; a sink stream's is a
+    ``TokenTail`` (``request_tail``), which holds its sink and last tokens only. A new sink
+    stream's prefill is its prompt (vLLM preempts no sink stream, and streaming-input sessions
+    keep their lists), so the runner gets the prompt's list."""
+    for new in output.scheduled_new_reqs:
+        ids = new.prefill_token_ids
+        if ids is None or type(ids) is list:
+            continue
+        if new.prompt_token_ids is None or len(ids) != len(new.prompt_token_ids):
+            raise RuntimeError(f"vllm-sink: request {new.req_id} is scheduled anew past its prompt "
+                               f"({len(ids)} tokens, prompt {len(new.prompt_token_ids or ())})")
+        new.prefill_token_ids = new.prompt_token_ids
+
+
 def install() -> None:
     """Wrap ``KVCacheManager.allocate_slots``/``free``/``get_computed_blocks`` and
     ``Scheduler.schedule`` (idempotent)."""
@@ -92,6 +108,7 @@ def install() -> None:
             manager = sink_manager_of(self.kv_cache_manager)
             if manager is not None:
                 ship(output, manager.take_step_meta(output))
+                plain_prefill(output)
             return output
         return schedule
 

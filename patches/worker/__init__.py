@@ -20,7 +20,8 @@ from __future__ import annotations
 
 
 def install() -> None:
-    from vllm_sink.patches.worker import guard, runner
+    from vllm_sink.patches.worker import guard, runner, runner_v2
 
     runner.install()
+    runner_v2.install()
     guard.install()

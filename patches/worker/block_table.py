@@ -20,7 +20,11 @@ from vllm_sink.policy import cdiv, row_transition
 
 
 def block_table(runner):
-    """The runner's block table (its one KV-cache group's)."""
+    """The runner's block table (its one KV-cache group's): on the V2 runner, the host copy
+    of its rows that the sink policy keeps (``runner_v2.PageRows``)."""
+    pages = getattr(runner, "_vllm_sink_pages", None)
+    if pages is not None:
+        return pages
     tables = runner.input_batch.block_table.block_tables
     refusals.check_one_kv_cache_group(len(tables))
     return tables[0]
@@ -64,7 +68,7 @@ class BlockRows:
         S = int(table.sink[slot])
         s, r = cdiv(S, self.B), S % self.B
         move = row_transition(int(table.first_live[slot]), w0, S, self.B)
-        block_ids = self.runner.requests[rid].block_ids[0]
+        block_ids = self.block_ids(rid)
         if move.swap_sink and slot not in table.pristine_partial:
             # The old partial sink page leaves; its sink slots [0, r) are first kept, as
             # written, for re-anchoring in the page that replaces it.
@@ -76,6 +80,10 @@ class BlockRows:
             block_ids[:] = [swap.get(b, b) for b in block_ids]
         self.write_row(row, block_ids)
         table.first_live[slot] = move.last
+
+    def block_ids(self, rid: str) -> list[int]:
+        """The request's KV block ids (its row, in pages), changed in place as it moves."""
+        return self.runner.requests[rid].block_ids[0]
 
     def write_row(self, row: int, block_ids: list[int]) -> None:
         """Write a request's KV block ids into its block-table row (in kernel blocks: each

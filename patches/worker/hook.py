@@ -236,7 +236,7 @@ class SinkRunnerHook:
         offs = table.slot_offset[slots]
         loud = np.flatnonzero(b > table.quiet_end[slots])
         if len(loud):
-            offs[loud] = self._plan(rows[loud], rids, slots[loud], a[loud], b[loud])
+            offs[loud] = self._plan(rows[loud], rids, slots[loud], a[loud], b[loud], ib.num_prompt_tokens[rows[loud]])
         if self.check_rows:
             for i, row in enumerate(rows.tolist()):
                 ROW_LOG.record_worker(rids[row], int(a[i]), self.runner.requests[rids[row]].block_ids[0])
@@ -248,8 +248,9 @@ class SinkRunnerHook:
             fast.remember(rids, slots, offs, frame, frames.any_offset)
         assert not self.block_rows.private, f"private copies for rows that did not move: {self.block_rows.private}"
 
-    def _plan(self, rows, rids, slots, a, b) -> np.ndarray:
-        """Plan the step ``[a, b)`` of the given rows and carry out what it asks (compaction,
+    def _plan(self, rows, rids, slots, a, b, prompt_lens) -> np.ndarray:
+        """Plan the step ``[a, b)`` of the given rows (``rids[row]`` names a row's request;
+        ``prompt_lens`` are the rows' prompt lengths) and carry out what it asks (compaction,
         epochs, re-anchoring); returns the rows' slot offsets."""
         table = self.streams
         sinks = table.sink[slots]
@@ -276,5 +277,5 @@ class SinkRunnerHook:
         table.slot_offset[slots] = plans.slot_offset
         # Quiet steps follow once the prompt is in (later steps decode).
         ends = quiet_end(plans.w0, plans.base, window=self.W, block_size=self.B, rope_limit=self.rope_limit)
-        table.quiet_end[slots] = np.where(b >= self.runner.input_batch.num_prompt_tokens[rows], ends, 0)
+        table.quiet_end[slots] = np.where(b >= prompt_lens, ends, 0)
         return plans.slot_offset

@@ -63,9 +63,10 @@ def attach(runner, geometry: SinkGeometry) -> SinkRunnerHook:
 
 
 # ---------------------------------------------------------------------- KV-cache specs
-def sink_specs(runner, specs: dict) -> dict:
+def sink_specs(runner, specs: dict, attach_hook=None) -> dict:
     """Turn every layer's ``FullAttentionSpec`` into a ``SinkWindowSpec``, refusing what
-    the policy cannot serve exactly, and attach the runner hook."""
+    the policy cannot serve exactly, and attach the runner hook (``attach``, or the given
+    runner's: ``runner_v2.attach``)."""
     from vllm_sink.patches.spec import SinkWindowSpec
 
     geometry = SinkConfig.geometry_from_additional_config(runner.vllm_config.additional_config)
@@ -79,9 +80,12 @@ def sink_specs(runner, specs: dict) -> dict:
         refusals.check_layer_spec(name, spec)
         out[name] = SinkWindowSpec.from_full(spec, geometry, config.kept_pages)
     if out:
-        hook = attach(runner, geometry)
-        refusals.check_partial_sink_kernel(hook.S, hook.B, kernel_blocks_per_page(block_table(runner)),
-                                           geometry.sink_cap)
+        if attach_hook is None:
+            hook = attach(runner, geometry)
+            refusals.check_partial_sink_kernel(hook.S, hook.B, kernel_blocks_per_page(block_table(runner)),
+                                               geometry.sink_cap)
+        else:  # the V2 runner's (it checks the kernel's blocks once its block tables exist)
+            attach_hook(runner, geometry)
         # The runner's per-sequence token rows hold compacted sequences (built that size
         # by ``_runner_init``; vLLM builds its InputBatch again once the KV cache exists).
         assert runner.max_model_len <= row_tokens(runner.vllm_config), runner.max_model_len

@@ -187,11 +187,13 @@ def test_sink_engines_get_the_v1_model_runner(monkeypatch):
     """On the GPU vLLM 0.26 picks its V2 runner for dense models; a sink engine's config
     answers V1 in every process (it travels in additional_config), with no environment
     variable; a vanilla config keeps vLLM's own answer. The GPU's choice is simulated by
-    making vLLM's own rule answer V2, which it does not on this CPU (no Triton)."""
+    making vLLM's own rule answer V2, which it does not on this CPU (no Triton). An explicit
+    ``VLLM_USE_V2_MODEL_RUNNER`` is vLLM's own switch and is honoured (the policy also binds
+    to the V2 runner: ``tests/test_engine_v2_runner.py``)."""
     from vllm.config import VllmConfig
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_sink import SinkConfigError, assets
+    from vllm_sink import assets
     from vllm_sink.config import CONFIG_KEY
 
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
@@ -208,10 +210,11 @@ def test_sink_engines_get_the_v1_model_runner(monkeypatch):
     assert vllms_rule(sink) and vllms_rule(vanilla)  # what vLLM alone would pick: V2
     assert vanilla.use_v2_model_runner
     assert not sink.use_v2_model_runner
-    # An explicit request for V2 is refused at start-up, naming the fix.
+    # vLLM's own switch decides where it is set.
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    with pytest.raises(SinkConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
-        EngineArgs(model=model, dtype="float32", additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
+    assert sink.use_v2_model_runner
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    assert not sink.use_v2_model_runner and not vanilla.use_v2_model_runner
 
 
 def test_create_engine_config_is_idempotent():
