@@ -63,13 +63,16 @@ def _reference(reference, tokens, steps, S):
 @pytest.mark.parametrize("writer", ["torch", "triton"])
 def test_sinks_of_their_own_in_one_batch_match_the_reference(llm, reference, hamlet_ids, writer, monkeypatch):
     _use_writer(llm, writer, monkeypatch)
+    # The GPU's writer (interpreted: slow on the CPU) on the sinks whose pages it writes in
+    # both ways: a partial page alone (4), whole pages and a partial one (36).
+    sinks = SINKS if writer == "torch" else [4, 36]
     epochs0, rotations0 = SINK_STATS.epochs, SINK_STATS.sink_rotations
-    prompts = [hamlet_ids[i * 700 : i * 700 + N_PROMPT] for i in range(len(SINKS))]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [_params(s) for s in SINKS], use_tqdm=False)
-    assert SINK_STATS.epochs - epochs0 >= len(SINKS)  # 616 tokens past 512 positions: each stream
+    prompts = [hamlet_ids[SINKS.index(s) * 700 : SINKS.index(s) * 700 + N_PROMPT] for s in sinks]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [_params(s) for s in sinks], use_tqdm=False)
+    assert SINK_STATS.epochs - epochs0 >= len(sinks)  # 616 tokens past 512 positions: each stream
     assert SINK_STATS.sink_rotations > rotations0
     report = {}
-    for sink, prompt, out in zip(SINKS, prompts, outs):
+    for sink, prompt, out in zip(sinks, prompts, outs):
         S = 16 if sink is None else sink
         gen = list(out.outputs[0].token_ids)
         plugin = torch.tensor([next(iter(d.values())).logprob for d in out.prompt_logprobs[1:]]

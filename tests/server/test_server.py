@@ -75,7 +75,7 @@ def _reference_ppl(prompt_ids, output_ids):
 
 
 def test_completion_far_past_context(server):
-    """A completion of prompt + output = 2,200 tokens (over 4x --max-model-len and the
+    """A completion of prompt + output = 1,700 tokens (over 3x --max-model-len and the
     model's positions) succeeds, and the text stays coherent: its perplexity under the model
     stays bounded."""
     from transformers import AutoTokenizer
@@ -83,24 +83,24 @@ def test_completion_far_past_context(server):
     from vllm_sink import assets
 
     tok = AutoTokenizer.from_pretrained(assets.model_dir())
-    prompt = tok(_hamlet(9000))["input_ids"][:1900]
+    prompt = tok(_hamlet(9000))["input_ids"][:1500]
     before = server.metrics()
     out = server.client(timeout=900).completions.create(
-        model=MODEL_NAME, prompt=prompt, max_tokens=300, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
+        model=MODEL_NAME, prompt=prompt, max_tokens=200, temperature=0, extra_body={"ignore_eos": True, "return_token_ids": True}
     )
-    assert out.usage.prompt_tokens == 1900 and out.usage.completion_tokens == 300
+    assert out.usage.prompt_tokens == 1500 and out.usage.completion_tokens == 200
     assert out.choices[0].finish_reason == "length"
     after = server.wait_idle()
     evicted = after["vllm_sink:pages_evicted_total"] - before["vllm_sink:pages_evicted_total"]
-    # 2,200 tokens through a 16 + 256 token cache: about (2200 - 272) / 16 pages evicted
+    # 1,700 tokens through a 16 + 256 token cache: about (1700 - 272) / 16 pages evicted
     # (B = PAGE: 32 on vLLM 0.32.0, about half as many pages).
-    assert (2200 - 272 - 136) // PAGE <= evicted <= (2200 - 272 + 88) // PAGE, evicted
+    assert (1700 - 272 - 136) // PAGE <= evicted <= (1700 - 272 + 88) // PAGE, evicted
     assert after["vllm_sink:tokens_evicted_total"] - before["vllm_sink:tokens_evicted_total"] == PAGE * evicted
-    assert after["vllm_sink:epochs_total"] - before["vllm_sink:epochs_total"] >= 6
+    assert after["vllm_sink:epochs_total"] - before["vllm_sink:epochs_total"] >= 5  # (6 measured)
     # One re-anchoring per step that moves the window (a 32-token prefill step moves it 2 pages).
     assert after["vllm_sink:sink_rotations_total"] - before["vllm_sink:sink_rotations_total"] >= evicted // 2
     ppl = _reference_ppl(prompt, list(out.choices[0].token_ids))
-    print(f"\n2,200 tokens past 512 positions; reference PPL of the 300 generated tokens {ppl:.2f}; "
+    print(f"\n1,700 tokens past 512 positions; reference PPL of the 200 generated tokens {ppl:.2f}; "
           f"{evicted} pages evicted, {after['vllm_sink:epochs_total'] - before['vllm_sink:epochs_total']} epochs")
     assert ppl < 20
 
