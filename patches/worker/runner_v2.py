@@ -142,6 +142,7 @@ class SinkRunnerHookV2(SinkRunnerHook):
         self.prefill_len: dict[str, int] = {}
         self.prompt_len: dict[str, int] = {}
         self.frame_of: dict[str, tuple[int, int]] = {}
+        self.row_of: dict[str, int] = {}  # request id -> its request-state index (its row)
 
     # ------------------------------------------------------------------ binding
     def attach_tables(self) -> None:
@@ -185,16 +186,15 @@ class SinkRunnerHookV2(SinkRunnerHook):
                 table.keep(rid)
             else:
                 table.drop(rid)
+            pages.ids.pop(self.row_of.pop(rid, -1), None)  # (before a new request takes the row)
             self.prefill.pop(rid, None)
             self.prefill_len.pop(rid, None)
             self.prompt_len.pop(rid, None)
             self.frame_of.pop(rid, None)
         SINK_STATS.publish(force=bool(scheduler_output.finished_req_ids))
-        for idx in [i for i in pages.ids if i not in rs.index_to_req_id]:
-            del pages.ids[idx]
         resumed = meta.resumed if meta else {}
         for new in scheduler_output.scheduled_new_reqs:
-            idx = rs.req_id_to_index[new.req_id]
+            idx = self.row_of[new.req_id] = rs.req_id_to_index[new.req_id]
             pages.set(idx, new.block_ids[0])
             if new.req_id in resumed:
                 table.resume(new.req_id, resumed[new.req_id])
