@@ -120,6 +120,9 @@ BINDINGS: tuple[Binding, ...] = (
            "long_prefill_token_threshold max_num_batched_tokens max_num_scheduled_tokens"),
     _signed(FRONTEND, WRAP, "vllm.v1.engine.input_processor", "InputProcessor._validate_params",
             "self, params, supported_tasks"),
+    _signed(FRONTEND, WRAP, "vllm.v1.engine.input_processor", "InputProcessor.process_inputs",
+            "self, request_id, prompt, params, supported_tasks, arrival_time=, lora_request=, "
+            "tokenization_kwargs=, trace_headers=, priority=, data_parallel_rank=, resumable=, ..."),
     *_rows(FRONTEND, READ, "vllm.v1.engine.input_processor", "InputProcessor", "vllm_config"),
     *_rows(FRONTEND, READ, "vllm.sampling_params", "", "SamplingParams RequestOutputKind"),
     *_rows(FRONTEND, READ, "vllm.sampling_params", "SamplingParams", "extra_args output_kind"),

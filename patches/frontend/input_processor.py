@@ -5,7 +5,11 @@ Binds to (``vllm/v1/engine/input_processor.py``):
     engine that asks for its own sink (``SamplingParams.extra_args["sink_tokens"]``; HTTP
     ``vllm_xargs``) gets it checked here, in the front end (``LLM`` raises, the API server
     answers HTTP 400), before it reaches the engine core
-  InputProcessor.vllm_config
+  InputProcessor.process_inputs(..., resumable)              wrapped: a streaming-input
+    session's chunk (``AsyncLLM.generate`` fed ``StreamingInput``: ``resumable=True``) is
+    refused in the front end when the sink engine runs on vLLM's V2 model runner, whose
+    binding does not carry such sessions (the caller gets the error; the engine serves on)
+  InputProcessor.vllm_config (additional_config, use_v2_model_runner)
 
 The value is read again, as checked, by the scheduler's manager
 (``patches.scheduler.manager.StreamingSinkManager.sink_geometry``), which decides the request's sink.
@@ -13,7 +17,7 @@ The value is read again, as checked, by the scheduler's manager
 
 from __future__ import annotations
 
-from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, request_sink_tokens
+from vllm_sink.config import REQUEST_SINK_KEY, SinkConfig, SinkConfigError, request_sink_tokens
 from vllm_sink.patches.bindings import wrap_once
 
 
@@ -34,4 +38,22 @@ def install() -> None:
             return result
         return _validate_params
 
+    def make_process(orig):
+        def process_inputs(self, *args, **kwargs):
+            if kwargs.get("resumable") or len(args) > 10 and args[10]:
+                check_streaming_input(self.vllm_config)
+            return orig(self, *args, **kwargs)
+        return process_inputs
+
     wrap_once(InputProcessor, "_validate_params", make)
+    wrap_once(InputProcessor, "process_inputs", make_process)
+
+
+def check_streaming_input(vllm_config) -> None:
+    """A streaming-input session on a sink engine runs on vLLM's V1 model runner only."""
+    cfg = SinkConfig.from_additional_config(vllm_config.additional_config)
+    if cfg is not None and cfg.enabled and vllm_config.use_v2_model_runner:
+        raise SinkConfigError(
+            "streaming-input sessions (AsyncLLM.generate fed StreamingInput) are served with the "
+            "sink KV policy on vLLM's V1 model runner only; unset VLLM_USE_V2_MODEL_RUNNER"
+        )

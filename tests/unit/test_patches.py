@@ -296,3 +296,27 @@ def test_partial_sinks_need_the_kv_block_size_in_the_kernel():
         check_partial_sink_kernel(20, 16, 2)
     with pytest.raises(SinkConfigError, match="drop max_sink_tokens"):
         check_partial_sink_kernel(16, 16, 2, 40)
+
+
+def test_streaming_input_is_refused_in_the_front_end_on_the_v2_runner():
+    """A streaming-input session's chunk (``resumable=True``) on a sink engine that runs on
+    vLLM's V2 model runner is refused where vLLM processes the request's inputs, so the
+    caller gets the error and the engine serves on; on V1, or without the sink policy, it
+    passes."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_sink import SinkConfigError, assets
+    from vllm_sink.patches.frontend.input_processor import check_streaming_input
+
+    model = str(assets.model_dir())
+    sink = EngineArgs(model=model, dtype="float32", additional_config={"kv_policy": "sink", "kv_window": 256}).create_engine_config()
+    on = lambda cfg, v2: SimpleNamespace(additional_config=cfg.additional_config, use_v2_model_runner=v2)  # noqa: E731
+    with pytest.raises(SinkConfigError, match="unset VLLM_USE_V2_MODEL_RUNNER"):
+        InputProcessor.process_inputs(SimpleNamespace(vllm_config=on(sink, True)), "r", {"prompt_token_ids": [1]},
+                                      SamplingParams(), ("generate",), resumable=True)
+    check_streaming_input(on(sink, False))
+    check_streaming_input(SimpleNamespace(additional_config={}, use_v2_model_runner=True))
