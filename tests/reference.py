@@ -293,8 +293,14 @@ class ReferenceLlama(StreamingReference):
         v = self.heads(self.linear(h, p + "self_attn.v_proj"), self.n_kv)
         x = x + self.linear(attend(i, q, k, v), p + "self_attn.o_proj")
         h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
-        mlp = self._act(self.linear(h, p + "mlp.gate_proj")) * self.linear(h, p + "mlp.up_proj")
-        return x + self.linear(mlp, p + "mlp.down_proj")
+        return x + self.mlp(i, h, p)
+
+    def mlp(self, i, h, p):
+        """Layer ``i``'s (prefix ``p``) MLP of ``h``: a gated one (SwiGLU)."""
+        return self.swiglu(h, p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj")
+
+    def swiglu(self, h, gate, up, down):
+        return self.linear(self._act(self.linear(h, gate)) * self.linear(h, up), down)
 
     def head(self, x):
         return self._norm(x, self.w["model.norm.weight"]) @ self.w["lm_head.weight"].T

@@ -119,9 +119,6 @@ class _SparseMoE(ReferenceLlama):
             top = top / top.sum(dim=-1, keepdim=True)
         return torch.zeros_like(probs).scatter(1, idx, top).to(self.dtype)
 
-    def swiglu(self, h, gate, up, down):
-        return self.linear(self._act(self.linear(h, gate)) * self.linear(h, up), down)
-
     def shared(self, h, p):
         """A shared expert's contribution (none here)."""
         return 0
@@ -134,16 +131,8 @@ class _SparseMoE(ReferenceLlama):
             out = out + weights[:, e:e + 1] * self.swiglu(h, g, u, d)
         return out
 
-    def layer(self, i, x, attend):
-        p = f"model.layers.{i}."
-        h = self._norm(x, self.w[p + "input_layernorm.weight"])
-        q, k = self.qk(p, h)
-        v = self.heads(self.linear(h, p + "self_attn.v_proj"), self.n_kv)
-        x = x + self.linear(attend(i, q, k, v), p + "self_attn.o_proj")
-        h = self._norm(x, self.w[p + "post_attention_layernorm.weight"])
-        if self.sparse(i):
-            return x + self.moe(h, p + self.block + ".")
-        return x + self.swiglu(h, p + "mlp.gate_proj", p + "mlp.up_proj", p + "mlp.down_proj")
+    def mlp(self, i, h, p):
+        return self.moe(h, p + self.block + ".") if self.sparse(i) else super().mlp(i, h, p)
 
 
 class _QwenSparseStep:
