@@ -271,8 +271,8 @@ class SinkRunnerHookV2(SinkRunnerHook):
             rs.all_token_ids.apply_write()
             rs.num_computed_tokens.apply_write()
             rs.total_len.apply_write()
-        # A prompt is held only while it is coming.
-        for i in np.flatnonzero(~prefilling).tolist():
+        # A prompt is held only while it is coming: released at the step that ends it.
+        for i in np.flatnonzero(prefilling & (b >= P)).tolist():
             self.prefill.pop(rids[i], None)
 
     # ------------------------------------------------------------------ positions
